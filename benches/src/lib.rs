@@ -1,0 +1,214 @@
+//! What the demo, the integration tests and the benchmarks share: the
+//! namespace [`testbed`], and [`Redir`], a testbed with netredird and
+//! netredir-agent running in it plus the real servers on the client LAN.
+
+pub mod testbed;
+
+use anyhow::{Context, Result, bail};
+use netredir_shared::control::{MapEntry, Request, Response, Status, request};
+use sha2::{Digest, Sha256};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+use testbed::{HOST_VM_IFACE, HOST_WAN_IP, TUNNEL_PORT, Testbed, bin, wait_until};
+
+/// A testbed with netredird on the host and (optionally) an agent.
+pub struct Redir {
+    /// The namespaces and processes.
+    pub tb: Testbed,
+    /// netredird's control socket.
+    pub control: PathBuf,
+}
+
+impl Redir {
+    /// A testbed with netredird started and answering its control API.
+    pub fn new(tag: &str) -> Result<Self> {
+        let tb = Testbed::new(tag)?;
+        let control = tb.dir().join("control.sock");
+        let r = Self { tb, control };
+        r.start_daemon()?;
+        Ok(r)
+    }
+
+    /// Starts netredird on the host end of the VM's NIC.
+    pub fn start_daemon(&self) -> Result<()> {
+        let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
+        let control = self.control.to_string_lossy().into_owned();
+        self.tb.spawn(
+            &self.tb.host,
+            "netredird",
+            bin("netredird")?,
+            &[
+                "--iface",
+                HOST_VM_IFACE,
+                "--listen",
+                &listen,
+                "--control",
+                &control,
+                "--log",
+                "debug",
+            ],
+        )?;
+        wait_until(
+            "netredird to answer on its control socket",
+            Duration::from_secs(20),
+            || !self.tb.running("netredird") || self.status().is_ok(),
+        )?;
+        if !self.tb.running("netredird") {
+            bail!(
+                "netredird exited at start:\n{}",
+                self.tb.log_tail("netredird")
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts an agent in the client namespace exporting `exports`
+    /// (`NAME=HOST:PORT`), and waits until the daemon lists them online.
+    pub fn start_agent(&self, name: &str, exports: &[&str]) -> Result<()> {
+        let connect = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
+        let mut args = vec!["--connect", &connect, "--log", "debug"];
+        for e in exports {
+            args.extend(["--export", e]);
+        }
+        self.tb
+            .spawn(&self.tb.client, name, bin("netredir-agent")?, &args)?;
+        let names: Vec<&str> = exports.iter().filter_map(|e| e.split('=').next()).collect();
+        wait_until(
+            "the agent's exports to be online",
+            Duration::from_secs(20),
+            || {
+                self.map().is_ok_and(|m| {
+                    names
+                        .iter()
+                        .all(|n| m.iter().any(|e| e.name == *n && e.state == "online"))
+                })
+            },
+        )
+        .with_context(|| format!("agent log:\n{}", self.tb.log_tail(name)))
+    }
+
+    /// The daemon's resource table.
+    pub fn map(&self) -> Result<Vec<MapEntry>> {
+        match request(&self.control, &Request::MapList, Duration::from_secs(5))? {
+            Response::Map { entries } => Ok(entries),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// The daemon's status.
+    pub fn status(&self) -> Result<Status> {
+        match request(&self.control, &Request::Status, Duration::from_secs(5))? {
+            Response::Status(s) => Ok(s),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// One counter from the status, 0 if absent.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        Ok(self
+            .status()?
+            .counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v))
+    }
+
+    /// The vIP of resource `name`.
+    pub fn vip(&self, name: &str) -> Result<Ipv4Addr> {
+        let m = self.map()?;
+        let e = m
+            .iter()
+            .find(|e| e.name == name)
+            .with_context(|| format!("no resource {name} in {m:?}"))?;
+        Ok(e.vip.parse()?)
+    }
+
+    /// Waits until something in the lan namespace listens on TCP `port`.
+    pub fn wait_listening(&self, port: u16) -> Result<()> {
+        let filter = format!("sport = :{port}");
+        wait_until(
+            &format!("a listener on lan port {port}"),
+            Duration::from_secs(10),
+            || {
+                self.tb
+                    .lan
+                    .run("ss", &["-Hltn", &filter])
+                    .is_ok_and(|o| !o.stdout.is_empty())
+            },
+        )
+    }
+
+    /// A printer that takes one job on `port` and writes it to `file`
+    /// (socat), exiting when the job's connection closes.
+    pub fn printer_once(&self, name: &str, port: u16, file: &std::path::Path) -> Result<()> {
+        let listen = format!("TCP-LISTEN:{port},reuseaddr");
+        let out = format!("OPEN:{},creat,trunc", file.display());
+        self.tb
+            .spawn(&self.tb.lan, name, "socat", &["-u", &listen, &out])?;
+        self.wait_listening(port)
+    }
+
+    /// A sink for many connections on `port`: each gets back the sha256
+    /// of what it sent, after it half-closes (socat + sha256sum).
+    pub fn digest_sink(&self, name: &str, port: u16) -> Result<()> {
+        let listen = format!("TCP-LISTEN:{port},reuseaddr,fork,backlog=512");
+        self.tb
+            .spawn(&self.tb.lan, name, "socat", &[&listen, "SYSTEM:sha256sum"])?;
+        self.wait_listening(port)
+    }
+
+    /// An echo server for many connections on `port` (socat).
+    pub fn echo(&self, name: &str, port: u16) -> Result<()> {
+        let listen = format!("TCP-LISTEN:{port},reuseaddr,fork,backlog=512");
+        self.tb
+            .spawn(&self.tb.lan, name, "socat", &[&listen, "PIPE"])?;
+        self.wait_listening(port)
+    }
+}
+
+/// Deterministic bytes that look like a print job: PJL and PostScript
+/// text interleaved with raster runs, `len` bytes from `seed`.
+pub fn job_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed | 1;
+    let mut rng = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    out.extend_from_slice(b"\x1b%-12345X@PJL JOB NAME=\"netredir\"\r\n@PJL ENTER LANGUAGE=POSTSCRIPT\r\n%!PS-Adobe-3.0\n");
+    let mut page = 0;
+    while out.len() < len {
+        page += 1;
+        out.extend_from_slice(
+            format!("%%Page: {page} {page}\n/Helvetica findfont 12 scalefont setfont\n").as_bytes(),
+        );
+        for line in 0..40 {
+            out.extend_from_slice(
+                format!(
+                    "72 {} moveto (Line {line} of page {page}) show\n",
+                    720 - line * 16
+                )
+                .as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"gsave 100 100 translate 400 300 scale 400 300 8 [400 0 0 -300 0 300] currentfile /ASCIIHexDecode filter image\n");
+        for _ in 0..2048 {
+            let v = rng();
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(b"\ngrestore showpage\n");
+    }
+    out.truncate(len);
+    out
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

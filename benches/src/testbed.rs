@@ -1,0 +1,479 @@
+//! A throwaway network of namespaces: `vm`, `host`, `client`, `lan`.
+//!
+//! ```text
+//!  vm ── eth0 10.200.0.2 ═══ vm0 10.200.0.1 ── host ── wan0 10.201.0.1
+//!                                                           ║
+//!  lan ── eth0 10.202.0.2 ═══ lan0 10.202.0.1 ── client ── wan0 10.201.0.2
+//! ```
+//!
+//! The VM reaches the virtual subnet on-link through eth0 (netredird's
+//! `steer` sits on vm0), and everything else through 10.200.0.1. Names
+//! carry the creating process id and a counter, so tests run in parallel;
+//! a namespace left by a process that no longer exists is removed by the
+//! next testbed. Everything is removed on drop, also on panic; processes
+//! started through [`Testbed::spawn`] are killed first. Nothing here
+//! touches the root namespace's interfaces or routes.
+
+use anyhow::{Context, Result, bail};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Address of the VM.
+pub const VM_IP: &str = "10.200.0.2";
+/// netredird's address on the VM link (outside the virtual subnet).
+pub const HOST_VM_IP: &str = "10.200.0.1";
+/// netredird's address on the WAN link: where the agent dials.
+pub const HOST_WAN_IP: &str = "10.201.0.1";
+/// The client machine's WAN address.
+pub const CLIENT_WAN_IP: &str = "10.201.0.2";
+/// The client machine's LAN address.
+pub const CLIENT_LAN_IP: &str = "10.202.0.1";
+/// A server on the client LAN (printers and friends).
+pub const LAN_IP: &str = "10.202.0.2";
+/// The host end of the VM's NIC, where `steer` attaches.
+pub const HOST_VM_IFACE: &str = "vm0";
+/// The tunnel port netredird listens on.
+pub const TUNNEL_PORT: u16 = 7900;
+
+/// One network namespace of a testbed.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Its name under /run/netns.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `prog` inside this namespace.
+    pub fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(prog);
+        c
+    }
+
+    /// Runs `prog args` inside the namespace; fails with its stderr.
+    pub fn run(&self, prog: &str, args: &[&str]) -> Result<Output> {
+        let out = self
+            .command(prog)
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {prog} in {}", self.name))?;
+        if !out.status.success() {
+            bail!(
+                "{prog} {} in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets made
+    /// there belong to it.
+    pub fn enter<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> Result<R> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                // SAFETY: setns on this thread only, with an fd we hold.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns {path}: {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A started process, killed when the testbed goes.
+#[derive(Debug)]
+pub struct Proc {
+    /// Short name, also of its log file.
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Where its stdout and stderr go.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// The namespaces, their processes and a scratch directory.
+pub struct Testbed {
+    /// The guest.
+    pub vm: Netns,
+    /// The VDI host: netredird.
+    pub host: Netns,
+    /// The user's machine: netredir-agent.
+    pub client: Netns,
+    /// The user's LAN: printers and servers.
+    pub lan: Netns,
+    dir: PathBuf,
+    procs: Mutex<Vec<Proc>>,
+    done: Mutex<bool>,
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces left by testbeds whose process is gone.
+fn sweep_stale() {
+    let Ok(rd) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("nr") else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !pid_alive(pid) {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+impl Testbed {
+    /// Builds the four namespaces and their links. `tag` names the test in
+    /// the scratch directory.
+    pub fn new(tag: &str) -> Result<Self> {
+        sweep_stale();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("nr{}x{}", std::process::id(), n);
+        let dir = std::env::temp_dir().join(format!("netredir-{tag}-{prefix}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mk = |role: &str| Netns {
+            name: format!("{prefix}-{role}"),
+        };
+        let tb = Self {
+            vm: mk("vm"),
+            host: mk("host"),
+            client: mk("client"),
+            lan: mk("lan"),
+            dir,
+            procs: Mutex::new(Vec::new()),
+            done: Mutex::new(false),
+        };
+        // From here on, Drop cleans up whatever was made.
+        tb.build()
+            .context("cannot build the testbed (needs root and iproute2)")?;
+        Ok(tb)
+    }
+
+    fn build(&self) -> Result<()> {
+        for ns in [&self.vm, &self.host, &self.client, &self.lan] {
+            ip(&["netns", "add", ns.name()])?;
+            ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
+        }
+        let link = |a: &Netns, an: &str, aip: &str, b: &Netns, bn: &str, bip: &str| -> Result<()> {
+            ip(&[
+                "-n",
+                a.name(),
+                "link",
+                "add",
+                an,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                bn,
+                "netns",
+                b.name(),
+            ])?;
+            ip(&[
+                "-n",
+                a.name(),
+                "addr",
+                "add",
+                &format!("{aip}/24"),
+                "dev",
+                an,
+            ])?;
+            ip(&[
+                "-n",
+                b.name(),
+                "addr",
+                "add",
+                &format!("{bip}/24"),
+                "dev",
+                bn,
+            ])?;
+            ip(&["-n", a.name(), "link", "set", an, "up"])?;
+            ip(&["-n", b.name(), "link", "set", bn, "up"])?;
+            Ok(())
+        };
+        link(
+            &self.vm,
+            "eth0",
+            VM_IP,
+            &self.host,
+            HOST_VM_IFACE,
+            HOST_VM_IP,
+        )?;
+        link(
+            &self.host,
+            "wan0",
+            HOST_WAN_IP,
+            &self.client,
+            "wan0",
+            CLIENT_WAN_IP,
+        )?;
+        link(
+            &self.client,
+            "lan0",
+            CLIENT_LAN_IP,
+            &self.lan,
+            "eth0",
+            LAN_IP,
+        )?;
+        ip(&[
+            "-n",
+            self.vm.name(),
+            "route",
+            "add",
+            "100.77.0.0/16",
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            self.vm.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            HOST_VM_IP,
+        ])?;
+        ip(&[
+            "-n",
+            self.lan.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            CLIENT_LAN_IP,
+        ])?;
+        Ok(())
+    }
+
+    /// Scratch directory, removed with the testbed.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `prog args` in `ns`, output to `<dir>/<name>.log`. It is
+    /// killed when the testbed is dropped.
+    pub fn spawn(
+        &self,
+        ns: &Netns,
+        name: &str,
+        prog: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> Result<u32> {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = File::create(&log)?;
+        let mut cmd = ns.command(&prog);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        // SAFETY: only async-signal-safe calls between fork and exec: the
+        // child must not inherit a caller's blocked SIGINT/SIGTERM.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let pid = child.id();
+        self.procs.lock().expect("procs").push(Proc {
+            name: name.into(),
+            child,
+            log,
+        });
+        Ok(pid)
+    }
+
+    /// Waits (at most `timeout`) for process `name` to exit; its status.
+    pub fn wait_exit(&self, name: &str, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut procs = self.procs.lock().expect("procs");
+                let p = procs
+                    .iter_mut()
+                    .find(|p| p.name == name)
+                    .with_context(|| format!("no process {name}"))?;
+                if let Some(st) = p.child.try_wait()? {
+                    return Ok(st);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} still running after {timeout:?}; log:\n{}",
+                    self.log_tail(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `sig` to process `name`.
+    pub fn signal(&self, name: &str, sig: i32) -> Result<()> {
+        let procs = self.procs.lock().expect("procs");
+        let p = procs
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no process {name}"))?;
+        // SAFETY: kill(2) on a child we started and have not reaped.
+        unsafe { libc::kill(p.pid() as i32, sig) };
+        Ok(())
+    }
+
+    /// Whether process `name` is still running.
+    pub fn running(&self, name: &str) -> bool {
+        let mut procs = self.procs.lock().expect("procs");
+        procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of a process's log.
+    pub fn log_tail(&self, name: &str) -> String {
+        let s = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Kills the processes and removes the namespaces; idempotent, and
+    /// what Drop does.
+    pub fn cleanup(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return;
+        }
+        *done = true;
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        for p in procs.iter_mut() {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on our unreaped child.
+                unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for p in procs.iter_mut() {
+            while matches!(p.child.try_wait(), Ok(None)) {
+                if Instant::now() > deadline {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if std::thread::panicking() {
+            for p in procs.iter() {
+                eprintln!(
+                    "---- {} ({}) ----\n{}",
+                    p.name,
+                    p.log.display(),
+                    self.log_tail(&p.name)
+                );
+            }
+        }
+        for ns in [&self.vm, &self.host, &self.client, &self.lan] {
+            let _ = ip(&["netns", "del", ns.name()]);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Where the workspace's binaries are: `NETREDIR_BIN_DIR`, else next to
+/// the running executable (target/<profile>, also from target/<profile>/deps).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("NETREDIR_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe()?;
+            let mut d = exe.parent().context("exe has no dir")?.to_path_buf();
+            if d.ends_with("deps") {
+                d.pop();
+            }
+            d
+        }
+    };
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build the workspace first (cargo build --workspace)",
+            p.display()
+        );
+    }
+    Ok(p)
+}

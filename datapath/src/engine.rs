@@ -1,0 +1,875 @@
+//! The per-VM engine: guest frames in, guest frames and tunnel events out.
+//!
+//! Theory of operation. A frame from the VM arrives through
+//! [`Engine::handle_frame`]. ARP requests for a vIP (or the gateway) are
+//! answered here. IPv4/TCP is handed to one smoltcp interface in any-IP
+//! mode (Ethernet is stripped here, so smoltcp runs on `Medium::Ip`).
+//!
+//! A SYN to `vip:port` of an exported resource creates a smoltcp socket
+//! listening on exactly that endpoint, with its SYN-ACK paused, and emits
+//! [`Event::Open`]: the guest's handshake is held. [`Engine::open_ok`]
+//! releases the SYN-ACK; [`Engine::open_err`] aborts the socket, which
+//! answers the guest with RST. A SYN the engine will not carry (no such
+//! vIP, port not exported, no agent, over a limit) reaches smoltcp with no
+//! socket to match, and smoltcp answers RST at once.
+//!
+//! Bytes move with credits: the engine reads from a socket only as much as
+//! the agent has granted ([`Engine::window`]), and grants the agent more
+//! ([`Event::Window`]) only as bytes it sent move into the socket's send
+//! buffer. The socket's receive window is the backpressure toward the
+//! guest. Per flow the engine holds at most its socket buffers plus the
+//! window it granted.
+//!
+//! The engine never reads a clock: every entry point takes `now`, and
+//! [`Engine::poll_delay`] says when to call [`Engine::poll`] again.
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet,
+    TcpPacket,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// Flow id, unique within one engine; the tunnel uses it as is.
+pub type FlowId = u32;
+/// The agent's id for a resource, as announced in its export.
+pub type ResourceId = u32;
+
+/// What the engine needs to know to serve one VM.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Network address of the virtual subnet.
+    pub subnet: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// MAC address the engine answers from (the host end of the VM's NIC).
+    pub mac: [u8; 6],
+    /// IP MTU toward the guest.
+    pub mtu: usize,
+    /// Bytes the agent may send on a new flow before we grant more.
+    pub window: u32,
+    /// Size of each smoltcp socket buffer (receive and send).
+    pub socket_buffer: usize,
+    /// Most concurrent flows; SYNs beyond get RST.
+    pub max_flows: usize,
+    /// Most flows waiting for the agent's answer; SYNs beyond get RST.
+    pub max_opening: usize,
+    /// Seed for TCP initial sequence numbers.
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    /// Defaults for a subnet: 256 KiB buffers and window, 4096 flows.
+    pub fn new(subnet: Ipv4Addr, prefix_len: u8, mac: [u8; 6]) -> Self {
+        Self {
+            subnet,
+            prefix_len,
+            mac,
+            mtu: 1500,
+            window: 256 * 1024,
+            socket_buffer: 256 * 1024,
+            max_flows: 4096,
+            max_opening: 256,
+            seed: 0,
+        }
+    }
+}
+
+/// What the engine wants sent through the tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Ask the agent to connect `resource:port` for `flow`.
+    Open {
+        /// New flow.
+        flow: FlowId,
+        /// Target resource.
+        resource: ResourceId,
+        /// Target port.
+        port: u16,
+    },
+    /// Bytes from the guest.
+    Data {
+        /// The flow.
+        flow: FlowId,
+        /// In order, at most [`MAX_CHUNK`] bytes.
+        bytes: Vec<u8>,
+    },
+    /// The agent may send `credit` more bytes on `flow`.
+    Window {
+        /// The flow.
+        flow: FlowId,
+        /// Extra bytes.
+        credit: u32,
+    },
+    /// The guest closed its sending half.
+    Fin {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// The flow is gone (guest reset it, or it failed here).
+    Reset {
+        /// The flow.
+        flow: FlowId,
+    },
+}
+
+/// Largest [`Event::Data`] payload.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// How the agent failed to open a flow; decides what the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The target refused or is unreachable: RST.
+    Refused,
+}
+
+/// Why a tunnel input was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    /// No such flow (already closed, or never opened).
+    #[error("flow {0} is not open")]
+    UnknownFlow(FlowId),
+    /// The agent sent more than the window we granted; the flow is reset.
+    #[error("flow {0}: peer sent {1} bytes beyond its window")]
+    WindowExceeded(FlowId, usize),
+    /// The agent sent something out of order for the flow's state.
+    #[error("flow {0}: {1} not allowed in this state")]
+    BadState(FlowId, &'static str),
+}
+
+/// Counters of everything the engine decided; exposed by the control API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames handed to [`Engine::handle_frame`].
+    pub frames_in: u64,
+    /// Frames produced for the guest.
+    pub frames_out: u64,
+    /// Frames that did not parse (short, bad header).
+    pub malformed: u64,
+    /// Frames of protocols not carried yet (UDP, ICMP, IPv6...).
+    pub unsupported: u64,
+    /// ARP replies sent for vIPs.
+    pub arp_replies: u64,
+    /// SYNs held while the agent connects.
+    pub opens: u64,
+    /// SYNs refused because no resource has that vIP and port.
+    pub refused_no_resource: u64,
+    /// SYNs refused because no agent is connected.
+    pub refused_offline: u64,
+    /// SYNs refused by a flow limit.
+    pub refused_limit: u64,
+    /// Opens the agent refused.
+    pub refused_by_agent: u64,
+    /// Flows reset (by the guest, the agent, or an error).
+    pub resets: u64,
+    /// Flows that ended normally.
+    pub closed: u64,
+    /// Protocol errors from the agent's side of a flow.
+    pub flow_errors: u64,
+    /// Payload bytes from the guest.
+    pub bytes_from_guest: u64,
+    /// Payload bytes to the guest.
+    pub bytes_to_guest: u64,
+}
+
+impl Counters {
+    /// Name/value pairs, for logs and the control API.
+    pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("frames_in", self.frames_in),
+            ("frames_out", self.frames_out),
+            ("malformed", self.malformed),
+            ("unsupported", self.unsupported),
+            ("arp_replies", self.arp_replies),
+            ("opens", self.opens),
+            ("refused_no_resource", self.refused_no_resource),
+            ("refused_offline", self.refused_offline),
+            ("refused_limit", self.refused_limit),
+            ("refused_by_agent", self.refused_by_agent),
+            ("resets", self.resets),
+            ("closed", self.closed),
+            ("flow_errors", self.flow_errors),
+            ("bytes_from_guest", self.bytes_from_guest),
+            ("bytes_to_guest", self.bytes_to_guest),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    guest: (Ipv4Addr, u16),
+    vip: (Ipv4Addr, u16),
+}
+
+#[derive(Debug)]
+struct Resource {
+    id: ResourceId,
+    ports: Vec<u16>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// SYN held, waiting for the agent.
+    Opening,
+    /// Agent connected; bytes flow.
+    Open,
+    /// Aborted; the RST goes out on the next poll, then the flow is freed.
+    Dying,
+}
+
+#[derive(Debug)]
+struct Flow {
+    key: FlowKey,
+    handle: SocketHandle,
+    phase: Phase,
+    /// Bytes we may still send the agent.
+    credit: u32,
+    /// Bytes from the agent not yet in the socket.
+    to_guest: VecDeque<u8>,
+    /// Bytes moved into the socket not yet granted back.
+    ungranted: u32,
+    fin_from_agent: bool,
+    fin_to_agent: bool,
+    closed_socket: bool,
+}
+
+/// The smoltcp device: two queues of IP packets.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0u8; len];
+        let r = f(&mut b);
+        self.0.push_back(b);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((RxTok(p), TxTok(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxTok<'_>> {
+        Some(TxTok(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = self.mtu;
+        // Guest frames may carry offloaded (partial) checksums; they come
+        // over a local link, so verify nothing and compute ours in full.
+        c.checksum.ipv4 = Checksum::Tx;
+        c.checksum.tcp = Checksum::Tx;
+        c
+    }
+}
+
+/// One VM's network as netredir sees it. A value: many can live side by side.
+pub struct Engine {
+    cfg: EngineConfig,
+    epoch: Instant,
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    flows: BTreeMap<FlowId, Flow>,
+    by_key: HashMap<FlowKey, FlowId>,
+    resources: HashMap<Ipv4Addr, Resource>,
+    online: bool,
+    next_flow: FlowId,
+    guest_mac: Option<EthernetAddress>,
+    events: VecDeque<Event>,
+    frames: VecDeque<Vec<u8>>,
+    counters: Counters,
+}
+
+impl Engine {
+    /// A new engine with no resources, offline until [`Engine::set_online`].
+    pub fn new(cfg: EngineConfig, now: Instant) -> Self {
+        let mut dev = Queues {
+            mtu: cfg.mtu,
+            ..Default::default()
+        };
+        let mut icfg = Config::new(HardwareAddress::Ip);
+        icfg.random_seed = cfg.seed;
+        let mut iface = Interface::new(icfg, &mut dev, SmolInstant::ZERO);
+        let gw = nth(cfg.subnet, 1);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw), cfg.prefix_len));
+        });
+        iface.set_any_ip(true);
+        Self {
+            cfg,
+            epoch: now,
+            iface,
+            dev,
+            sockets: SocketSet::new(vec![]),
+            flows: BTreeMap::new(),
+            by_key: HashMap::new(),
+            resources: HashMap::new(),
+            online: false,
+            next_flow: 1,
+            guest_mac: None,
+            events: VecDeque::new(),
+            frames: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn ts(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Flows open or opening.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The engine's own address (gateway) in the subnet.
+    pub fn gateway(&self) -> Ipv4Addr {
+        nth(self.cfg.subnet, 1)
+    }
+
+    /// Makes `vip` lead to `resource`, allowing TCP to `ports`.
+    pub fn set_resource(&mut self, vip: Ipv4Addr, resource: ResourceId, ports: Vec<u16>) {
+        self.resources.insert(
+            vip,
+            Resource {
+                id: resource,
+                ports,
+            },
+        );
+    }
+
+    /// Forgets every resource (the agent that exported them is gone).
+    pub fn clear_resources(&mut self) {
+        self.resources.clear();
+    }
+
+    /// Whether an agent is there to open flows. Going offline resets every
+    /// flow: the guest sees RST, memory is freed.
+    pub fn set_online(&mut self, online: bool, now: Instant) {
+        self.online = online;
+        if !online {
+            let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+            for id in ids {
+                self.abort(id, false);
+            }
+            self.poll(now);
+        }
+    }
+
+    /// One frame from the guest.
+    pub fn handle_frame(&mut self, frame: &[u8], now: Instant) {
+        self.counters.frames_in += 1;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        if eth.src_addr().is_unicast() {
+            self.guest_mac = Some(eth.src_addr());
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => self.handle_arp(eth.payload()),
+            EthernetProtocol::Ipv4 => self.handle_ipv4(eth.payload(), now),
+            _ => self.counters.unsupported += 1,
+        }
+    }
+
+    fn handle_arp(&mut self, payload: &[u8]) {
+        let Ok(pkt) = ArpPacket::new_checked(payload) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let Ok(repr) = ArpRepr::parse(&pkt) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } = repr
+        else {
+            return;
+        };
+        if target_protocol_addr != self.gateway()
+            && !self.resources.contains_key(&target_protocol_addr)
+        {
+            return;
+        }
+        let own = EthernetAddress(self.cfg.mac);
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: own,
+            source_protocol_addr: target_protocol_addr,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        let eth = EthernetRepr {
+            src_addr: own,
+            dst_addr: source_hardware_addr,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut out = vec![0u8; eth.buffer_len() + reply.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+        eth.emit(&mut f);
+        reply.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+        self.counters.arp_replies += 1;
+        self.counters.frames_out += 1;
+        self.frames.push_back(out);
+    }
+
+    fn handle_ipv4(&mut self, payload: &[u8], now: Instant) {
+        let Ok(ip) = Ipv4Packet::new_checked(payload) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        if ip.version() != 4 {
+            self.counters.malformed += 1;
+            return;
+        }
+        // Trim Ethernet padding: smoltcp wants exactly the IP packet.
+        let packet = &payload[..ip.total_len() as usize];
+        if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+            self.counters.unsupported += 1;
+            return;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let key = FlowKey {
+            guest: (ip.src_addr(), tcp.src_port()),
+            vip: (ip.dst_addr(), tcp.dst_port()),
+        };
+        let is_syn = tcp.syn() && !tcp.ack() && !tcp.rst();
+        if is_syn {
+            self.handle_syn(key, packet.to_vec(), now);
+        } else {
+            self.dev.rx.push_back(packet.to_vec());
+        }
+    }
+
+    fn handle_syn(&mut self, key: FlowKey, packet: Vec<u8>, now: Instant) {
+        if let Some(&id) = self.by_key.get(&key) {
+            let reused = self.flows.get(&id).is_some_and(|f| {
+                let s = self.sockets.get::<tcp::Socket>(f.handle);
+                matches!(s.state(), tcp::State::TimeWait | tcp::State::Closed)
+            });
+            if !reused {
+                // A retransmitted SYN: the socket knows what to do.
+                self.dev.rx.push_back(packet);
+                return;
+            }
+            self.remove_flow(id);
+        }
+        let resource = self
+            .resources
+            .get(&key.vip.0)
+            .filter(|r| r.ports.contains(&key.vip.1))
+            .map(|r| r.id);
+        let opening = self
+            .flows
+            .values()
+            .filter(|f| f.phase == Phase::Opening)
+            .count();
+        let refuse = |c: &mut Counters| -> bool {
+            if resource.is_none() {
+                c.refused_no_resource += 1;
+            } else if !self.online {
+                c.refused_offline += 1;
+            } else if self.flows.len() >= self.cfg.max_flows || opening >= self.cfg.max_opening {
+                c.refused_limit += 1;
+            } else {
+                return false;
+            }
+            true
+        };
+        if refuse(&mut self.counters) {
+            // No socket matches: smoltcp answers RST|ACK.
+            self.dev.rx.push_back(packet);
+            self.poll(now);
+            return;
+        }
+        let resource = resource.expect("checked above");
+        let buf = self.cfg.socket_buffer;
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; buf]),
+            tcp::SocketBuffer::new(vec![0u8; buf]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_ack_delay(None);
+        sock.set_timeout(Some(SmolDuration::from_secs(120)));
+        sock.pause_synack(true);
+        let listen = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(key.vip.0)),
+            port: key.vip.1,
+        };
+        if sock.listen(listen).is_err() {
+            self.counters.malformed += 1;
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let id = self.alloc_flow_id();
+        self.flows.insert(
+            id,
+            Flow {
+                key,
+                handle,
+                phase: Phase::Opening,
+                credit: 0,
+                to_guest: VecDeque::new(),
+                ungranted: 0,
+                fin_from_agent: false,
+                fin_to_agent: false,
+                closed_socket: false,
+            },
+        );
+        self.by_key.insert(key, id);
+        // Only this SYN may meet the new listener: feed it alone, now.
+        let earlier = std::mem::take(&mut self.dev.rx);
+        self.dev.rx.push_back(packet);
+        let ts = self.ts(now);
+        self.iface.poll(ts, &mut self.dev, &mut self.sockets);
+        self.dev.rx = earlier;
+        if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
+            self.counters.malformed += 1;
+            self.remove_flow(id);
+            return;
+        }
+        self.counters.opens += 1;
+        self.events.push_back(Event::Open {
+            flow: id,
+            resource,
+            port: key.vip.1,
+        });
+        self.collect_frames();
+    }
+
+    fn alloc_flow_id(&mut self) -> FlowId {
+        loop {
+            let id = self.next_flow;
+            self.next_flow = self.next_flow.wrapping_add(1).max(1);
+            if !self.flows.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The agent connected `flow`: the guest's handshake completes.
+    pub fn open_ok(&mut self, flow: FlowId, now: Instant) -> Result<(), FlowError> {
+        let window = self.cfg.window;
+        let f = self
+            .flows
+            .get_mut(&flow)
+            .ok_or(FlowError::UnknownFlow(flow))?;
+        if f.phase != Phase::Opening {
+            self.counters.flow_errors += 1;
+            return Err(FlowError::BadState(flow, "OpenOk"));
+        }
+        f.phase = Phase::Open;
+        f.credit = window;
+        self.sockets
+            .get_mut::<tcp::Socket>(f.handle)
+            .pause_synack(false);
+        self.poll(now);
+        Ok(())
+    }
+
+    /// The agent could not connect `flow`: the guest gets RST.
+    pub fn open_err(&mut self, flow: FlowId, _why: Refusal, now: Instant) -> Result<(), FlowError> {
+        if !self.flows.contains_key(&flow) {
+            return Err(FlowError::UnknownFlow(flow));
+        }
+        self.counters.refused_by_agent += 1;
+        self.abort(flow, false);
+        self.poll(now);
+        Ok(())
+    }
+
+    /// Bytes from the resource for the guest.
+    pub fn data(&mut self, flow: FlowId, bytes: &[u8], now: Instant) -> Result<(), FlowError> {
+        let window = self.cfg.window as usize;
+        let f = self
+            .flows
+            .get_mut(&flow)
+            .ok_or(FlowError::UnknownFlow(flow))?;
+        if f.phase != Phase::Open || f.fin_from_agent {
+            self.counters.flow_errors += 1;
+            return Err(FlowError::BadState(flow, "Data"));
+        }
+        let held = f.to_guest.len() + f.ungranted as usize;
+        if held + bytes.len() > window {
+            self.counters.flow_errors += 1;
+            self.abort(flow, true);
+            self.poll(now);
+            return Err(FlowError::WindowExceeded(flow, held + bytes.len() - window));
+        }
+        f.to_guest.extend(bytes);
+        self.poll(now);
+        Ok(())
+    }
+
+    /// The agent may take `credit` more bytes of `flow`.
+    pub fn window(&mut self, flow: FlowId, credit: u32, now: Instant) -> Result<(), FlowError> {
+        let f = self
+            .flows
+            .get_mut(&flow)
+            .ok_or(FlowError::UnknownFlow(flow))?;
+        f.credit = f.credit.saturating_add(credit);
+        self.poll(now);
+        Ok(())
+    }
+
+    /// The resource closed its sending half: FIN to the guest once the
+    /// bytes before it are delivered.
+    pub fn fin(&mut self, flow: FlowId, now: Instant) -> Result<(), FlowError> {
+        let f = self
+            .flows
+            .get_mut(&flow)
+            .ok_or(FlowError::UnknownFlow(flow))?;
+        if f.phase != Phase::Open {
+            self.counters.flow_errors += 1;
+            return Err(FlowError::BadState(flow, "Fin"));
+        }
+        f.fin_from_agent = true;
+        self.poll(now);
+        Ok(())
+    }
+
+    /// The agent aborted `flow`: RST to the guest.
+    pub fn reset(&mut self, flow: FlowId, now: Instant) -> Result<(), FlowError> {
+        if !self.flows.contains_key(&flow) {
+            return Err(FlowError::UnknownFlow(flow));
+        }
+        self.abort(flow, false);
+        self.poll(now);
+        Ok(())
+    }
+
+    fn abort(&mut self, id: FlowId, tell_agent: bool) {
+        let Some(f) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if f.phase == Phase::Dying {
+            return;
+        }
+        f.phase = Phase::Dying;
+        self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        self.counters.resets += 1;
+        if tell_agent {
+            self.events.push_back(Event::Reset { flow: id });
+        }
+    }
+
+    fn remove_flow(&mut self, id: FlowId) {
+        if let Some(f) = self.flows.remove(&id) {
+            self.sockets.remove(f.handle);
+            if self.by_key.get(&f.key) == Some(&id) {
+                self.by_key.remove(&f.key);
+            }
+        }
+    }
+
+    /// Runs the TCP stack and moves bytes between sockets and the tunnel.
+    pub fn poll(&mut self, now: Instant) {
+        let ts = self.ts(now);
+        for _ in 0..8 {
+            self.iface.poll(ts, &mut self.dev, &mut self.sockets);
+            let moved = self.service_flows();
+            if !moved && self.dev.rx.is_empty() {
+                break;
+            }
+        }
+        // Aborted flows had their RST dispatched by the polls above.
+        let dying: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.phase == Phase::Dying)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dying {
+            self.remove_flow(id);
+        }
+        self.collect_frames();
+    }
+
+    /// Moves bytes for every flow; true if anything changed that smoltcp
+    /// should act on.
+    fn service_flows(&mut self) -> bool {
+        let mut moved = false;
+        let mut ended = Vec::new();
+        let mut buf = [0u8; MAX_CHUNK];
+        for (&id, f) in self.flows.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+            match f.phase {
+                Phase::Dying => continue,
+                Phase::Opening => {
+                    // The guest gave up (RST) while the agent connects.
+                    if matches!(s.state(), tcp::State::Listen | tcp::State::Closed) {
+                        s.abort();
+                        f.phase = Phase::Dying;
+                        self.counters.resets += 1;
+                        self.events.push_back(Event::Reset { flow: id });
+                    }
+                    continue;
+                }
+                Phase::Open => {}
+            }
+            // Agent → guest.
+            while !f.to_guest.is_empty() && s.can_send() {
+                let (a, _) = f.to_guest.as_slices();
+                let Ok(n) = s.send_slice(a) else { break };
+                if n == 0 {
+                    break;
+                }
+                f.to_guest.drain(..n);
+                f.ungranted += n as u32;
+                self.counters.bytes_to_guest += n as u64;
+                moved = true;
+            }
+            if f.ungranted > 0 && (f.to_guest.is_empty() || f.ungranted >= self.cfg.window / 4) {
+                self.events.push_back(Event::Window {
+                    flow: id,
+                    credit: f.ungranted,
+                });
+                f.ungranted = 0;
+            }
+            // Guest → agent.
+            while f.credit > 0 && s.can_recv() {
+                let want = (f.credit as usize).min(MAX_CHUNK);
+                let Ok(n) = s.recv_slice(&mut buf[..want]) else {
+                    break;
+                };
+                if n == 0 {
+                    break;
+                }
+                f.credit -= n as u32;
+                self.counters.bytes_from_guest += n as u64;
+                self.events.push_back(Event::Data {
+                    flow: id,
+                    bytes: buf[..n].to_vec(),
+                });
+                moved = true;
+            }
+            let state = s.state();
+            let guest_fin = matches!(
+                state,
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+            );
+            if guest_fin && !f.fin_to_agent && !s.can_recv() {
+                f.fin_to_agent = true;
+                self.events.push_back(Event::Fin { flow: id });
+            }
+            if f.fin_from_agent && f.to_guest.is_empty() && !f.closed_socket {
+                s.close();
+                f.closed_socket = true;
+                moved = true;
+            }
+            let done = f.fin_to_agent && f.closed_socket;
+            match state {
+                tcp::State::Closed | tcp::State::TimeWait if done => ended.push((id, false)),
+                tcp::State::Closed => ended.push((id, true)),
+                // A RST while the SYN-ACK was out puts the socket back to
+                // listening: that flow is gone too.
+                tcp::State::Listen => ended.push((id, true)),
+                _ => {}
+            }
+        }
+        for (id, reset) in ended {
+            if reset {
+                self.counters.resets += 1;
+                self.events.push_back(Event::Reset { flow: id });
+            } else {
+                self.counters.closed += 1;
+            }
+            self.remove_flow(id);
+        }
+        moved
+    }
+
+    fn collect_frames(&mut self) {
+        let Some(dst) = self.guest_mac else {
+            // Nothing came from the guest yet, so nothing goes to it.
+            self.dev.tx.clear();
+            return;
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(self.cfg.mac),
+            dst_addr: dst,
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        while let Some(ip) = self.dev.tx.pop_front() {
+            let mut out = vec![0u8; eth.buffer_len() + ip.len()];
+            let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+            eth.emit(&mut f);
+            f.payload_mut().copy_from_slice(&ip);
+            self.counters.frames_out += 1;
+            self.frames.push_back(out);
+        }
+    }
+
+    /// The next frame for the guest.
+    pub fn poll_frame(&mut self) -> Option<Vec<u8>> {
+        self.frames.pop_front()
+    }
+
+    /// Puts back a frame the device could not take yet (it goes first).
+    pub fn unpoll_frame(&mut self, frame: Vec<u8>) {
+        self.frames.push_front(frame);
+    }
+
+    /// The next message for the tunnel.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// How long until [`Engine::poll`] has timer work (retransmits,
+    /// timeouts); `None` if nothing is scheduled.
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let ts = self.ts(now);
+        self.iface
+            .poll_delay(ts, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+}
+
+fn nth(net: Ipv4Addr, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net).wrapping_add(n))
+}
+
+#[cfg(test)]
+mod tests;

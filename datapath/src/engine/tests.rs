@@ -1,0 +1,1 @@
+//! Engine tests: crafted frames in, frames and events out.

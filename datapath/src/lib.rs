@@ -1,0 +1,14 @@
+//! The host side of netredir's packet path.
+//!
+//! A frame from the VM takes this path: the `steer` XDP program ([`steer`])
+//! on the VM's NIC sees its destination is in the virtual subnet and
+//! redirects it to an AF_XDP socket ([`xsk`]); the daemon's io_uring loop
+//! wakes on that socket and hands the frame to the VM's [`engine`], a
+//! sans-IO smoltcp stack that answers ARP, terminates TCP and turns each
+//! connection into tunnel events. Frames the engine produces go back out
+//! through the same socket. Everything else the VM sends never leaves the
+//! kernel's fast path.
+
+pub mod engine;
+pub mod steer;
+pub mod xsk;

@@ -1,0 +1,221 @@
+//! Loading `steer`, attaching it to the VM's NIC, and talking to its maps.
+
+use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfError};
+use netredir_ebpf_common::{SteerConfig, reason};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+
+/// The compiled `steer` object, built by this crate's build script.
+pub static STEER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer"));
+
+/// Why `steer` could not be set up, phrased so an operator can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    /// The interface does not exist (in this network namespace).
+    #[error("cannot attach XDP to {0}: no such interface")]
+    NoSuchInterface(String),
+    /// Loading or attaching needs CAP_BPF/CAP_NET_ADMIN.
+    #[error(
+        "cannot load XDP program: permission denied (run netredird as root or with CAP_BPF and CAP_NET_ADMIN)"
+    )]
+    Permission,
+    /// The driver has no native XDP.
+    #[error(
+        "cannot attach XDP to {iface} in driver mode: {source} (the driver may not support native XDP)"
+    )]
+    Attach {
+        /// Interface.
+        iface: String,
+        /// What aya said.
+        source: ProgramError,
+    },
+    /// The object or its maps are not what this build expects.
+    #[error("steer object: {0}")]
+    Object(String),
+    /// A map update failed.
+    #[error("steer map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What aya said.
+        source: aya::maps::MapError,
+    },
+}
+
+/// A loaded (and maybe attached) `steer`. Dropping it detaches the program.
+pub struct Steer {
+    ebpf: Ebpf,
+    config: Array<MapData, SteerConfig>,
+    xsks: XskMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn is_perm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl Steer {
+    /// Loads the program and its maps into the kernel (not attached yet).
+    pub fn load() -> Result<Self, SteerError> {
+        let mut ebpf = Ebpf::load(STEER_OBJECT).map_err(|e| match &e {
+            EbpfError::MapError(m) if is_perm(m) => SteerError::Permission,
+            other if is_perm(other) => SteerError::Permission,
+            _ => SteerError::Object(e.to_string()),
+        })?;
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| SteerError::Object(format!("map {name} missing")))
+        };
+        let config = take(&mut ebpf, "CONFIG")?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| SteerError::Object(e.to_string()))?;
+        let xsks = take(&mut ebpf, "XSKS")?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| SteerError::Object(e.to_string()))?;
+        let counters = take(&mut ebpf, "COUNTERS")?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| SteerError::Object(e.to_string()))?;
+        let prog: &mut Xdp = program(&mut ebpf)?;
+        prog.load().map_err(|e| {
+            if is_perm(&e) {
+                SteerError::Permission
+            } else {
+                SteerError::Object(format!("verifier refused steer: {e}"))
+            }
+        })?;
+        Ok(Self {
+            ebpf,
+            config,
+            xsks,
+            counters,
+        })
+    }
+
+    /// Attaches in native (driver) mode to `iface`; detached on drop.
+    pub fn attach(&mut self, iface: &str) -> Result<(), SteerError> {
+        if !interface_exists(iface) {
+            return Err(SteerError::NoSuchInterface(iface.into()));
+        }
+        let prog = program(&mut self.ebpf)?;
+        prog.attach(iface, XdpMode::Driver)
+            .map_err(|source| match &source {
+                e if is_perm(e) => SteerError::Permission,
+                _ => SteerError::Attach {
+                    iface: iface.into(),
+                    source,
+                },
+            })?;
+        Ok(())
+    }
+
+    /// The program, for `BPF_PROG_TEST_RUN` in tests.
+    pub fn program(&mut self) -> Result<&mut Xdp, SteerError> {
+        program(&mut self.ebpf)
+    }
+
+    /// Tells `steer` which subnet to take.
+    pub fn set_subnet(&mut self, network: Ipv4Addr, prefix_len: u8) -> Result<(), SteerError> {
+        let mask = if prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix_len)
+        };
+        let cfg = SteerConfig {
+            subnet_v4: u32::from_ne_bytes((u32::from(network) & mask).to_be_bytes()),
+            mask_v4: u32::from_ne_bytes(mask.to_be_bytes()),
+            flags: 0,
+            _pad: 0,
+        };
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|source| SteerError::Map {
+                map: "CONFIG",
+                source,
+            })
+    }
+
+    /// Sends frames of receive queue `queue` to the AF_XDP socket `fd`.
+    pub fn register_xsk(&mut self, queue: u32, fd: RawFd) -> Result<(), SteerError> {
+        self.xsks
+            .set(queue, fd, 0)
+            .map_err(|source| SteerError::Map {
+                map: "XSKS",
+                source,
+            })
+    }
+
+    /// Counter totals over all CPUs, indexed by `reason`.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        (0..reason::COUNT)
+            .map(|i| {
+                let v = self
+                    .counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (reason::NAMES[i as usize], v)
+            })
+            .collect()
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, SteerError> {
+    ebpf.program_mut("steer")
+        .ok_or_else(|| SteerError::Object("program steer missing".into()))?
+        .try_into()
+        .map_err(|e: ProgramError| SteerError::Object(e.to_string()))
+}
+
+/// Whether `iface` exists in the caller's network namespace.
+pub fn interface_exists(iface: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(iface) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// The MAC address of `iface`, from SIOCGIFHWADDR.
+pub fn interface_mac(iface: &str) -> io::Result<[u8; 6]> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(iface.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: ioctl with a live ifreq of the right type.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return Err(err);
+    }
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
+}

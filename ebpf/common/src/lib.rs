@@ -1,0 +1,67 @@
+//! The ABI shared by the `steer` XDP program and userspace: the layout of
+//! every map value and the meaning of every counter index, defined once.
+#![no_std]
+
+/// Value of the one-entry `CONFIG` array: which frames `steer` takes.
+///
+/// Written by netredird before it registers its AF_XDP socket; read by
+/// `steer` on every frame. Addresses are in network byte order as they
+/// appear on the wire, so the program compares without swapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// IPv4 network address of the virtual subnet (network order).
+    pub subnet_v4: u32,
+    /// Its netmask (network order); zero means "steer nothing".
+    pub mask_v4: u32,
+    /// Reserved for flags (IPv6, DHCP on a dedicated NIC); zero for now.
+    pub flags: u32,
+    /// Keeps the struct 8-byte sized for future fields.
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no padding holes.
+unsafe impl aya::Pod for SteerConfig {}
+
+/// Capacity of the `XSKS` map: one AF_XDP socket per receive queue.
+pub const MAX_QUEUES: u32 = 64;
+
+/// Why `steer` gave a frame the verdict it gave; one per-CPU counter each.
+///
+/// Every verdict is counted under exactly one reason.
+pub mod reason {
+    /// IPv4 frame to the virtual subnet, redirected to AF_XDP.
+    pub const REDIRECT_IPV4: u32 = 0;
+    /// ARP request for an address in the subnet, redirected.
+    pub const REDIRECT_ARP: u32 = 1;
+    /// Frame for us, but no AF_XDP socket on this queue: passed.
+    pub const NO_SOCKET: u32 = 2;
+    /// IPv4 to an address outside the subnet: passed.
+    pub const PASS_IPV4_OTHER: u32 = 3;
+    /// IPv6 (not steered yet): passed.
+    pub const PASS_IPV6: u32 = 4;
+    /// ARP not asking for a subnet address: passed.
+    pub const PASS_ARP_OTHER: u32 = 5;
+    /// Any other ethertype: passed.
+    pub const PASS_OTHER: u32 = 6;
+    /// Too short for the headers its ethertype promises: passed.
+    pub const PASS_SHORT: u32 = 7;
+    /// No configuration written yet: passed.
+    pub const PASS_UNCONFIGURED: u32 = 8;
+    /// Number of reasons (size of the counter array).
+    pub const COUNT: u32 = 9;
+
+    /// Human names, indexed by reason, for logs and the control API.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirect_ipv4",
+        "redirect_arp",
+        "no_socket",
+        "pass_ipv4_other",
+        "pass_ipv6",
+        "pass_arp_other",
+        "pass_other",
+        "pass_short",
+        "pass_unconfigured",
+    ];
+}

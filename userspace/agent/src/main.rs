@@ -1,0 +1,741 @@
+//! netredir-agent: runs on the user's machine, exports chosen resources of
+//! the user's network to their VM.
+//!
+//! Theory of operation. The agent dials netredird (retrying with backoff
+//! until it answers), says Hello and announces each `--export`. For every
+//! `Open` the host sends, it checks the export policy, connects to the real
+//! resource and answers `OpenOk` or `OpenErr`; then it copies bytes both
+//! ways under per-flow credits: it reads from a resource only as much as
+//! the host has granted, and grants the host more only as bytes reach the
+//! resource. Everything runs on one io_uring loop; each flow is a socket,
+//! at most one receive and one send in flight, and a queue bounded by the
+//! window. When the tunnel drops, every flow is closed and the agent dials
+//! again.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use netredir_shared::export::ExportSpec;
+use netredir_shared::wire::{
+    Decoder, FlowId, INITIAL_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION,
+};
+use netredir_uring::{Completion, OpId, Reactor};
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Exports resources on this machine's network to a VM through netredird.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// netredird's tunnel address (its --listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    connect: String,
+    /// A resource to export, NAME=HOST:PORT; repeat for more.
+    #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
+    export: Vec<ExportSpec>,
+    /// Name this agent gives itself in the host's logs.
+    #[arg(long, default_value_t = default_name())]
+    name: String,
+    /// How long to wait for a resource to accept a connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    connect_timeout: u64,
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn default_name() -> String {
+    let mut buf = [0u8; 64];
+    // SAFETY: gethostname into a live buffer of the given size.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let host = if r == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown".into()
+    };
+    format!("agent@{host}")
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = run(args) {
+        eprintln!("netredir-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Tag {
+    TunConnect(u64),
+    TunRecv(u64),
+    TunSend(u64),
+    Backoff,
+    FlowConnect(u64),
+    FlowRecv(u64),
+    FlowSend(u64),
+}
+
+struct Export {
+    spec: ExportSpec,
+    addr: Option<SocketAddr>,
+}
+
+struct Tunnel {
+    tgen: u64,
+    fd: OwnedFd,
+    ops: u32,
+    up: bool,
+    decoder: Decoder,
+    out: Vec<u8>,
+    sending: bool,
+}
+
+/// One flow to a real resource; `serial` is agent-local and never reused.
+struct Flow {
+    id: FlowId,
+    fd: OwnedFd,
+    ops: u32,
+    connected: bool,
+    /// Bytes we may still send the host.
+    credit: u32,
+    recv_op: Option<OpId>,
+    eof: bool,
+    to_target: VecDeque<Vec<u8>>,
+    sending: bool,
+    /// Bytes delivered to the resource not yet granted back.
+    ungranted: u32,
+    fin_from_host: bool,
+    shut_wr: bool,
+    /// Set when the flow is over; the socket closes once no op is pending.
+    dead: bool,
+    /// Close with RST rather than FIN.
+    abortive: bool,
+}
+
+struct Agent {
+    args: Args,
+    server: Vec<SocketAddr>,
+    exports: Vec<Export>,
+    reactor: Reactor<Tag>,
+    tunnel: Option<Tunnel>,
+    zombies: Vec<Tunnel>,
+    next_tgen: u64,
+    backoff: Duration,
+    waiting: bool,
+    flows: HashMap<u64, Flow>,
+    by_id: HashMap<FlowId, u64>,
+    next_serial: u64,
+}
+
+const RECV_BUF: usize = 256 * 1024;
+
+fn run(args: Args) -> Result<()> {
+    let server: Vec<SocketAddr> = args
+        .connect
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --connect {}", args.connect))?
+        .collect();
+    let mut exports = Vec::new();
+    for spec in &args.export {
+        if exports.iter().any(|e: &Export| e.spec.name == spec.name) {
+            anyhow::bail!("--export {} given twice", spec.name);
+        }
+        let addr = resolve(spec);
+        if addr.is_none() {
+            tracing::warn!(name = %spec.name, target = %spec, "cannot resolve yet; will retry on use");
+        }
+        exports.push(Export {
+            spec: spec.clone(),
+            addr,
+        });
+    }
+    let reactor = Reactor::new(512).context("cannot set up io_uring")?;
+    let mut a = Agent {
+        args,
+        server,
+        exports,
+        reactor,
+        tunnel: None,
+        zombies: Vec::new(),
+        next_tgen: 1,
+        backoff: Duration::from_millis(100),
+        waiting: false,
+        flows: HashMap::new(),
+        by_id: HashMap::new(),
+        next_serial: 1,
+    };
+    a.dial();
+    loop {
+        a.reactor.wait(None).context("io_uring wait")?;
+        while let Some(c) = a.reactor.next_completion() {
+            a.complete(c);
+        }
+        a.pump();
+    }
+}
+
+fn resolve(spec: &ExportSpec) -> Option<SocketAddr> {
+    (spec.host.as_str(), spec.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut i| i.next())
+}
+
+fn new_socket(addr: &SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: libc::c_int) {
+    // SAFETY: setsockopt with a live int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+fn open_error(errno: i32) -> OpenError {
+    match errno {
+        libc::ECONNREFUSED => OpenError::Refused,
+        libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN => OpenError::Unreachable,
+        libc::ECANCELED | libc::ETIMEDOUT => OpenError::TimedOut,
+        _ => OpenError::Other,
+    }
+}
+
+impl Agent {
+    fn dial(&mut self) {
+        let addr = self.server[0];
+        let fd = match new_socket(&addr) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("cannot create socket: {e}");
+                self.schedule_retry();
+                return;
+            }
+        };
+        setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        let tgen = self.next_tgen;
+        self.next_tgen += 1;
+        self.reactor.connect(
+            fd.as_raw_fd(),
+            addr,
+            Duration::from_secs(5),
+            Tag::TunConnect(tgen),
+        );
+        self.tunnel = Some(Tunnel {
+            tgen,
+            fd,
+            ops: 1,
+            up: false,
+            decoder: Decoder::new(),
+            out: Vec::new(),
+            sending: false,
+        });
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.waiting {
+            return;
+        }
+        self.waiting = true;
+        self.reactor.timeout(self.backoff, Tag::Backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
+
+    fn tunnel_for(&mut self, tgen: u64) -> Option<&mut Tunnel> {
+        match &mut self.tunnel {
+            Some(t) if t.tgen == tgen => Some(t),
+            _ => self.zombies.iter_mut().find(|t| t.tgen == tgen),
+        }
+    }
+
+    fn tun_op_done(&mut self, tgen: u64) -> bool {
+        if let Some(t) = self.tunnel_for(tgen) {
+            t.ops -= 1;
+        }
+        self.zombies.retain(|t| t.ops > 0);
+        matches!(&self.tunnel, Some(t) if t.tgen == tgen)
+    }
+
+    /// The tunnel is gone: close every flow, dial again after a backoff.
+    fn tunnel_lost(&mut self, why: &str) {
+        let Some(t) = self.tunnel.take() else {
+            return;
+        };
+        if t.up {
+            tracing::warn!("tunnel lost: {why}; closing all flows and reconnecting");
+        } else {
+            tracing::info!(
+                "cannot reach netredird at {}: {why}; retrying in {:?}",
+                self.server[0],
+                self.backoff
+            );
+        }
+        // SAFETY: shutdown(2) on our socket; pending ops then complete.
+        unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if t.ops > 0 {
+            self.zombies.push(t);
+        }
+        let serials: Vec<u64> = self.flows.keys().copied().collect();
+        for s in serials {
+            self.kill_flow(s, true);
+        }
+        self.schedule_retry();
+    }
+
+    fn send_msg(&mut self, m: Msg) {
+        if let Some(t) = self.tunnel.as_mut().filter(|t| t.up) {
+            m.emit(&mut t.out);
+        }
+    }
+
+    fn complete(&mut self, c: Completion<Tag>) {
+        match c.tag {
+            Tag::Backoff => {
+                self.waiting = false;
+                if self.tunnel.is_none() {
+                    self.dial();
+                }
+            }
+            Tag::TunConnect(tgen) => {
+                if !self.tun_op_done(tgen) {
+                    return;
+                }
+                if let Err(e) = c.io_result() {
+                    let why = if c.result == -libc::ECANCELED {
+                        "timed out".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    self.tunnel_lost(&why);
+                    return;
+                }
+                self.backoff = Duration::from_millis(100);
+                let t = self.tunnel.as_mut().expect("live");
+                t.up = true;
+                t.ops += 1;
+                let fd = t.fd.as_raw_fd();
+                self.reactor
+                    .recv(fd, Vec::with_capacity(RECV_BUF), Tag::TunRecv(tgen));
+                tracing::info!(server = %self.server[0], "connected to netredird");
+                self.send_msg(Msg::Hello {
+                    version: VERSION,
+                    name: self.args.name.clone(),
+                });
+                for (i, e) in self.exports.iter().enumerate() {
+                    let m = Msg::Export {
+                        id: i as u32,
+                        name: e.spec.name.clone(),
+                        target: e.spec.to_string(),
+                        ports: vec![(e.spec.port, Proto::Tcp)],
+                    };
+                    if let Some(t) = self.tunnel.as_mut() {
+                        m.emit(&mut t.out);
+                    }
+                }
+            }
+            Tag::TunRecv(tgen) => {
+                if !self.tun_op_done(tgen) {
+                    return;
+                }
+                match c.result {
+                    0 => return self.tunnel_lost("netredird closed the connection"),
+                    r if r < 0 => {
+                        let e = c.io_result().unwrap_err().to_string();
+                        return self.tunnel_lost(&e);
+                    }
+                    _ => {}
+                }
+                let mut buf = c.buf.unwrap_or_default();
+                let t = self.tunnel.as_mut().expect("live");
+                t.decoder.feed(&buf);
+                let mut msgs = Vec::new();
+                let err = loop {
+                    match t.decoder.next_msg() {
+                        Ok(Some(m)) => msgs.push(m),
+                        Ok(None) => break None,
+                        Err(e) => break Some(e),
+                    }
+                };
+                for m in msgs {
+                    self.on_msg(m);
+                }
+                if let Some(e) = err {
+                    return self.tunnel_lost(&format!("protocol error: {e}"));
+                }
+                if let Some(t) = self.tunnel.as_mut() {
+                    buf.clear();
+                    t.ops += 1;
+                    let fd = t.fd.as_raw_fd();
+                    self.reactor.recv(fd, buf, Tag::TunRecv(tgen));
+                }
+            }
+            Tag::TunSend(tgen) => {
+                if !self.tun_op_done(tgen) {
+                    return;
+                }
+                let io = c.io_result();
+                let mut buf = c.buf.unwrap_or_default();
+                let t = self.tunnel.as_mut().expect("live");
+                t.sending = false;
+                match io {
+                    Ok(n) if n < buf.len() => {
+                        buf.drain(..n);
+                        buf.extend_from_slice(&t.out);
+                        t.out = buf;
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.tunnel_lost(&e.to_string()),
+                }
+            }
+            Tag::FlowConnect(s) => self.on_flow_connect(s, c),
+            Tag::FlowRecv(s) => self.on_flow_recv(s, c),
+            Tag::FlowSend(s) => self.on_flow_send(s, c),
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        match m {
+            Msg::Hello { version, name } => {
+                if version != VERSION {
+                    tracing::warn!(version, "netredird speaks another protocol version");
+                } else {
+                    tracing::debug!(%name, "host hello");
+                }
+            }
+            Msg::Open {
+                flow,
+                resource,
+                port,
+            } => self.open(flow, resource, port),
+            Msg::Data { flow, bytes } => {
+                let Some(f) = self.flow_by_id(flow) else {
+                    return;
+                };
+                let queued: usize = f.to_target.iter().map(Vec::len).sum();
+                if queued + bytes.len() + f.ungranted as usize > INITIAL_WINDOW as usize {
+                    tracing::warn!(flow, "host overran the flow window; resetting the flow");
+                    let s = self.by_id[&flow];
+                    self.send_msg(Msg::Reset { flow });
+                    self.kill_flow(s, true);
+                    return;
+                }
+                f.to_target.push_back(bytes);
+            }
+            Msg::Window { flow, credit } => {
+                if let Some(f) = self.flow_by_id(flow) {
+                    f.credit = f.credit.saturating_add(credit);
+                }
+            }
+            Msg::Fin { flow } => {
+                if let Some(f) = self.flow_by_id(flow) {
+                    f.fin_from_host = true;
+                }
+            }
+            Msg::Reset { flow } => {
+                if let Some(&s) = self.by_id.get(&flow) {
+                    self.kill_flow(s, true);
+                }
+            }
+            other => tracing::warn!("unexpected message from netredird: {other:?}"),
+        }
+    }
+
+    fn flow_by_id(&mut self, id: FlowId) -> Option<&mut Flow> {
+        let s = *self.by_id.get(&id)?;
+        self.flows.get_mut(&s).filter(|f| !f.dead)
+    }
+
+    fn open(&mut self, flow: FlowId, resource: u32, port: u16) {
+        let Some(e) = self.exports.get_mut(resource as usize) else {
+            tracing::warn!(
+                flow,
+                resource,
+                "open for a resource this agent does not export"
+            );
+            return self.send_msg(Msg::OpenErr {
+                flow,
+                reason: OpenError::NotExported,
+            });
+        };
+        if e.spec.port != port {
+            tracing::info!(flow, name = %e.spec.name, port, "refused: port not exported");
+            return self.send_msg(Msg::OpenErr {
+                flow,
+                reason: OpenError::NotExported,
+            });
+        }
+        if e.addr.is_none() {
+            e.addr = resolve(&e.spec);
+        }
+        let Some(addr) = e.addr else {
+            tracing::warn!(flow, target = %e.spec, "cannot resolve target");
+            return self.send_msg(Msg::OpenErr {
+                flow,
+                reason: OpenError::Unreachable,
+            });
+        };
+        let fd = match new_socket(&addr) {
+            Ok(fd) => fd,
+            Err(err) => {
+                tracing::warn!(flow, "cannot create socket: {err}");
+                return self.send_msg(Msg::OpenErr {
+                    flow,
+                    reason: OpenError::Other,
+                });
+            }
+        };
+        setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.reactor.connect(
+            fd.as_raw_fd(),
+            addr,
+            Duration::from_secs(self.args.connect_timeout),
+            Tag::FlowConnect(serial),
+        );
+        if let Some(old) = self.by_id.insert(flow, serial) {
+            self.kill_flow(old, true);
+            self.by_id.insert(flow, serial);
+        }
+        self.flows.insert(
+            serial,
+            Flow {
+                id: flow,
+                fd,
+                ops: 1,
+                connected: false,
+                credit: INITIAL_WINDOW,
+                recv_op: None,
+                eof: false,
+                to_target: VecDeque::new(),
+                sending: false,
+                ungranted: 0,
+                fin_from_host: false,
+                shut_wr: false,
+                dead: false,
+                abortive: false,
+            },
+        );
+    }
+
+    /// Marks a flow over; its socket closes when no operation is pending.
+    fn kill_flow(&mut self, serial: u64, abortive: bool) {
+        let Some(f) = self.flows.get_mut(&serial) else {
+            return;
+        };
+        if self.by_id.get(&f.id) == Some(&serial) {
+            self.by_id.remove(&f.id);
+        }
+        if !f.dead {
+            f.dead = true;
+            f.abortive = abortive;
+            f.to_target.clear();
+            if let Some(op) = f.recv_op {
+                self.reactor.cancel(op);
+            }
+            // SAFETY: shutdown(2) on our socket, waking any pending op.
+            unsafe { libc::shutdown(f.fd.as_raw_fd(), libc::SHUT_RD) };
+        }
+        self.reap(serial);
+    }
+
+    fn reap(&mut self, serial: u64) {
+        let Some(f) = self.flows.get(&serial) else {
+            return;
+        };
+        if f.dead && f.ops == 0 {
+            let f = self.flows.remove(&serial).expect("present");
+            if f.abortive {
+                let l = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt with a live linger; close then sends RST.
+                unsafe {
+                    libc::setsockopt(
+                        f.fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&l as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+            }
+            drop(f);
+        }
+    }
+
+    fn on_flow_connect(&mut self, serial: u64, c: Completion<Tag>) {
+        let Some(f) = self.flows.get_mut(&serial) else {
+            return;
+        };
+        f.ops -= 1;
+        let (id, dead) = (f.id, f.dead);
+        if dead {
+            return self.reap(serial);
+        }
+        if c.result < 0 {
+            let reason = open_error(-c.result);
+            tracing::info!(flow = id, ?reason, "cannot connect to resource");
+            self.send_msg(Msg::OpenErr { flow: id, reason });
+            return self.kill_flow(serial, false);
+        }
+        f.connected = true;
+        self.send_msg(Msg::OpenOk { flow: id });
+    }
+
+    fn on_flow_recv(&mut self, serial: u64, c: Completion<Tag>) {
+        let Some(f) = self.flows.get_mut(&serial) else {
+            return;
+        };
+        f.ops -= 1;
+        f.recv_op = None;
+        let id = f.id;
+        if f.dead {
+            return self.reap(serial);
+        }
+        match c.result {
+            0 => {
+                f.eof = true;
+                self.send_msg(Msg::Fin { flow: id });
+                self.maybe_done(serial);
+            }
+            r if r < 0 => {
+                tracing::debug!(
+                    flow = id,
+                    "resource connection failed: {}",
+                    c.io_result().unwrap_err()
+                );
+                self.send_msg(Msg::Reset { flow: id });
+                self.kill_flow(serial, true);
+            }
+            n => {
+                f.credit -= n as u32;
+                let buf = c.buf.unwrap_or_default();
+                for chunk in buf.chunks(MAX_DATA) {
+                    self.send_msg(Msg::Data {
+                        flow: id,
+                        bytes: chunk.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_flow_send(&mut self, serial: u64, c: Completion<Tag>) {
+        let Some(f) = self.flows.get_mut(&serial) else {
+            return;
+        };
+        f.ops -= 1;
+        f.sending = false;
+        let id = f.id;
+        if f.dead {
+            return self.reap(serial);
+        }
+        let io = c.io_result();
+        let mut buf = c.buf.unwrap_or_default();
+        match io {
+            Ok(n) => {
+                f.ungranted += n as u32;
+                if n < buf.len() {
+                    buf.drain(..n);
+                    f.to_target.push_front(buf);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(flow = id, "write to resource failed: {e}");
+                self.send_msg(Msg::Reset { flow: id });
+                self.kill_flow(serial, true);
+            }
+        }
+    }
+
+    /// A flow whose both halves are closed is done.
+    fn maybe_done(&mut self, serial: u64) {
+        if let Some(f) = self.flows.get(&serial) {
+            if f.eof && f.shut_wr && !f.sending {
+                self.kill_flow(serial, false);
+            }
+        }
+    }
+
+    /// Starts whatever operations the flows and the tunnel can do now.
+    fn pump(&mut self) {
+        let serials: Vec<u64> = self.flows.keys().copied().collect();
+        let mut grants = Vec::new();
+        let mut done = Vec::new();
+        for s in serials {
+            let f = self.flows.get_mut(&s).expect("present");
+            if f.dead || !f.connected {
+                continue;
+            }
+            let fd = f.fd.as_raw_fd();
+            if f.recv_op.is_none() && !f.eof && f.credit > 0 {
+                let want = (f.credit as usize).min(RECV_BUF);
+                f.ops += 1;
+                f.recv_op = Some(
+                    self.reactor
+                        .recv(fd, Vec::with_capacity(want), Tag::FlowRecv(s)),
+                );
+            }
+            if !f.sending {
+                if let Some(buf) = f.to_target.pop_front() {
+                    f.sending = true;
+                    f.ops += 1;
+                    self.reactor.send(fd, buf, 0, Tag::FlowSend(s));
+                } else if f.fin_from_host && !f.shut_wr {
+                    // SAFETY: shutdown(2) on our socket: FIN to the resource.
+                    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                    f.shut_wr = true;
+                    done.push(s);
+                }
+            }
+            if f.ungranted > 0 && (f.to_target.is_empty() || f.ungranted >= INITIAL_WINDOW / 4) {
+                grants.push((f.id, f.ungranted));
+                f.ungranted = 0;
+            }
+        }
+        for (flow, credit) in grants {
+            self.send_msg(Msg::Window { flow, credit });
+        }
+        for s in done {
+            self.maybe_done(s);
+        }
+        if let Some(t) = self.tunnel.as_mut().filter(|t| t.up) {
+            if !t.sending && !t.out.is_empty() {
+                let out = std::mem::take(&mut t.out);
+                t.sending = true;
+                t.ops += 1;
+                let fd = t.fd.as_raw_fd();
+                let tgen = t.tgen;
+                self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
+            }
+        }
+    }
+}

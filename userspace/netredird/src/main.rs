@@ -1,0 +1,162 @@
+//! netredird: the host daemon for one VM's network redirection.
+//!
+//! Theory of operation. At start it loads `steer`, points it at the
+//! virtual subnet, attaches it (native XDP) to the host end of the VM's
+//! NIC and registers an AF_XDP socket for the NIC's queue 0. Then three
+//! threads run:
+//! - the data path ([`datapath`]): one io_uring loop that owns the AF_XDP
+//!   socket, the tunnel listener and connection, and the VM's engine;
+//! - the control server ([`control`]): answers `netredirctl` on a unix
+//!   socket, asking the data path over a crossbeam channel;
+//! - main: waits for SIGINT/SIGTERM (or the data path failing), then stops
+//!   the data path, removes the control socket and detaches XDP.
+
+mod control;
+mod datapath;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
+use netredir_datapath::xsk::Xsk;
+use netredir_shared::control::DEFAULT_CONTROL_PATH;
+use netredir_shared::subnet::{DEFAULT_SUBNET, Ipv4Subnet};
+use netredir_uring::Waker;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Gives a VM on this host transparent access to resources on its user's
+/// network, through a tunnel to netredir-agent.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Host end of the VM's NIC (tap or veth); steer is attached here.
+    #[arg(long)]
+    iface: String,
+    /// Address and port to accept the agent on, e.g. 0.0.0.0:7900.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// The virtual subnet that resources get addresses in.
+    #[arg(long, value_name = "CIDR", default_value = DEFAULT_SUBNET)]
+    subnet: Ipv4Subnet,
+    /// Unix socket of the control API (netredirctl --control).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
+    control: PathBuf,
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = run(args) {
+        eprintln!("netredird: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set; pthread_sigmask on this
+    // thread before any other thread exists, so all inherit the mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal if one came.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid set and timespec; null siginfo is allowed.
+    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
+fn run(args: Args) -> Result<()> {
+    let sigs = block_signals();
+    if !interface_exists(&args.iface) {
+        bail!(
+            "cannot attach XDP to {}: no such interface (give the host end of the VM's NIC)",
+            args.iface
+        );
+    }
+    let mac = interface_mac(&args.iface)
+        .with_context(|| format!("cannot read the MAC address of {}", args.iface))?;
+    // Bind first: a busy port should not leave XDP half set up.
+    let listener = TcpListener::bind(args.listen).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            anyhow::anyhow!(
+                "cannot listen on {}: address in use (another netredird?)",
+                args.listen
+            )
+        }
+        _ => anyhow::Error::new(e).context(format!("cannot listen on {}", args.listen)),
+    })?;
+    let mut control = control::Server::bind(&args.control)?;
+
+    let mut steer = Steer::load()?;
+    steer.set_subnet(args.subnet.network(), args.subnet.prefix_len())?;
+    let xsk = Xsk::open(&args.iface, 0)?;
+    steer.register_xsk(0, xsk.fd())?;
+    steer.attach(&args.iface)?;
+    tracing::info!(
+        iface = %args.iface,
+        subnet = %args.subnet,
+        listen = %args.listen,
+        control = %args.control.display(),
+        "netredird ready: steer attached, waiting for the agent"
+    );
+
+    let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
+    let (tx, rx) = crossbeam_channel::bounded(64);
+    let cfg = datapath::Config {
+        iface: args.iface.clone(),
+        subnet: args.subnet,
+        mac,
+        listener,
+    };
+    let dp_waker = waker.clone();
+    let datapath = std::thread::Builder::new()
+        .name("datapath".into())
+        .spawn(move || datapath::run(cfg, xsk, rx, dp_waker))
+        .context("cannot start the data path thread")?;
+    let steer = Arc::new(std::sync::Mutex::new(steer));
+    control.spawn(tx.clone(), waker.clone(), steer.clone())?;
+
+    let outcome = loop {
+        if let Some(sig) = wait_signal(&sigs, Duration::from_millis(200)) {
+            tracing::info!(signal = sig, "stopping");
+            let _ = tx.send(datapath::Request::Shutdown);
+            waker.wake();
+            break datapath.join();
+        }
+        if datapath.is_finished() {
+            break datapath.join();
+        }
+    };
+    control.remove();
+    drop(steer);
+    match outcome {
+        Ok(Ok(())) => {
+            tracing::info!("stopped; XDP detached");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.context("data path failed")),
+        Err(_) => bail!("data path thread panicked"),
+    }
+}

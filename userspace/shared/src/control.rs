@@ -1,0 +1,145 @@
+//! The control API: one JSON request per line on a unix socket, one JSON
+//! answer per line back. `netredird` serves it; `netredirctl` and the tests
+//! are its clients.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Where `netredird` serves the control API unless told otherwise.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/netredir/control.sock";
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// The resource ↔ vIP table.
+    MapList,
+    /// Session state and counters.
+    Status,
+}
+
+/// One row of `map list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Resource name as the agent exported it.
+    pub name: String,
+    /// Its address inside the VM.
+    pub vip: String,
+    /// The real address, as the agent reported it.
+    pub target: String,
+    /// Ports the guest may use.
+    pub ports: Vec<u16>,
+    /// `online` while the exporting agent is connected, else `offline`.
+    pub state: String,
+}
+
+/// Counters and state of the daemon's one session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// Interface the steer program is attached to.
+    pub iface: String,
+    /// The virtual subnet.
+    pub subnet: String,
+    /// Whether an agent is connected.
+    pub agent_connected: bool,
+    /// Name the agent gave in its Hello.
+    pub agent_name: Option<String>,
+    /// Open flows.
+    pub flows: u64,
+    /// Named counters (frames, bytes, refusals, errors).
+    pub counters: Vec<(String, u64)>,
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::MapList`].
+    Map {
+        /// The rows.
+        entries: Vec<MapEntry>,
+    },
+    /// Answer to [`Request::Status`].
+    Status(Status),
+    /// The request could not be served.
+    Error {
+        /// Why, for a human.
+        message: String,
+    },
+}
+
+/// Why a control request failed, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket is not there or nobody listens.
+    #[error("cannot reach netredird at {path}: {source} (is it running, and is --control right?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("control connection to {path} failed: {source}")]
+    Io {
+        /// Socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The daemon answered something we cannot read.
+    #[error("netredird sent an answer this netredirctl does not understand: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request and waits (at most `timeout`) for its answer.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io {
+        path: p.clone(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: p.clone(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol(format!("{e}: {answer:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_have_stable_json() {
+        assert_eq!(
+            serde_json::to_string(&Request::MapList).unwrap(),
+            r#"{"cmd":"map_list"}"#
+        );
+        let r = Response::Map {
+            entries: vec![MapEntry {
+                name: "p".into(),
+                vip: "100.77.1.2".into(),
+                target: "10.0.0.5:9100".into(),
+                ports: vec![9100],
+                state: "online".into(),
+            }],
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(
+            s.starts_with(r#"{"reply":"map","entries":[{"name":"p","vip":"100.77.1.2""#),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+    }
+}
