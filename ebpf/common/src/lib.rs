@@ -45,7 +45,7 @@ pub mod reason {
     pub const PASS_ARP_OTHER: u32 = 5;
     /// Any other ethertype: passed.
     pub const PASS_OTHER: u32 = 6;
-    /// Too short for the headers its ethertype promises: passed.
+    /// Too short or malformed for the headers its ethertype promises: passed.
     pub const PASS_SHORT: u32 = 7;
     /// No configuration written yet: passed.
     pub const PASS_UNCONFIGURED: u32 = 8;

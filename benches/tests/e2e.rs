@@ -1,0 +1,335 @@
+//! The whole path in network namespaces: a VM namespace reaches servers in
+//! a LAN namespace through netredird (XDP + AF_XDP + engine) and
+//! netredir-agent. Needs root, iproute2 and socat, which CI has; the
+//! binaries come from `cargo build --workspace`.
+
+use netredir_benches::testbed::{
+    HOST_VM_IFACE, HOST_VM_IP, HOST_WAN_IP, LAN_IP, TUNNEL_PORT, bin, wait_until,
+};
+use netredir_benches::{Redir, job_bytes, sha256_hex};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+#[test]
+fn a_64_mib_job_arrives_byte_identical() {
+    let r = Redir::new("job64").unwrap();
+    let received = r.tb.dir().join("received.prn");
+    r.printer_once("printer", 9100, &received).unwrap();
+    r.start_agent("agent", &[&format!("printer={LAN_IP}:9100")])
+        .unwrap();
+    let vip = r.vip("printer").unwrap();
+    let job = job_bytes(64 << 20, 64);
+    let leftover =
+        r.tb.vm
+            .enter(|| {
+                let mut s = connect((vip, 9100).into())?;
+                s.write_all(&job)?;
+                s.shutdown(Shutdown::Write)?;
+                // The printer closes after the job: the guest sees a clean EOF.
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest)?;
+                std::io::Result::Ok(rest)
+            })
+            .unwrap()
+            .unwrap();
+    assert!(leftover.is_empty(), "a printer sink sends nothing back");
+    assert!(r.tb.wait_exit("printer", TIMEOUT).unwrap().success());
+    let got = std::fs::read(&received).unwrap();
+    assert_eq!(got.len(), job.len(), "length");
+    assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
+    assert!(r.counter("engine.bytes_from_guest").unwrap() >= job.len() as u64);
+}
+
+#[test]
+fn a_hundred_concurrent_connections_through_two_resources() {
+    let r = Redir::new("concurrent").unwrap();
+    r.digest_sink("sink", 9100).unwrap();
+    r.echo("echo", 7007).unwrap();
+    r.start_agent(
+        "agent",
+        &[
+            &format!("sink={LAN_IP}:9100"),
+            &format!("echo={LAN_IP}:7007"),
+        ],
+    )
+    .unwrap();
+    let sink = r.vip("sink").unwrap();
+    let echo = r.vip("echo").unwrap();
+    assert_ne!(sink, echo);
+    let results =
+        r.tb.vm
+            .enter(|| {
+                let handles: Vec<_> = (0..100u64)
+                    .map(|i| {
+                        std::thread::spawn(move || -> std::io::Result<()> {
+                            let data = job_bytes(128 * 1024 + i as usize * 1000, i + 1);
+                            if i % 2 == 0 {
+                                let mut s = connect((sink, 9100).into())?;
+                                s.write_all(&data)?;
+                                s.shutdown(Shutdown::Write)?;
+                                let mut answer = String::new();
+                                s.read_to_string(&mut answer)?;
+                                let want = sha256_hex(&data);
+                                if answer.split_whitespace().next() != Some(want.as_str()) {
+                                    return Err(std::io::Error::other(format!(
+                                        "conn {i}: sink saw {answer:?}, sent {want}"
+                                    )));
+                                }
+                            } else {
+                                let mut s = connect((echo, 7007).into())?;
+                                let mut w = s.try_clone()?;
+                                let out = data.clone();
+                                let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                                    w.write_all(&out)?;
+                                    w.shutdown(Shutdown::Write)
+                                });
+                                let mut back = Vec::new();
+                                s.read_to_end(&mut back)?;
+                                writer.join().expect("writer")?;
+                                if back != data {
+                                    return Err(std::io::Error::other(format!(
+                                        "conn {i}: echo returned {} bytes that differ",
+                                        back.len()
+                                    )));
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("client thread"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap();
+    let failures: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 100 failed: {failures:?}",
+        failures.len()
+    );
+    wait_until("all flows to be freed", TIMEOUT, || {
+        r.status().is_ok_and(|s| s.flows == 0)
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_port_not_exported_and_a_refusing_target_are_refused_at_once() {
+    let r = Redir::new("refused").unwrap();
+    r.echo("echo", 7007).unwrap();
+    // 7008: exported, but nothing listens there on the LAN.
+    r.start_agent(
+        "agent",
+        &[
+            &format!("echo={LAN_IP}:7007"),
+            &format!("closed={LAN_IP}:7008"),
+        ],
+    )
+    .unwrap();
+    let echo = r.vip("echo").unwrap();
+    let closed = r.vip("closed").unwrap();
+    let outcomes = r
+        .tb
+        .vm
+        .enter(|| {
+            [(echo, 9999), (closed, 7008)].map(|(ip, port)| {
+                let t = Instant::now();
+                let res = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(5));
+                (res.map(|_| ()).map_err(|e| e.kind()), t.elapsed())
+            })
+        })
+        .unwrap();
+    for ((res, took), what) in outcomes
+        .into_iter()
+        .zip(["port not exported", "target refuses"])
+    {
+        assert_eq!(res, Err(ErrorKind::ConnectionRefused), "{what}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{what}: refused after {took:?}"
+        );
+    }
+    assert!(r.counter("engine.refused_no_resource").unwrap() >= 1);
+    assert!(r.counter("engine.refused_by_agent").unwrap() >= 1);
+}
+
+#[test]
+fn traffic_outside_the_subnet_still_works_with_steer_attached() {
+    let r = Redir::new("outside").unwrap();
+    // A server on the host's own VM-facing address: not a vIP.
+    r.tb.spawn(
+        &r.tb.host,
+        "host-echo",
+        "socat",
+        &["TCP-LISTEN:8000,reuseaddr,fork", "PIPE"],
+    )
+    .unwrap();
+    wait_until("host echo to listen", Duration::from_secs(10), || {
+        r.tb.host
+            .run("ss", &["-Hltn", "sport = :8000"])
+            .is_ok_and(|o| !o.stdout.is_empty())
+    })
+    .unwrap();
+    let before = r.counter("steer.pass_ipv4_other").unwrap();
+    let data = job_bytes(1 << 20, 7);
+    let back =
+        r.tb.vm
+            .enter(|| {
+                let mut s = connect(format!("{HOST_VM_IP}:8000").parse().unwrap())?;
+                let mut w = s.try_clone()?;
+                let out = data.clone();
+                let t = std::thread::spawn(move || {
+                    w.write_all(&out)?;
+                    w.shutdown(Shutdown::Write)
+                });
+                let mut back = Vec::new();
+                s.read_to_end(&mut back)?;
+                t.join().expect("writer")?;
+                std::io::Result::Ok(back)
+            })
+            .unwrap()
+            .unwrap();
+    assert!(back == data, "echo through the kernel path differs");
+    assert!(
+        r.counter("steer.pass_ipv4_other").unwrap() > before,
+        "steer saw and passed it"
+    );
+    assert_eq!(
+        r.counter("steer.redirect_ipv4").unwrap(),
+        0,
+        "nothing was steered"
+    );
+}
+
+#[test]
+fn killing_the_agent_fails_new_connections_cleanly_and_the_daemon_lives() {
+    let r = Redir::new("agentkill").unwrap();
+    r.echo("echo", 7007).unwrap();
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
+        .unwrap();
+    let vip = r.vip("echo").unwrap();
+    let addr: SocketAddr = (vip, 7007).into();
+    // One connection open across the kill.
+    let mut open =
+        r.tb.vm
+            .enter(|| {
+                let mut s = connect(addr)?;
+                s.write_all(b"ping")?;
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b)?;
+                assert_eq!(&b, b"ping");
+                std::io::Result::Ok(s)
+            })
+            .unwrap()
+            .unwrap();
+    r.tb.signal("agent", libc::SIGKILL).unwrap();
+    r.tb.wait_exit("agent", TIMEOUT).unwrap();
+    wait_until("the resource to go offline", TIMEOUT, || {
+        r.map()
+            .is_ok_and(|m| m.iter().all(|e| e.state == "offline"))
+    })
+    .unwrap();
+    // The open flow was reset, not left hanging.
+    let mut b = [0u8; 1];
+    match open.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("open flow after the agent died: {other:?}"),
+    }
+    let (res, took) =
+        r.tb.vm
+            .enter(|| {
+                let t = Instant::now();
+                let res = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+                (res.map(|_| ()).map_err(|e| e.kind()), t.elapsed())
+            })
+            .unwrap();
+    assert_eq!(res, Err(ErrorKind::ConnectionRefused));
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(r.tb.running("netredird"), "daemon died");
+    let st = r.status().unwrap();
+    assert!(!st.agent_connected);
+    assert_eq!(vip, r.vip("echo").unwrap(), "the vIP stays with the name");
+    // A new agent brings the resource back at the same address.
+    r.start_agent("agent2", &[&format!("echo={LAN_IP}:7007")])
+        .unwrap();
+    assert_eq!(r.vip("echo").unwrap(), vip);
+    let echoed =
+        r.tb.vm
+            .enter(|| {
+                let mut s = connect(addr)?;
+                s.write_all(b"back")?;
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b)?;
+                std::io::Result::Ok(b)
+            })
+            .unwrap()
+            .unwrap();
+    assert_eq!(&echoed, b"back");
+}
+
+#[test]
+fn netredird_says_why_it_cannot_start() {
+    let r = Redir::new("starterr").unwrap();
+    let daemon = bin("netredird").unwrap();
+    let control = r.tb.dir().join("second.sock");
+    let control = control.to_string_lossy();
+    let run = |iface: &str, listen: &str| {
+        let out =
+            r.tb.host
+                .command(&daemon)
+                .args(["--iface", iface, "--listen", listen, "--control", &control])
+                .output()
+                .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("nosuch0", "127.0.0.1:7901");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nosuch0: no such interface"), "{err}");
+    // The first daemon holds the tunnel port.
+    let (code, err) = run(HOST_VM_IFACE, &format!("{HOST_WAN_IP}:{TUNNEL_PORT}"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("address in use"), "{err}");
+    // Bad arguments are caught by the parser with a usage line.
+    let (code, err) = run(HOST_VM_IFACE, "not-an-address");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--listen"), "{err}");
+    assert!(r.tb.running("netredird"), "the first daemon is unharmed");
+    let _ = Ipv4Addr::LOCALHOST;
+}
+
+#[test]
+fn netredird_detaches_and_cleans_up_on_sigterm() {
+    let r = Redir::new("sigterm").unwrap();
+    let attached = || {
+        r.tb.host
+            .run("ip", &["-d", "link", "show", "dev", HOST_VM_IFACE])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("xdp"))
+            .unwrap()
+    };
+    assert!(attached(), "steer attached while running");
+    assert!(r.control.exists());
+    r.tb.signal("netredird", libc::SIGTERM).unwrap();
+    let st = r.tb.wait_exit("netredird", TIMEOUT).unwrap();
+    assert!(st.success(), "exit status {st:?}");
+    assert!(!attached(), "XDP still attached after exit");
+    assert!(!r.control.exists(), "control socket left behind");
+}

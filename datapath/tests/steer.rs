@@ -1,0 +1,242 @@
+//! Golden frames through the real `steer` program with BPF_PROG_TEST_RUN:
+//! each frame, the verdict it must get and the counter that must move.
+//! Needs root (CAP_BPF), which CI has.
+
+use aya::{TestRun, TestRunOptions};
+use netredir_datapath::steer::Steer;
+use netredir_ebpf_common::reason;
+use std::net::Ipv4Addr;
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ipv4_tcp(dst: Ipv4Addr) -> Vec<u8> {
+    let mut ip = vec![
+        0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, // ver/ihl .. proto, csum
+        10, 200, 0, 2, // src
+    ];
+    ip.extend_from_slice(&dst.octets());
+    // TCP SYN 40000 -> 9100
+    ip.extend_from_slice(&[
+        0x9c, 0x40, 0x23, 0x8c, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
+    eth(0x0800, &ip)
+}
+
+fn arp(op: u16, target: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4];
+    a.extend_from_slice(&op.to_be_bytes());
+    a.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 10, 200, 0, 2]);
+    a.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    a.extend_from_slice(&target.octets());
+    eth(0x0806, &a)
+}
+
+fn run(steer: &mut Steer, frame: &[u8]) -> u32 {
+    let prog = steer.program().expect("program");
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ..Default::default()
+    })
+    .expect("BPF_PROG_TEST_RUN")
+    .return_value
+}
+
+fn counter(steer: &Steer, why: u32) -> u64 {
+    let name = reason::NAMES[why as usize];
+    steer
+        .counters()
+        .into_iter()
+        .find(|(k, _)| *k == name)
+        .expect("counter")
+        .1
+}
+
+/// Runs `frame`, checks the verdict and that exactly counter `why` moved by one.
+fn expect(steer: &mut Steer, what: &str, frame: &[u8], verdict: u32, why: u32) {
+    let before: Vec<u64> = (0..reason::COUNT).map(|r| counter(steer, r)).collect();
+    let got = run(steer, frame);
+    assert_eq!(got, verdict, "{what}: verdict");
+    for r in 0..reason::COUNT {
+        let delta = counter(steer, r) - before[r as usize];
+        let want = u64::from(r == why);
+        assert_eq!(
+            delta,
+            want,
+            "{what}: counter {} moved by {delta}",
+            reason::NAMES[r as usize]
+        );
+    }
+}
+
+fn unbound_xsk() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    assert!(
+        fd >= 0,
+        "socket(AF_XDP): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd we own.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+#[test]
+fn golden_frames_get_their_verdicts_and_counters() {
+    let mut steer = Steer::load().expect("load steer (needs root)");
+    let vip = Ipv4Addr::new(100, 77, 4, 181);
+    let outside = Ipv4Addr::new(10, 200, 0, 1);
+
+    expect(
+        &mut steer,
+        "before config",
+        &ipv4_tcp(vip),
+        XDP_PASS,
+        reason::PASS_UNCONFIGURED,
+    );
+    steer
+        .set_subnet(Ipv4Addr::new(100, 77, 0, 0), 16)
+        .expect("config");
+    expect(
+        &mut steer,
+        "subnet TCP, no socket",
+        &ipv4_tcp(vip),
+        XDP_PASS,
+        reason::NO_SOCKET,
+    );
+
+    let xsk = unbound_xsk();
+    use std::os::fd::AsRawFd;
+    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+
+    expect(
+        &mut steer,
+        "subnet TCP",
+        &ipv4_tcp(vip),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV4,
+    );
+    expect(
+        &mut steer,
+        "ARP request for a vIP",
+        &arp(1, vip),
+        XDP_REDIRECT,
+        reason::REDIRECT_ARP,
+    );
+    expect(
+        &mut steer,
+        "ARP reply about a vIP",
+        &arp(2, vip),
+        XDP_PASS,
+        reason::PASS_ARP_OTHER,
+    );
+    expect(
+        &mut steer,
+        "ARP request outside",
+        &arp(1, outside),
+        XDP_PASS,
+        reason::PASS_ARP_OTHER,
+    );
+    expect(
+        &mut steer,
+        "IPv4 outside",
+        &ipv4_tcp(outside),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+    expect(
+        &mut steer,
+        "IPv4 just outside the prefix",
+        &ipv4_tcp(Ipv4Addr::new(100, 78, 0, 1)),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 59, 64];
+    v6.extend_from_slice(&[0u8; 32]);
+    expect(
+        &mut steer,
+        "IPv6",
+        &eth(0x86dd, &v6),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    expect(
+        &mut steer,
+        "other ethertype",
+        &eth(0x88cc, &[0u8; 46]),
+        XDP_PASS,
+        reason::PASS_OTHER,
+    );
+    expect(
+        &mut steer,
+        "IPv4 header cut off",
+        &eth(0x0800, &[0x45, 0, 0]),
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+    expect(
+        &mut steer,
+        "bare Ethernet header",
+        &eth(0x0800, &[]),
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+    expect(
+        &mut steer,
+        "ARP cut off",
+        &eth(0x0806, &[0, 1, 8, 0]),
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+    let mut bad = ipv4_tcp(vip);
+    bad[14] = 0x65; // version 6 in an IPv4 ethertype
+    expect(
+        &mut steer,
+        "garbage version",
+        &bad,
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+    let mut ihl = ipv4_tcp(vip);
+    ihl[14] = 0x43; // IHL 12 bytes
+    expect(
+        &mut steer,
+        "IHL below 20",
+        &ihl,
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+}
+
+#[test]
+fn a_narrower_subnet_is_honoured() {
+    let mut steer = Steer::load().expect("load steer (needs root)");
+    steer
+        .set_subnet(Ipv4Addr::new(10, 9, 8, 0), 24)
+        .expect("config");
+    let xsk = unbound_xsk();
+    use std::os::fd::AsRawFd;
+    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    expect(
+        &mut steer,
+        "in /24",
+        &ipv4_tcp(Ipv4Addr::new(10, 9, 8, 77)),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV4,
+    );
+    expect(
+        &mut steer,
+        "next /24",
+        &ipv4_tcp(Ipv4Addr::new(10, 9, 9, 77)),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+}
