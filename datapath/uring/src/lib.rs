@@ -309,12 +309,12 @@ impl<T> Reactor<T> {
             self.free.push(i);
             self.in_flight -= 1;
             let mut buf = slot.buf;
-            if let (Some(b), Some(from)) = (buf.as_mut(), slot.recv_from) {
-                if cqe.result() > 0 {
-                    // SAFETY: the kernel wrote `result` bytes after `from`,
-                    // within the capacity we gave it.
-                    unsafe { b.set_len(from + cqe.result() as usize) };
-                }
+            if let (Some(b), Some(from)) = (buf.as_mut(), slot.recv_from)
+                && cqe.result() > 0
+            {
+                // SAFETY: the kernel wrote `result` bytes after `from`,
+                // within the capacity we gave it.
+                unsafe { b.set_len(from + cqe.result() as usize) };
             }
             return Some(Completion {
                 tag: slot.tag,
