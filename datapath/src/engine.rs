@@ -234,6 +234,8 @@ struct Flow {
     to_guest: VecDeque<u8>,
     /// Bytes moved into the socket not yet granted back.
     ungranted: u32,
+    /// Bytes the agent may still send: always `window - to_guest - ungranted`.
+    allowed: u32,
     fin_from_agent: bool,
     fin_to_agent: bool,
     closed_socket: bool,
@@ -550,6 +552,7 @@ impl Engine {
                 credit: 0,
                 to_guest: VecDeque::new(),
                 ungranted: 0,
+                allowed: 0,
                 fin_from_agent: false,
                 fin_to_agent: false,
                 closed_socket: false,
@@ -599,6 +602,7 @@ impl Engine {
         }
         f.phase = Phase::Open;
         f.credit = window;
+        f.allowed = window;
         self.sockets
             .get_mut::<tcp::Socket>(f.handle)
             .pause_synack(false);
@@ -619,7 +623,6 @@ impl Engine {
 
     /// Bytes from the resource for the guest.
     pub fn data(&mut self, flow: FlowId, bytes: &[u8], now: Instant) -> Result<(), FlowError> {
-        let window = self.cfg.window as usize;
         let f = self
             .flows
             .get_mut(&flow)
@@ -628,13 +631,14 @@ impl Engine {
             self.counters.flow_errors += 1;
             return Err(FlowError::BadState(flow, "Data"));
         }
-        let held = f.to_guest.len() + f.ungranted as usize;
-        if held + bytes.len() > window {
+        if bytes.len() > f.allowed as usize {
+            let over = bytes.len() - f.allowed as usize;
             self.counters.flow_errors += 1;
             self.abort(flow, true);
             self.poll(now);
-            return Err(FlowError::WindowExceeded(flow, held + bytes.len() - window));
+            return Err(FlowError::WindowExceeded(flow, over));
         }
+        f.allowed -= bytes.len() as u32;
         f.to_guest.extend(bytes);
         self.poll(now);
         Ok(())
@@ -763,6 +767,7 @@ impl Engine {
                     flow: id,
                     credit: f.ungranted,
                 });
+                f.allowed += f.ungranted;
                 f.ungranted = 0;
             }
             // Guest → agent.

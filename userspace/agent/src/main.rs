@@ -679,9 +679,12 @@ impl Agent {
     /// A flow whose both halves are closed is done.
     fn maybe_done(&mut self, serial: u64) {
         if let Some(f) = self.flows.get(&serial)
-            && f.eof && f.shut_wr && !f.sending {
-                self.kill_flow(serial, false);
-            }
+            && f.eof
+            && f.shut_wr
+            && !f.sending
+        {
+            self.kill_flow(serial, false);
+        }
     }
 
     /// Starts whatever operations the flows and the tunnel can do now.
@@ -727,13 +730,15 @@ impl Agent {
             self.maybe_done(s);
         }
         if let Some(t) = self.tunnel.as_mut().filter(|t| t.up)
-            && !t.sending && !t.out.is_empty() {
-                let out = std::mem::take(&mut t.out);
-                t.sending = true;
-                t.ops += 1;
-                let fd = t.fd.as_raw_fd();
-                let tgen = t.tgen;
-                self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
-            }
+            && !t.sending
+            && !t.out.is_empty()
+        {
+            let out = std::mem::take(&mut t.out);
+            t.sending = true;
+            t.ops += 1;
+            let fd = t.fd.as_raw_fd();
+            let tgen = t.tgen;
+            self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
+        }
     }
 }
