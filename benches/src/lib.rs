@@ -23,32 +23,48 @@ pub struct Redir {
 impl Redir {
     /// A testbed with netredird started and answering its control API.
     pub fn new(tag: &str) -> Result<Self> {
+        Self::with_args(tag, &[])
+    }
+
+    /// The same, with extra arguments for netredird.
+    pub fn with_args(tag: &str, daemon_args: &[&str]) -> Result<Self> {
         let tb = Testbed::new(tag)?;
         let control = tb.dir().join("control.sock");
         let r = Self { tb, control };
-        r.start_daemon()?;
+        r.start_daemon(daemon_args)?;
         Ok(r)
     }
 
+    /// The host's state directory (key, certificate, paired agents).
+    pub fn host_state(&self) -> PathBuf {
+        self.tb.dir().join("host-state")
+    }
+
+    /// The agents' state directory (key, pinned host).
+    pub fn agent_state(&self) -> PathBuf {
+        self.tb.dir().join("agent-state")
+    }
+
     /// Starts netredird on the host end of the VM's NIC.
-    pub fn start_daemon(&self) -> Result<()> {
+    pub fn start_daemon(&self, extra: &[&str]) -> Result<()> {
         let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
         let control = self.control.to_string_lossy().into_owned();
-        self.tb.spawn(
-            &self.tb.host,
-            "netredird",
-            bin("netredird")?,
-            &[
-                "--iface",
-                HOST_VM_IFACE,
-                "--listen",
-                &listen,
-                "--control",
-                &control,
-                "--log",
-                "debug",
-            ],
-        )?;
+        let state = self.host_state().to_string_lossy().into_owned();
+        let mut args = vec![
+            "--iface",
+            HOST_VM_IFACE,
+            "--listen",
+            &listen,
+            "--control",
+            &control,
+            "--state-dir",
+            &state,
+            "--log",
+            "debug",
+        ];
+        args.extend_from_slice(extra);
+        self.tb
+            .spawn(&self.tb.host, "netredird", bin("netredird")?, &args)?;
         wait_until(
             "netredird to answer on its control socket",
             Duration::from_secs(20),
@@ -63,14 +79,46 @@ impl Redir {
         Ok(())
     }
 
+    /// A one-time pairing code from the daemon.
+    pub fn pair_code(&self) -> Result<String> {
+        match request(
+            &self.control,
+            &Request::Pair { vm: None },
+            Duration::from_secs(5),
+        )? {
+            Response::Pair { code, .. } => Ok(code),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
     /// Starts an agent in the client namespace exporting `exports`
-    /// (`NAME=HOST:PORT`), and waits until the daemon lists them online.
+    /// (`NAME=HOST:PORT`), pairing it first if it is not yet, and waits
+    /// until the daemon lists them online.
     pub fn start_agent(&self, name: &str, exports: &[&str]) -> Result<()> {
+        self.start_agent_with(name, exports, &[])
+    }
+
+    /// The same, with extra agent arguments.
+    pub fn start_agent_with(&self, name: &str, exports: &[&str], extra: &[&str]) -> Result<()> {
         let connect = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
-        let mut args = vec!["--connect", &connect, "--log", "debug"];
+        let state = self.agent_state().to_string_lossy().into_owned();
+        let mut args = vec![
+            "--connect",
+            &connect,
+            "--state-dir",
+            &state,
+            "--log",
+            "debug",
+        ];
+        let code;
+        if !self.agent_state().join("host.pin").exists() {
+            code = self.pair_code()?;
+            args.extend(["--pair", &code]);
+        }
         for e in exports {
             args.extend(["--export", e]);
         }
+        args.extend_from_slice(extra);
         self.tb
             .spawn(&self.tb.client, name, bin("netredir-agent")?, &args)?;
         let names: Vec<&str> = exports.iter().filter_map(|e| e.split('=').next()).collect();

@@ -218,7 +218,8 @@ fn traffic_outside_the_subnet_still_works_with_steer_attached() {
 
 #[test]
 fn killing_the_agent_fails_new_connections_cleanly_and_the_daemon_lives() {
-    let r = Redir::new("agentkill").unwrap();
+    // A short grace period: the open flow is reset two seconds after the agent died.
+    let r = Redir::with_args("agentkill", &["--grace", "2"]).unwrap();
     r.echo("echo", 7007).unwrap();
     r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
         .unwrap();
@@ -289,11 +290,21 @@ fn netredird_says_why_it_cannot_start() {
     let daemon = bin("netredird").unwrap();
     let control = r.tb.dir().join("second.sock");
     let control = control.to_string_lossy();
+    let state = r.host_state().to_string_lossy().into_owned();
     let run = |iface: &str, listen: &str| {
         let out =
             r.tb.host
                 .command(&daemon)
-                .args(["--iface", iface, "--listen", listen, "--control", &control])
+                .args([
+                    "--iface",
+                    iface,
+                    "--listen",
+                    listen,
+                    "--control",
+                    &control,
+                    "--state-dir",
+                    &state,
+                ])
                 .output()
                 .unwrap();
         (

@@ -31,6 +31,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A one-time code that pairs an agent with this host's VM session
+    /// (give it to `netredir-agent --pair`; valid for 10 minutes).
+    Pair {
+        /// The VM session the agent may reach (default: the daemon's).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// Print {"code": ...} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tunnel statistics: bytes, compression, records, reconnects, flows.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,8 +107,113 @@ fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        Cmd::Pair { vm, json } => {
+            let Response::Pair {
+                code,
+                vm,
+                host_fingerprint,
+                valid_for_secs,
+            } = ask(&args, Request::Pair { vm: vm.clone() })?
+            else {
+                bail!("netredird answered pair with something else");
+            };
+            if *json {
+                let v = serde_json::json!({
+                    "code": code,
+                    "vm": vm,
+                    "host_fingerprint": host_fingerprint,
+                    "valid_for_secs": valid_for_secs,
+                });
+                println!("{v}");
+            } else {
+                println!("{code}");
+                eprintln!(
+                    "pairs one agent with VM {vm} (host key {}...), valid for {} minutes:\n  netredir-agent --connect HOST:PORT --pair {code} --export ...",
+                    &host_fingerprint[..16],
+                    valid_for_secs / 60
+                );
+            }
+        }
+        Cmd::Stats { json } => {
+            let Response::Stats(st) = ask(&args, Request::Stats)? else {
+                bail!("netredird answered stats with something else");
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", stats_text(&st));
+            }
+        }
     }
     Ok(())
+}
+
+fn ratio(plain: u64, wire: u64) -> String {
+    if wire == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}", plain as f64 / wire as f64)
+    }
+}
+
+fn stats_text(st: &netredir_shared::control::Stats) -> String {
+    let mut out = String::new();
+    match &st.session {
+        None => out.push_str("no session (no agent has connected, or its session ended)\n"),
+        Some(s) => {
+            out.push_str(&format!(
+                "session {} with {} ({}), {} reconnects\n",
+                s.id,
+                s.agent,
+                if s.connected {
+                    "connected"
+                } else {
+                    "waiting for it to resume"
+                },
+                s.reconnects
+            ));
+            out.push_str(&format!(
+                "  to agent    {} bytes of data, {} on the wire (ratio {})\n",
+                s.data_bytes_out,
+                s.data_wire_bytes_out,
+                ratio(s.data_bytes_out, s.data_wire_bytes_out)
+            ));
+            out.push_str(&format!(
+                "  from agent  {} bytes of data, {} on the wire (ratio {})\n",
+                s.data_bytes_in,
+                s.data_wire_bytes_in,
+                ratio(s.data_bytes_in, s.data_wire_bytes_in)
+            ));
+            out.push_str(&format!(
+                "  tunnel      {} bytes out, {} in (TLS)\n  records     {} sent, {} received, {} retransmitted; replay {} bytes; {} compression contexts\n",
+                s.tunnel_bytes_out,
+                s.tunnel_bytes_in,
+                s.records_sent,
+                s.records_received,
+                s.records_retransmitted,
+                s.replay_bytes,
+                s.compression_contexts
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "refused: {} opens, {} tunnel connections\n",
+        st.refused_opens, st.refused_connections
+    ));
+    if !st.flows.is_empty() {
+        out.push_str("FLOW  FROM GUEST  TO GUEST  WIRE OUT  RATIO\n");
+        for f in &st.flows {
+            out.push_str(&format!(
+                "{:<4}  {:>10}  {:>8}  {:>8}  {}\n",
+                f.flow,
+                f.bytes_from_guest,
+                f.bytes_to_guest,
+                f.wire_out,
+                ratio(f.bytes_from_guest, f.wire_out)
+            ));
+        }
+    }
+    out
 }
 
 fn table(entries: &[MapEntry]) -> String {

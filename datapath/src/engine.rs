@@ -117,6 +117,12 @@ pub enum Event {
         /// The flow.
         flow: FlowId,
     },
+    /// The flow ended normally (both sides closed); nothing to send, but
+    /// whatever the tunnel keeps for it can go.
+    Closed {
+        /// The flow.
+        flow: FlowId,
+    },
 }
 
 /// Largest [`Event::Data`] payload.
@@ -300,6 +306,7 @@ pub struct Engine {
     by_key: HashMap<FlowKey, FlowId>,
     resources: HashMap<Ipv4Addr, Resource>,
     online: bool,
+    accepting: bool,
     next_flow: FlowId,
     guest_mac: Option<EthernetAddress>,
     events: VecDeque<Event>,
@@ -332,6 +339,7 @@ impl Engine {
             by_key: HashMap::new(),
             resources: HashMap::new(),
             online: false,
+            accepting: true,
             next_flow: 1,
             guest_mac: None,
             events: VecDeque::new(),
@@ -386,6 +394,12 @@ impl Engine {
             }
             self.poll(now);
         }
+    }
+
+    /// Whether new flows are taken while online: off while the tunnel is
+    /// down but its session may resume (open flows wait, new SYNs get RST).
+    pub fn set_accepting(&mut self, accepting: bool) {
+        self.accepting = accepting;
     }
 
     /// One frame from the guest.
@@ -508,7 +522,7 @@ impl Engine {
         let refuse = |c: &mut Counters| -> bool {
             if resource.is_none() {
                 c.refused_no_resource += 1;
-            } else if !self.online {
+            } else if !self.online || !self.accepting {
                 c.refused_offline += 1;
             } else if self.flows.len() >= self.cfg.max_flows || opening >= self.cfg.max_opening {
                 c.refused_limit += 1;
@@ -820,6 +834,7 @@ impl Engine {
                 self.events.push_back(Event::Reset { flow: id });
             } else {
                 self.counters.closed += 1;
+                self.events.push_back(Event::Closed { flow: id });
             }
             self.remove_flow(id);
         }

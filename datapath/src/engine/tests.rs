@@ -315,6 +315,7 @@ fn bytes_flow_both_ways_under_credits_and_close_cleanly() {
                 }
                 Event::Window { credit, .. } => agent_window += credit as usize,
                 Event::Fin { .. } => fin_seen = true,
+                Event::Closed { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }

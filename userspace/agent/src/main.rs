@@ -2,27 +2,34 @@
 //! the user's network to their VM.
 //!
 //! Theory of operation. The agent dials netredird (retrying with backoff
-//! until it answers), says Hello and announces each `--export`. For every
-//! `Open` the host sends, it checks the export policy, connects to the real
+//! until it answers), proves who it is over TLS 1.3 (its own key, the
+//! host's pinned certificate; the first time, a pairing code), then opens
+//! or resumes the session and announces each `--export`. For every `Open`
+//! the host sends, it checks the export policy, connects to the real
 //! resource and answers `OpenOk` or `OpenErr`; then it copies bytes both
 //! ways under per-flow credits: it reads from a resource only as much as
 //! the host has granted, and grants the host more only as bytes reach the
 //! resource. Everything runs on one io_uring loop; each flow is a socket,
 //! at most one receive and one send in flight, and a queue bounded by the
-//! window. When the tunnel drops, every flow is closed and the agent dials
-//! again.
+//! window. When the tunnel drops, flows stay open and the agent dials
+//! again: the session resumes with nothing lost. Only after the grace
+//! period are the flows closed.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use netredir_shared::export::ExportSpec;
-use netredir_shared::wire::{
-    Decoder, FlowId, INITIAL_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION,
+use netredir_shared::link::{Link, LinkError};
+use netredir_shared::session::{Compression, Session, SessionConfig};
+use netredir_shared::tls::{
+    Fingerprint, HostCheck, Identity, PairCode, Tls, TlsError, write_private,
 };
+use netredir_shared::wire::{FlowId, INITIAL_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION};
 use netredir_uring::{Completion, OpId, Reactor};
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Exports resources on this machine's network to a VM through netredird.
 #[derive(Parser, Debug)]
@@ -34,15 +41,41 @@ struct Args {
     /// A resource to export, NAME=HOST:PORT; repeat for more.
     #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
     export: Vec<ExportSpec>,
+    /// One-time code from `netredirctl pair` on the host: pairs this agent
+    /// with the host (needed once; later runs use the stored pin).
+    #[arg(long, value_name = "CODE")]
+    pair: Option<PairCode>,
+    /// Where this agent's key and the host's pinned fingerprint are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/netredir-agent")]
+    state_dir: PathBuf,
     /// Name this agent gives itself in the host's logs.
     #[arg(long, default_value_t = default_name())]
     name: String,
+    /// Compression of data toward the VM: off, auto or a zstd level 1-19.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    compression: Compression,
+    /// Compression for one resource, NAME=MODE (repeatable).
+    #[arg(long, value_name = "NAME=MODE", value_parser = parse_resource_mode)]
+    resource_compression: Vec<(String, Compression)>,
     /// How long to wait for a resource to accept a connection.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds to keep flows open while the tunnel is down.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    grace: u64,
+    /// Seconds between heartbeats; three missed ones drop the connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    heartbeat: u64,
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+fn parse_resource_mode(s: &str) -> Result<(String, Compression), String> {
+    let (name, mode) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=MODE, e.g. scanner=off"))?;
+    Ok((name.to_ascii_lowercase(), mode.parse()?))
 }
 
 fn default_name() -> String {
@@ -79,6 +112,7 @@ enum Tag {
     TunRecv(u64),
     TunSend(u64),
     Backoff,
+    Tick,
     FlowConnect(u64),
     FlowRecv(u64),
     FlowSend(u64),
@@ -87,16 +121,25 @@ enum Tag {
 struct Export {
     spec: ExportSpec,
     addr: Option<SocketAddr>,
+    compression: Option<Compression>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Preamble,
+    Up,
 }
 
 struct Tunnel {
     tgen: u64,
     fd: OwnedFd,
     ops: u32,
-    up: bool,
-    decoder: Decoder,
+    phase: Phase,
+    link: Option<Link>,
     out: Vec<u8>,
     sending: bool,
+    last_rx: Instant,
 }
 
 /// One flow to a real resource; `serial` is agent-local and never reused.
@@ -121,19 +164,31 @@ struct Flow {
     abortive: bool,
 }
 
+struct AgentSession {
+    id: u64,
+    session: Session,
+    lost_at: Option<Instant>,
+}
+
 struct Agent {
     args: Args,
     server: Vec<SocketAddr>,
     exports: Vec<Export>,
+    identity: Identity,
+    pin: Option<Fingerprint>,
+    pin_path: PathBuf,
     reactor: Reactor<Tag>,
     tunnel: Option<Tunnel>,
     zombies: Vec<Tunnel>,
     next_tgen: u64,
     backoff: Duration,
     waiting: bool,
+    sess: Option<AgentSession>,
     flows: HashMap<u64, Flow>,
     by_id: HashMap<FlowId, u64>,
     next_serial: u64,
+    last_ping: Instant,
+    fatal: Option<String>,
 }
 
 const RECV_BUF: usize = 256 * 1024;
@@ -144,10 +199,15 @@ fn run(args: Args) -> Result<()> {
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve --connect {}", args.connect))?
         .collect();
+    if args.heartbeat == 0 {
+        bail!("--heartbeat must be at least 1 second");
+    }
+    let overrides: HashMap<String, Compression> =
+        args.resource_compression.iter().cloned().collect();
     let mut exports = Vec::new();
     for spec in &args.export {
         if exports.iter().any(|e: &Export| e.spec.name == spec.name) {
-            anyhow::bail!("--export {} given twice", spec.name);
+            bail!("--export {} given twice", spec.name);
         }
         let addr = resolve(spec);
         if addr.is_none() {
@@ -156,30 +216,64 @@ fn run(args: Args) -> Result<()> {
         exports.push(Export {
             spec: spec.clone(),
             addr,
+            compression: overrides.get(&spec.name).copied(),
         });
     }
+    let identity = Identity::load_or_create(&args.state_dir, "agent", &args.name)
+        .context("cannot load or create this agent's identity (--state-dir)")?;
+    let pin_path = args.state_dir.join("host.pin");
+    let pin = match std::fs::read_to_string(&pin_path) {
+        Ok(s) => Some(s.trim().parse::<Fingerprint>().with_context(|| {
+            format!("{} is damaged; pair again with --pair", pin_path.display())
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", pin_path.display())),
+    };
+    if pin.is_none() && args.pair.is_none() {
+        bail!(
+            "this agent is not paired with a host yet: run it once with --pair CODE (get a code on the host with `netredirctl pair`)"
+        );
+    }
+    tracing::info!(key = %identity.fingerprint(), "agent identity");
     let reactor = Reactor::new(512).context("cannot set up io_uring")?;
     let mut a = Agent {
         args,
         server,
         exports,
+        identity,
+        pin,
+        pin_path,
         reactor,
         tunnel: None,
         zombies: Vec::new(),
         next_tgen: 1,
         backoff: Duration::from_millis(100),
         waiting: false,
+        sess: None,
         flows: HashMap::new(),
         by_id: HashMap::new(),
         next_serial: 1,
+        last_ping: Instant::now(),
+        fatal: None,
     };
     a.dial();
+    let tick = Duration::from_secs(a.args.heartbeat).min(Duration::from_secs(1));
+    a.reactor.timeout(tick, Tag::Tick);
     loop {
         a.reactor.wait(None).context("io_uring wait")?;
+        let now = Instant::now();
         while let Some(c) = a.reactor.next_completion() {
-            a.complete(c);
+            if matches!(c.tag, Tag::Tick) {
+                a.reactor.timeout(tick, Tag::Tick);
+                a.timers(now);
+                continue;
+            }
+            a.complete(c, now);
         }
-        a.pump();
+        if let Some(why) = a.fatal.take() {
+            bail!("{why}");
+        }
+        a.pump(now);
     }
 }
 
@@ -227,6 +321,16 @@ fn open_error(errno: i32) -> OpenError {
     }
 }
 
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom into a live 8-byte buffer.
+    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if r != 8 {
+        return u64::from(std::process::id());
+    }
+    u64::from_ne_bytes(b)
+}
+
 impl Agent {
     fn dial(&mut self) {
         let addr = self.server[0];
@@ -251,10 +355,11 @@ impl Agent {
             tgen,
             fd,
             ops: 1,
-            up: false,
-            decoder: Decoder::new(),
+            phase: Phase::Connecting,
+            link: None,
             out: Vec::new(),
             sending: false,
+            last_rx: Instant::now(),
         });
     }
 
@@ -282,13 +387,21 @@ impl Agent {
         matches!(&self.tunnel, Some(t) if t.tgen == tgen)
     }
 
-    /// The tunnel is gone: close every flow, dial again after a backoff.
-    fn tunnel_lost(&mut self, why: &str) {
+    /// The connection is gone: flows stay (the session resumes on the next
+    /// one), and the agent dials again after a backoff.
+    fn tunnel_lost(&mut self, why: &str, now: Instant) {
         let Some(t) = self.tunnel.take() else {
             return;
         };
-        if t.up {
-            tracing::warn!("tunnel lost: {why}; closing all flows and reconnecting");
+        if t.phase == Phase::Up {
+            tracing::warn!(
+                "tunnel lost: {why}; reconnecting (flows kept for {}s)",
+                self.args.grace
+            );
+            if let Some(s) = self.sess.as_mut() {
+                s.session.connection_lost();
+                s.lost_at = Some(now);
+            }
         } else {
             tracing::info!(
                 "cannot reach netredird at {}: {why}; retrying in {:?}",
@@ -301,21 +414,62 @@ impl Agent {
         if t.ops > 0 {
             self.zombies.push(t);
         }
+        self.schedule_retry();
+    }
+
+    /// The session is over: every flow closes.
+    fn end_session(&mut self, why: &str) {
+        if self.sess.take().is_some() {
+            tracing::warn!("session ended: {why}; closing all flows");
+        }
         let serials: Vec<u64> = self.flows.keys().copied().collect();
         for s in serials {
             self.kill_flow(s, true);
         }
-        self.schedule_retry();
     }
 
     fn send_msg(&mut self, m: Msg) {
-        if let Some(t) = self.tunnel.as_mut().filter(|t| t.up) {
-            m.emit(&mut t.out);
+        if let Some(s) = self.sess.as_mut() {
+            s.session.send(m, Instant::now());
         }
     }
 
-    fn complete(&mut self, c: Completion<Tag>) {
+    fn timers(&mut self, now: Instant) {
+        let hb = Duration::from_secs(self.args.heartbeat);
+        if let Some(t) = self.tunnel.as_ref()
+            && t.phase == Phase::Up
+        {
+            if now.saturating_duration_since(t.last_rx) > hb * 3 {
+                self.tunnel_lost("netredird silent for three heartbeats", now);
+            } else if now.saturating_duration_since(self.last_ping) >= hb {
+                self.last_ping = now;
+                if let Some(s) = self.sess.as_mut() {
+                    s.session.send_control(Msg::Ping {
+                        nonce: random_u64(),
+                    });
+                }
+            }
+        }
+        if let Some(t) = self.tunnel.as_ref()
+            && t.phase != Phase::Up
+            && now.saturating_duration_since(t.last_rx) > Duration::from_secs(10)
+        {
+            self.tunnel_lost("no answer within 10 s", now);
+        }
+        if let Some(s) = &self.sess
+            && let Some(t) = s.lost_at
+            && now.saturating_duration_since(t) >= Duration::from_secs(self.args.grace)
+        {
+            self.end_session("the tunnel did not come back within the grace period");
+        }
+        if let Some(s) = self.sess.as_mut() {
+            s.session.sweep_idle(now);
+        }
+    }
+
+    fn complete(&mut self, c: Completion<Tag>, now: Instant) {
         match c.tag {
+            Tag::Tick => {}
             Tag::Backoff => {
                 self.waiting = false;
                 if self.tunnel.is_none() {
@@ -332,63 +486,27 @@ impl Agent {
                     } else {
                         e.to_string()
                     };
-                    self.tunnel_lost(&why);
-                    return;
+                    return self.tunnel_lost(&why, now);
                 }
-                self.backoff = Duration::from_millis(100);
-                let t = self.tunnel.as_mut().expect("live");
-                t.up = true;
-                t.ops += 1;
-                let fd = t.fd.as_raw_fd();
-                self.reactor
-                    .recv(fd, Vec::with_capacity(RECV_BUF), Tag::TunRecv(tgen));
-                tracing::info!(server = %self.server[0], "connected to netredird");
-                self.send_msg(Msg::Hello {
-                    version: VERSION,
-                    name: self.args.name.clone(),
-                });
-                for (i, e) in self.exports.iter().enumerate() {
-                    let m = Msg::Export {
-                        id: i as u32,
-                        name: e.spec.name.clone(),
-                        target: e.spec.to_string(),
-                        ports: vec![(e.spec.port, Proto::Tcp)],
-                    };
-                    if let Some(t) = self.tunnel.as_mut() {
-                        m.emit(&mut t.out);
-                    }
-                }
+                self.connected(tgen, now);
             }
             Tag::TunRecv(tgen) => {
                 if !self.tun_op_done(tgen) {
                     return;
                 }
                 match c.result {
-                    0 => return self.tunnel_lost("netredird closed the connection"),
+                    0 => return self.tunnel_lost("netredird closed the connection", now),
                     r if r < 0 => {
                         let e = c.io_result().unwrap_err().to_string();
-                        return self.tunnel_lost(&e);
+                        return self.tunnel_lost(&e, now);
                     }
                     _ => {}
                 }
                 let mut buf = c.buf.unwrap_or_default();
-                let t = self.tunnel.as_mut().expect("live");
-                t.decoder.feed(&buf);
-                let mut msgs = Vec::new();
-                let err = loop {
-                    match t.decoder.next_msg() {
-                        Ok(Some(m)) => msgs.push(m),
-                        Ok(None) => break None,
-                        Err(e) => break Some(e),
-                    }
-                };
-                for m in msgs {
-                    self.on_msg(m);
-                }
-                if let Some(e) = err {
-                    return self.tunnel_lost(&format!("protocol error: {e}"));
-                }
-                if let Some(t) = self.tunnel.as_mut() {
+                self.on_tunnel_bytes(&buf, now);
+                if let Some(t) = self.tunnel.as_mut()
+                    && t.tgen == tgen
+                {
                     buf.clear();
                     t.ops += 1;
                     let fd = t.fd.as_raw_fd();
@@ -410,7 +528,7 @@ impl Agent {
                         t.out = buf;
                     }
                     Ok(_) => {}
-                    Err(e) => self.tunnel_lost(&e.to_string()),
+                    Err(e) => self.tunnel_lost(&e.to_string(), now),
                 }
             }
             Tag::FlowConnect(s) => self.on_flow_connect(s, c),
@@ -419,15 +537,172 @@ impl Agent {
         }
     }
 
-    fn on_msg(&mut self, m: Msg) {
-        match m {
-            Msg::Hello { version, name } => {
-                if version != VERSION {
-                    tracing::warn!(version, "netredird speaks another protocol version");
-                } else {
-                    tracing::debug!(%name, "host hello");
+    /// TCP is up: start TLS and the preamble.
+    fn connected(&mut self, tgen: u64, now: Instant) {
+        let check = match (&self.args.pair, &self.pin) {
+            (Some(code), _) => HostCheck::Prefix(code.fp_prefix),
+            (None, Some(pin)) => HostCheck::Pinned(*pin),
+            (None, None) => unreachable!("checked at start"),
+        };
+        let tls = match Tls::client(&self.identity, check) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fatal = Some(format!("cannot set up TLS: {e}"));
+                return;
+            }
+        };
+        let mut link = Link::new(tls);
+        link.send_preamble(&Msg::Hello {
+            version: VERSION,
+            name: self.args.name.clone(),
+        });
+        if let Some(code) = &self.args.pair {
+            link.send_preamble(&Msg::Pair {
+                secret: code.secret.to_vec(),
+            });
+        }
+        let (session, received) = self
+            .sess
+            .as_ref()
+            .map_or((0, 0), |s| (s.id, s.session.received()));
+        link.send_preamble(&Msg::Resume { session, received });
+        let t = self.tunnel.as_mut().expect("live");
+        t.link = Some(link);
+        t.phase = Phase::Preamble;
+        t.last_rx = now;
+        t.ops += 1;
+        let fd = t.fd.as_raw_fd();
+        self.reactor
+            .recv(fd, Vec::with_capacity(RECV_BUF), Tag::TunRecv(tgen));
+        tracing::debug!(server = %self.server[0], "connected; TLS handshake");
+    }
+
+    fn on_tunnel_bytes(&mut self, bytes: &[u8], now: Instant) {
+        let t = self.tunnel.as_mut().expect("live");
+        t.last_rx = now;
+        let up = t.phase == Phase::Up;
+        let link = t.link.as_mut().expect("link after connect");
+        let handshaking = link.handshaking();
+        let session = if up {
+            self.sess.as_mut().map(|s| &mut s.session)
+        } else {
+            None
+        };
+        match link.receive(bytes, session) {
+            Ok(msgs) => {
+                for m in msgs {
+                    self.on_preamble(m, now);
                 }
             }
+            Err(LinkError::Tls(TlsError::HostMismatch)) => {
+                self.fatal = Some(
+                    "the host's certificate does not match the pinned one (or the pairing code): refusing to connect; if the host was reinstalled, pair again with --pair".into(),
+                );
+                return;
+            }
+            Err(e) if handshaking => {
+                return self.tunnel_lost(&format!("TLS handshake failed: {e}"), now);
+            }
+            Err(e) => return self.tunnel_lost(&format!("protocol error: {e}"), now),
+        }
+        if up {
+            self.drain_session(now);
+        }
+    }
+
+    fn on_preamble(&mut self, m: Msg, now: Instant) {
+        match m {
+            Msg::Refused { reason } => {
+                self.fatal = Some(format!("netredird refused this agent: {reason}"));
+            }
+            Msg::Welcome {
+                session,
+                received,
+                resumed,
+            } => {
+                let Some(t) = self.tunnel.as_mut() else {
+                    return;
+                };
+                let host = t.link.as_ref().and_then(Link::peer);
+                if self.args.pair.is_some()
+                    && let Some(fp) = host
+                {
+                    if let Err(e) = write_private(&self.pin_path, format!("{fp}\n").as_bytes()) {
+                        self.fatal = Some(format!(
+                            "paired, but cannot save {}: {e}",
+                            self.pin_path.display()
+                        ));
+                        return;
+                    }
+                    tracing::info!(host = %fp, "paired with the host; later runs need no --pair");
+                    self.pin = Some(fp);
+                    self.args.pair = None;
+                }
+                let mut ok = false;
+                if resumed
+                    && let Some(s) = self.sess.as_mut()
+                    && s.id == session
+                {
+                    s.session.connection_lost();
+                    match s.session.resume(received) {
+                        Ok(()) => {
+                            s.lost_at = None;
+                            ok = true;
+                            tracing::info!("tunnel back; session resumed, no flow lost");
+                        }
+                        Err(e) => tracing::warn!("cannot resume: {e}"),
+                    }
+                }
+                if !ok {
+                    if self.sess.is_some() {
+                        self.end_session("netredird started a new session");
+                    }
+                    let mut session_obj = Session::new(SessionConfig {
+                        compression: self.args.compression,
+                        ..Default::default()
+                    });
+                    for (i, e) in self.exports.iter().enumerate() {
+                        session_obj.send(
+                            Msg::Export {
+                                id: i as u32,
+                                name: e.spec.name.clone(),
+                                target: e.spec.to_string(),
+                                ports: vec![(e.spec.port, Proto::Tcp)],
+                            },
+                            now,
+                        );
+                    }
+                    self.sess = Some(AgentSession {
+                        id: session,
+                        session: session_obj,
+                        lost_at: None,
+                    });
+                    tracing::info!(server = %self.server[0], "connected to netredird; exports announced");
+                }
+                self.backoff = Duration::from_millis(100);
+                let t = self.tunnel.as_mut().expect("live");
+                let s = self.sess.as_mut().expect("set");
+                if let Err(e) = t.link.as_mut().expect("link").enter_records(&mut s.session) {
+                    return self.tunnel_lost(&format!("protocol error: {e}"), now);
+                }
+                t.phase = Phase::Up;
+                self.drain_session(now);
+            }
+            other => tracing::warn!("unexpected {other:?} in the preamble"),
+        }
+    }
+
+    fn drain_session(&mut self, now: Instant) {
+        while let Some(m) = self.sess.as_mut().and_then(|s| s.session.poll_msg()) {
+            self.on_msg(m, now);
+        }
+        if let Some(s) = self.sess.as_mut() {
+            s.session.maybe_ack(false);
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg, _now: Instant) {
+        match m {
             Msg::Open {
                 flow,
                 resource,
@@ -462,6 +737,12 @@ impl Agent {
                     self.kill_flow(s, true);
                 }
             }
+            Msg::Ping { nonce } => {
+                if let Some(s) = self.sess.as_mut() {
+                    s.session.send_control(Msg::Pong { nonce });
+                }
+            }
+            Msg::Pong { .. } => {}
             other => tracing::warn!("unexpected message from netredird: {other:?}"),
         }
     }
@@ -511,6 +792,10 @@ impl Agent {
             }
         };
         setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        let mode = e.compression;
+        if let (Some(mode), Some(s)) = (mode, self.sess.as_mut()) {
+            s.session.set_flow_compression(flow, mode);
+        }
         let serial = self.next_serial;
         self.next_serial += 1;
         self.reactor.connect(
@@ -551,6 +836,9 @@ impl Agent {
         };
         if self.by_id.get(&f.id) == Some(&serial) {
             self.by_id.remove(&f.id);
+            if let Some(s) = self.sess.as_mut() {
+                s.session.forget_flow(f.id);
+            }
         }
         if !f.dead {
             f.dead = true;
@@ -688,7 +976,8 @@ impl Agent {
     }
 
     /// Starts whatever operations the flows and the tunnel can do now.
-    fn pump(&mut self) {
+    fn pump(&mut self, _now: Instant) {
+        let can_read = self.sess.as_ref().is_some_and(|s| s.session.can_send());
         let serials: Vec<u64> = self.flows.keys().copied().collect();
         let mut grants = Vec::new();
         let mut done = Vec::new();
@@ -698,7 +987,7 @@ impl Agent {
                 continue;
             }
             let fd = f.fd.as_raw_fd();
-            if f.recv_op.is_none() && !f.eof && f.credit > 0 {
+            if can_read && f.recv_op.is_none() && !f.eof && f.credit > 0 {
                 let want = (f.credit as usize).min(RECV_BUF);
                 f.ops += 1;
                 f.recv_op = Some(
@@ -729,16 +1018,29 @@ impl Agent {
         for s in done {
             self.maybe_done(s);
         }
-        if let Some(t) = self.tunnel.as_mut().filter(|t| t.up)
-            && !t.sending
-            && !t.out.is_empty()
+        if let Some(s) = self.sess.as_mut() {
+            s.session.flush();
+        }
+        let up = self.tunnel.as_ref().is_some_and(|t| t.phase == Phase::Up);
+        if let Some(t) = self.tunnel.as_mut()
+            && t.phase != Phase::Connecting
         {
-            let out = std::mem::take(&mut t.out);
-            t.sending = true;
-            t.ops += 1;
-            let fd = t.fd.as_raw_fd();
-            let tgen = t.tgen;
-            self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
+            let session = if up {
+                self.sess.as_mut().map(|s| &mut s.session)
+            } else {
+                None
+            };
+            let mut out = std::mem::take(&mut t.out);
+            t.link.as_mut().expect("link").flush(session, &mut out);
+            t.out = out;
+            if !t.sending && !t.out.is_empty() {
+                let out = std::mem::take(&mut t.out);
+                t.sending = true;
+                t.ops += 1;
+                let fd = t.fd.as_raw_fd();
+                let tgen = t.tgen;
+                self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
+            }
         }
     }
 }

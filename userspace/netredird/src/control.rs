@@ -110,6 +110,8 @@ fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Ste
     let sent = match req {
         Request::MapList => dp.send(DpRequest::MapList(tx.clone())),
         Request::Status => dp.send(DpRequest::Status(tx.clone())),
+        Request::Stats => dp.send(DpRequest::Stats(tx.clone())),
+        Request::Pair { vm } => dp.send(DpRequest::Pair(vm, tx.clone())),
     };
     if sent.is_err() {
         return Response::Error {

@@ -1,24 +1,33 @@
 //! The data path thread: one io_uring loop for the AF_XDP socket, the
-//! tunnel and the VM's engine.
+//! tunnel connections and the VM's engine.
 //!
-//! Each turn: wait for completions (or the engine's next timer), feed what
-//! arrived to the engine (frames from the AF_XDP socket, messages from the
-//! tunnel, requests from the control thread), then pump what the engine
-//! produced: events become tunnel messages in one outgoing buffer with at
-//! most one send in flight, frames go out of the AF_XDP socket.
+//! Each turn: wait for completions (or the next timer), feed what arrived
+//! to the engine (frames from the AF_XDP socket), to the links (ciphertext
+//! from agents) and to the session (records), answer control requests,
+//! then pump: engine events become session messages (while the replay
+//! buffer has room), session output goes through TLS to the socket with
+//! at most one send in flight per connection, engine frames go out of the
+//! AF_XDP socket.
 //!
-//! One agent at a time: a new connection replaces the old one (its flows
-//! are reset). Operations still in flight on a replaced connection keep it
-//! alive as a zombie until they complete.
+//! Connections: any number may be in their TLS handshake or preamble (a
+//! garbage client cannot block the real agent); one carries the session.
+//! A paired agent that reconnects resumes the session: no byte of any flow
+//! is lost. A session without a connection for `grace` is dropped: every
+//! flow is reset and the resources go offline. A connection that hears
+//! nothing for three heartbeats is dropped (and may be resumed).
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
 use netredir_datapath::xsk::Xsk;
-use netredir_shared::control::{MapEntry, Response, Status};
+use netredir_shared::control::{FlowReport, MapEntry, Response, SessionReport, Stats, Status};
+use netredir_shared::link::{Link, LinkError};
+use netredir_shared::pairing::{CODE_LIFETIME, PairStore};
+use netredir_shared::session::{Compression, Session, SessionConfig};
 use netredir_shared::subnet::Ipv4Subnet;
+use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
-use netredir_shared::wire::{Decoder, Msg, Proto, VERSION};
+use netredir_shared::wire::{Msg, Proto, VERSION};
 use netredir_uring::{Completion, Reactor, Waker};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
@@ -32,6 +41,10 @@ pub enum Request {
     MapList(Sender<Response>),
     /// Answer with `Response::Status`.
     Status(Sender<Response>),
+    /// Answer with `Response::Stats`.
+    Stats(Sender<Response>),
+    /// Answer with `Response::Pair` (or an error).
+    Pair(Option<String>, Sender<Response>),
     /// Stop the loop.
     Shutdown,
 }
@@ -40,12 +53,28 @@ pub enum Request {
 pub struct Config {
     /// Interface name, for status.
     pub iface: String,
+    /// The VM session this daemon serves (pairings are bound to it).
+    pub vm: String,
     /// The virtual subnet.
     pub subnet: Ipv4Subnet,
     /// MAC the engine answers from.
     pub mac: [u8; 6],
     /// Where agents connect.
     pub listener: TcpListener,
+    /// The host's key and certificate.
+    pub identity: Identity,
+    /// Paired agents.
+    pub pairs: PairStore,
+    /// Default compression toward the agent.
+    pub compression: Compression,
+    /// Per-resource compression overrides.
+    pub resource_compression: HashMap<String, Compression>,
+    /// How long a session survives without a connection.
+    pub grace: Duration,
+    /// Interval of heartbeats; three missed ones drop the connection.
+    pub heartbeat: Duration,
+    /// Replay buffer limit per session.
+    pub replay_limit: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,16 +87,38 @@ enum Tag {
 }
 
 const RECV_BUF: usize = 256 * 1024;
+/// A connection must finish TLS and its preamble within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Tunnel {
-    tgen: u64,
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Preamble,
+    Up,
+    Closing,
+}
+
+struct Conn {
+    cgen: u64,
     fd: OwnedFd,
     ops: u32,
-    decoder: Decoder,
+    link: Link,
     out: Vec<u8>,
     sending: bool,
+    since: Instant,
+    last_rx: Instant,
+    phase: Phase,
     hello: Option<String>,
-    dead: bool,
+    paired_now: bool,
+}
+
+struct HostSession {
+    id: u64,
+    session: Session,
+    agent_fp: Fingerprint,
+    agent: String,
+    /// When the last connection was lost (None while connected).
+    lost_at: Option<Instant>,
+    reconnects: u64,
 }
 
 struct Resource {
@@ -83,37 +134,37 @@ struct Loop {
     reactor: Reactor<Tag>,
     xsk: Xsk,
     engine: Engine,
-    tunnel: Option<Tunnel>,
-    zombies: Vec<Tunnel>,
-    next_tgen: u64,
-    /// Resource name → its row; the vIP stays with the name.
+    conns: Vec<Conn>,
+    next_cgen: u64,
+    active: Option<u64>,
+    hs: Option<HostSession>,
     resources: Vec<Resource>,
-    /// Agent resource id → index in `resources`, for the current agent.
     by_id: HashMap<u32, usize>,
-    spare: Vec<u8>,
     pending_frames: Vec<Vec<u8>>,
     counters: HashMap<&'static str, u64>,
+    last_ping: Instant,
 }
 
 /// Runs the loop until `Request::Shutdown` or a fatal error.
 pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> {
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
     let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
-    ecfg.seed = random_seed();
+    ecfg.seed = random_u64();
     let engine = Engine::new(ecfg, Instant::now());
     let mut l = Loop {
         cfg,
         reactor,
         xsk,
         engine,
-        tunnel: None,
-        zombies: Vec::new(),
-        next_tgen: 1,
+        conns: Vec::new(),
+        next_cgen: 1,
+        active: None,
+        hs: None,
         resources: Vec::new(),
         by_id: HashMap::new(),
-        spare: Vec::new(),
         pending_frames: Vec::new(),
         counters: HashMap::new(),
+        last_ping: Instant::now(),
     };
     let listen_fd = l.cfg.listener.as_raw_fd();
     l.reactor.poll_in(l.xsk.fd(), Tag::Xsk);
@@ -121,16 +172,14 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
     l.reactor.read(waker.fd(), Vec::with_capacity(8), Tag::Wake);
     loop {
         let now = Instant::now();
-        let delay = l
+        let mut delay = l
             .engine
             .poll_delay(now)
             .unwrap_or(Duration::from_secs(1))
             .min(Duration::from_secs(1));
-        let delay = if l.pending_frames.is_empty() && !l.xsk.tx_pending() {
-            delay
-        } else {
-            delay.min(Duration::from_millis(1))
-        };
+        if !l.pending_frames.is_empty() || l.xsk.tx_pending() {
+            delay = delay.min(Duration::from_millis(1));
+        }
         l.reactor.wait(Some(delay)).context("io_uring wait")?;
         let now = Instant::now();
         while let Some(c) = l.reactor.next_completion() {
@@ -147,27 +196,34 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
                 Request::Status(reply) => {
                     let _ = reply.send(Response::Status(l.status()));
                 }
+                Request::Stats(reply) => {
+                    let _ = reply.send(Response::Stats(l.stats()));
+                }
+                Request::Pair(vm, reply) => {
+                    let _ = reply.send(l.pair(vm, now));
+                }
                 Request::Shutdown => stop = true,
             }
         }
         if stop {
-            if let Some(t) = l.tunnel.take() {
+            for c in &mut l.conns {
                 // SAFETY: shutdown(2) on a socket we own.
-                unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
             return Ok(());
         }
+        l.timers(now);
         l.engine.poll(now);
-        l.pump();
+        l.pump(now);
     }
 }
 
-fn random_seed() -> u64 {
+fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom into a live 8-byte buffer.
     let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
     if r != 8 {
-        return Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+        return Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
     }
     u64::from_ne_bytes(b)
 }
@@ -186,9 +242,36 @@ fn set_nodelay(fd: RawFd) {
     };
 }
 
+fn to_msg(ev: Event) -> Option<Msg> {
+    Some(match ev {
+        Event::Open {
+            flow,
+            resource,
+            port,
+        } => Msg::Open {
+            flow,
+            resource,
+            port,
+        },
+        Event::Data { flow, bytes } => Msg::Data { flow, bytes },
+        Event::Window { flow, credit } => Msg::Window { flow, credit },
+        Event::Fin { flow } => Msg::Fin { flow },
+        Event::Reset { flow } => Msg::Reset { flow },
+        Event::Closed { .. } => return None,
+    })
+}
+
 impl Loop {
     fn bump(&mut self, k: &'static str) {
         *self.counters.entry(k).or_default() += 1;
+    }
+
+    fn add(&mut self, k: &'static str, n: u64) {
+        *self.counters.entry(k).or_default() += n;
+    }
+
+    fn conn(&mut self, cgen: u64) -> Option<&mut Conn> {
+        self.conns.iter_mut().find(|c| c.cgen == cgen)
     }
 
     fn complete(&mut self, c: Completion<Tag>, now: Instant, listen_fd: RawFd, wake_fd: RawFd) {
@@ -209,207 +292,424 @@ impl Loop {
                     Ok(fd) => {
                         // SAFETY: accept returned a new fd that we now own.
                         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-                        self.new_tunnel(fd, now);
+                        self.new_conn(fd, now);
                     }
                     Err(e) => tracing::warn!("accept on tunnel listener: {e}"),
                 }
             }
-            Tag::Recv(tgen) => self.on_recv(tgen, c, now),
-            Tag::Send(tgen) => self.on_send(tgen, c),
+            Tag::Recv(cgen) => self.on_recv(cgen, c, now),
+            Tag::Send(cgen) => self.on_send(cgen, c),
         }
     }
 
-    fn new_tunnel(&mut self, fd: OwnedFd, now: Instant) {
-        if let Some(old) = self.tunnel.take() {
-            tracing::warn!("a new agent connected; dropping the previous one");
-            self.retire(old, now);
-        }
+    fn new_conn(&mut self, fd: OwnedFd, now: Instant) {
+        let tls = match Tls::server(&self.cfg.identity) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("cannot set up TLS: {e}");
+                return;
+            }
+        };
         set_nodelay(fd.as_raw_fd());
-        let tgen = self.next_tgen;
-        self.next_tgen += 1;
-        let mut t = Tunnel {
-            tgen,
+        let cgen = self.next_cgen;
+        self.next_cgen += 1;
+        self.reactor.recv(
+            fd.as_raw_fd(),
+            Vec::with_capacity(RECV_BUF),
+            Tag::Recv(cgen),
+        );
+        self.conns.push(Conn {
+            cgen,
             fd,
             ops: 1,
-            decoder: Decoder::new(),
+            link: Link::new(tls),
             out: Vec::new(),
             sending: false,
+            since: now,
+            last_rx: now,
+            phase: Phase::Preamble,
             hello: None,
-            dead: false,
-        };
-        Msg::Hello {
-            version: VERSION,
-            name: format!("netredird {}", self.cfg.iface),
-        }
-        .emit(&mut t.out);
-        self.reactor.recv(
-            t.fd.as_raw_fd(),
-            Vec::with_capacity(RECV_BUF),
-            Tag::Recv(tgen),
-        );
-        self.tunnel = Some(t);
-        self.bump("tunnel_accepts");
+            paired_now: false,
+        });
+        self.bump("tunnel_connections");
     }
 
-    /// Takes the tunnel out of service: the engine goes offline (every flow
-    /// reset), resources go offline, the socket is shut down.
-    fn retire(&mut self, mut t: Tunnel, now: Instant) {
-        t.dead = true;
+    /// Stops using a connection: shut down now, freed when its operations
+    /// have completed. If it carried the session, the session waits for a
+    /// resume (up to `grace`).
+    fn drop_conn(&mut self, cgen: u64, now: Instant) {
+        let Some(c) = self.conn(cgen) else { return };
+        if c.phase == Phase::Closing {
+            return;
+        }
+        c.phase = Phase::Closing;
         // SAFETY: shutdown(2) on our socket; pending ops complete.
-        unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if self.active == Some(cgen) {
+            self.active = None;
+            self.engine.set_accepting(false);
+            for r in &mut self.resources {
+                r.online = false;
+            }
+            if let Some(hs) = &mut self.hs {
+                hs.session.connection_lost();
+                hs.lost_at = Some(now);
+                tracing::info!(
+                    grace = ?self.cfg.grace,
+                    "tunnel connection lost; flows are kept while the agent resumes"
+                );
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        self.conns
+            .retain(|c| !(c.phase == Phase::Closing && c.ops == 0));
+    }
+
+    /// Refuses a connection in its preamble: the agent learns why, the
+    /// operator reads it in the log, the counter moves.
+    fn refuse(&mut self, cgen: u64, counter: &'static str, why: &str, now: Instant) {
+        tracing::warn!("refused tunnel connection: {why}");
+        self.bump(counter);
+        self.bump("tunnel_refused");
+        if let Some(c) = self.conn(cgen) {
+            c.link.send_preamble(&Msg::Refused {
+                reason: why.to_string(),
+            });
+            c.link.close();
+            let mut out = std::mem::take(&mut c.out);
+            c.link.flush(None, &mut out);
+            c.out = out;
+            // Let the refusal go out before the socket shuts.
+            let fd = c.fd.as_raw_fd();
+            if !c.sending && !c.out.is_empty() {
+                let b = std::mem::take(&mut c.out);
+                c.ops += 1;
+                c.sending = true;
+                self.reactor.send(fd, b, 0, Tag::Send(cgen));
+            }
+            if let Some(c) = self.conn(cgen) {
+                c.phase = Phase::Closing;
+                // SAFETY: shutdown(2) of the read side only.
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+            }
+        }
+        let _ = now;
+    }
+
+    fn on_recv(&mut self, cgen: u64, c: Completion<Tag>, now: Instant) {
+        let io = c.io_result();
+        let Some(conn) = self.conn(cgen) else { return };
+        conn.ops -= 1;
+        if conn.phase == Phase::Closing {
+            self.reap();
+            return;
+        }
+        let mut buf = c.buf.unwrap_or_default();
+        let n = match io {
+            Ok(0) => {
+                tracing::debug!(cgen, "tunnel connection closed by peer");
+                return self.drop_conn(cgen, now);
+            }
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(cgen, "tunnel recv: {e}");
+                return self.drop_conn(cgen, now);
+            }
+        };
+        self.add("tunnel_bytes_in", n as u64);
+        let active = self.active == Some(cgen);
+        let conn = self
+            .conns
+            .iter_mut()
+            .find(|c| c.cgen == cgen)
+            .expect("live");
+        conn.last_rx = now;
+        let was_handshaking = conn.link.handshaking();
+        let session = if active {
+            self.hs.as_mut().map(|h| &mut h.session)
+        } else {
+            None
+        };
+        let res = conn.link.receive(&buf, session);
+        match res {
+            Ok(msgs) => {
+                for m in msgs {
+                    self.on_preamble(cgen, m, now);
+                }
+            }
+            Err(LinkError::Tls(e)) if was_handshaking => {
+                let counter = match e {
+                    TlsError::NotTls => "tunnel_refused_not_tls",
+                    _ => "tunnel_refused_tls",
+                };
+                tracing::warn!("refused tunnel connection: TLS handshake failed: {e}");
+                self.bump(counter);
+                self.bump("tunnel_refused");
+                return self.drop_conn(cgen, now);
+            }
+            Err(e) => {
+                tracing::warn!("tunnel protocol error: {e}; dropping the connection");
+                self.bump("tunnel_protocol_errors");
+                return self.drop_conn(cgen, now);
+            }
+        }
+        if active {
+            self.drain_session(now);
+        }
+        if let Some(conn) = self.conn(cgen)
+            && conn.phase != Phase::Closing
+        {
+            buf.clear();
+            conn.ops += 1;
+            let fd = conn.fd.as_raw_fd();
+            self.reactor.recv(fd, buf, Tag::Recv(cgen));
+        }
+    }
+
+    fn on_send(&mut self, cgen: u64, c: Completion<Tag>) {
+        let io = c.io_result();
+        let Some(conn) = self.conn(cgen) else { return };
+        conn.ops -= 1;
+        conn.sending = false;
+        let mut buf = c.buf.unwrap_or_default();
+        match io {
+            Ok(n) => {
+                self.add("tunnel_bytes_out", n as u64);
+                let conn = self.conn(cgen).expect("live");
+                if n < buf.len() {
+                    buf.drain(..n);
+                    buf.extend_from_slice(&conn.out);
+                    conn.out = buf;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(cgen, "tunnel send: {e}");
+                let now = Instant::now();
+                self.drop_conn(cgen, now);
+            }
+        }
+        self.reap();
+    }
+
+    /// A preamble message on connection `cgen`.
+    fn on_preamble(&mut self, cgen: u64, m: Msg, now: Instant) {
+        let vm = self.cfg.vm.clone();
+        let Some(conn) = self.conn(cgen) else { return };
+        if conn.phase != Phase::Preamble {
+            return;
+        }
+        let Some(fp) = conn.link.peer() else { return };
+        match m {
+            Msg::Hello { version, name } => {
+                if version != VERSION {
+                    let why =
+                        format!("protocol version {version} (this netredird speaks {VERSION})");
+                    return self.refuse(cgen, "tunnel_refused_version", &why, now);
+                }
+                conn.hello = Some(name);
+            }
+            Msg::Pair { secret } => {
+                let name = conn.hello.clone().unwrap_or_default();
+                match self.cfg.pairs.redeem(&secret, &fp, &name, &vm, now) {
+                    Ok(true) => {
+                        tracing::info!(agent = %name, key = %fp, %vm, "agent paired");
+                        self.bump("pairings");
+                        if let Some(c) = self.conn(cgen) {
+                            c.paired_now = true;
+                        }
+                    }
+                    Ok(false) => {
+                        let why = "the pairing code is wrong, used or expired: get a new one with `netredirctl pair`";
+                        self.refuse(cgen, "tunnel_refused_bad_code", why, now)
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot save the pairing: {e}");
+                        self.refuse(
+                            cgen,
+                            "tunnel_refused_bad_code",
+                            "the host could not save the pairing",
+                            now,
+                        )
+                    }
+                }
+            }
+            Msg::Resume { session, received } => {
+                let Some(name) = conn.hello.clone() else {
+                    return self.refuse(
+                        cgen,
+                        "tunnel_refused_protocol",
+                        "Resume before Hello",
+                        now,
+                    );
+                };
+                if !conn.paired_now && !self.cfg.pairs.allows(&fp, &vm) {
+                    let why = format!(
+                        "this agent (key {}) is not paired with VM {vm}: run netredir-agent once with --pair CODE (from `netredirctl pair` on the host)",
+                        &fp.to_hex()[..16]
+                    );
+                    return self.refuse(cgen, "tunnel_refused_unpaired", &why, now);
+                }
+                self.start_session(cgen, fp, name, session, received, now);
+            }
+            other => {
+                let why = format!("unexpected {other:?} in the preamble");
+                self.refuse(cgen, "tunnel_refused_protocol", &why, now);
+            }
+        }
+    }
+
+    fn start_session(
+        &mut self,
+        cgen: u64,
+        fp: Fingerprint,
+        name: String,
+        want: u64,
+        received: u64,
+        now: Instant,
+    ) {
+        // One connection carries the session: a newer one replaces it.
+        if let Some(old) = self.active
+            && old != cgen
+        {
+            tracing::info!("a new connection from the agent replaces the current one");
+            self.drop_conn(old, now);
+        }
+        let resumable = self
+            .hs
+            .as_ref()
+            .is_some_and(|h| h.id == want && want != 0 && h.agent_fp == fp);
+        let mut resumed = false;
+        if resumable {
+            let hs = self.hs.as_mut().expect("checked");
+            hs.session.connection_lost();
+            match hs.session.resume(received) {
+                Ok(()) => {
+                    resumed = true;
+                    hs.lost_at = None;
+
+                    hs.reconnects += 1;
+                    hs.agent = name.clone();
+                    tracing::info!(agent = %name, session = format_args!("{:#x}", hs.id), "session resumed");
+                }
+                Err(e) => tracing::warn!("cannot resume the session: {e}; starting a new one"),
+            }
+        }
+        if resumed {
+            self.engine.set_accepting(true);
+            let live: Vec<usize> = self.by_id.values().copied().collect();
+            for i in live {
+                self.resources[i].online = true;
+            }
+        } else {
+            if self.hs.is_some() {
+                self.end_session(now, "replaced by a new session");
+            }
+            let id = random_u64() | 1;
+            self.hs = Some(HostSession {
+                id,
+                session: Session::new(SessionConfig {
+                    replay_limit: self.cfg.replay_limit,
+                    compression: self.cfg.compression,
+                    ..Default::default()
+                }),
+                agent_fp: fp,
+                agent: name.clone(),
+                lost_at: None,
+                reconnects: 0,
+            });
+            self.engine.set_online(true, now);
+            self.engine.set_accepting(true);
+            tracing::info!(agent = %name, session = format_args!("{id:#x}"), "agent connected, new session");
+        }
+        let hs = self.hs.as_mut().expect("set");
+        let welcome = Msg::Welcome {
+            session: hs.id,
+            received: hs.session.received(),
+            resumed,
+        };
+        let conn = self
+            .conns
+            .iter_mut()
+            .find(|c| c.cgen == cgen)
+            .expect("live");
+        conn.link.send_preamble(&welcome);
+        if let Err(e) = conn.link.enter_records(&mut hs.session) {
+            tracing::warn!("tunnel protocol error right after the preamble: {e}");
+            return self.drop_conn(cgen, now);
+        }
+        conn.phase = Phase::Up;
+        self.active = Some(cgen);
+        self.drain_session(now);
+    }
+
+    /// The session is over: every flow reset, resources offline.
+    fn end_session(&mut self, now: Instant, why: &str) {
+        if let Some(hs) = self.hs.take() {
+            tracing::info!(
+                session = format_args!("{:#x}", hs.id),
+                "session ended: {why}; flows reset, resources offline"
+            );
+        }
         self.engine.set_online(false, now);
         self.engine.clear_resources();
         for r in &mut self.resources {
             r.online = false;
         }
         self.by_id.clear();
-        // Events for dead flows are of no use to anyone now.
         while self.engine.poll_event().is_some() {}
-        if t.ops > 0 {
-            self.zombies.push(t);
-        }
     }
 
-    fn tunnel_for(&mut self, tgen: u64) -> Option<&mut Tunnel> {
-        match &mut self.tunnel {
-            Some(t) if t.tgen == tgen => Some(t),
-            _ => self.zombies.iter_mut().find(|t| t.tgen == tgen),
-        }
-    }
-
-    fn op_done(&mut self, tgen: u64) {
-        if let Some(t) = self.tunnel_for(tgen) {
-            t.ops -= 1;
-        }
-        self.zombies.retain(|t| t.ops > 0);
-    }
-
-    fn on_recv(&mut self, tgen: u64, c: Completion<Tag>, now: Instant) {
-        self.op_done(tgen);
-        let live = matches!(&self.tunnel, Some(t) if t.tgen == tgen);
-        if !live {
-            return;
-        }
-        let io = c.io_result();
-        let mut buf = c.buf.unwrap_or_default();
-        let reason = match c.result {
-            0 => Some("agent closed the tunnel".to_string()),
-            r if r < 0 => Some(format!("tunnel: {}", io.unwrap_err())),
-            _ => None,
-        };
-        if let Some(reason) = reason {
-            tracing::info!("{reason}; resources offline, flows reset");
-            let t = self.tunnel.take().expect("live");
-            self.retire(t, now);
-            return;
-        }
-        let t = self.tunnel.as_mut().expect("live");
-        t.decoder.feed(&buf);
-        let mut msgs = Vec::new();
-        let mut err = None;
-        loop {
-            match t.decoder.next_msg() {
-                Ok(Some(m)) => msgs.push(m),
-                Ok(None) => break,
-                Err(e) => {
-                    err = Some(e);
-                    break;
+    /// Applies the session's messages from the agent.
+    fn drain_session(&mut self, now: Instant) {
+        while let Some(m) = self.hs.as_mut().and_then(|h| h.session.poll_msg()) {
+            let res = match m {
+                Msg::Export {
+                    id,
+                    name,
+                    target,
+                    ports,
+                } => {
+                    self.export(id, name, target, ports);
+                    Ok(())
                 }
-            }
-        }
-        for m in msgs {
-            if let Err(why) = self.on_msg(m, now) {
-                err.get_or_insert(netredir_shared::wire::WireError::BadField(0, why));
-                break;
-            }
-        }
-        if let Some(e) = err {
-            tracing::warn!("tunnel protocol error: {e}; dropping the agent");
-            self.bump("tunnel_protocol_errors");
-            let t = self.tunnel.take().expect("live");
-            self.retire(t, now);
-            return;
-        }
-        buf.clear();
-        let t = self.tunnel.as_mut().expect("live");
-        t.ops += 1;
-        let fd = t.fd.as_raw_fd();
-        self.reactor.recv(fd, buf, Tag::Recv(tgen));
-    }
-
-    fn on_send(&mut self, tgen: u64, c: Completion<Tag>) {
-        self.op_done(tgen);
-        let Some(t) = self.tunnel.as_mut().filter(|t| t.tgen == tgen) else {
-            return;
-        };
-        let io = c.io_result();
-        let mut buf = c.buf.unwrap_or_default();
-        match io {
-            Ok(n) if n < buf.len() => {
-                // Partial send: put the rest back in front of what queued since.
-                buf.drain(..n);
-                buf.extend_from_slice(&t.out);
-                t.out = buf;
-                t.sending = false;
-            }
-            Ok(_) => {
-                t.sending = false;
-                buf.clear();
-                self.spare = buf;
-            }
-            Err(e) => {
-                tracing::info!("tunnel send failed: {e}");
-                t.sending = false;
-                // The pending recv sees the same failure and retires it.
-                // SAFETY: shutdown(2) on our socket.
-                unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
-            }
-        }
-    }
-
-    /// Applies one message from the agent; `Err` drops the agent.
-    fn on_msg(&mut self, m: Msg, now: Instant) -> Result<(), &'static str> {
-        let t = self.tunnel.as_mut().expect("live");
-        if t.hello.is_none() {
-            let Msg::Hello { version, name } = m else {
-                return Err("first message is not Hello");
+                Msg::OpenOk { flow } => self.engine.open_ok(flow, now),
+                Msg::OpenErr { flow, reason } => {
+                    tracing::debug!(flow, ?reason, "agent refused open");
+                    self.bump("refused_opens");
+                    self.engine.open_err(flow, Refusal::Refused, now)
+                }
+                Msg::Data { flow, bytes } => self.engine.data(flow, &bytes, now),
+                Msg::Window { flow, credit } => self.engine.window(flow, credit, now),
+                Msg::Fin { flow } => self.engine.fin(flow, now),
+                Msg::Reset { flow } => self.engine.reset(flow, now),
+                Msg::Ping { nonce } => {
+                    if let Some(h) = self.hs.as_mut() {
+                        h.session.send_control(Msg::Pong { nonce });
+                    }
+                    Ok(())
+                }
+                Msg::Pong { .. } => Ok(()),
+                other => {
+                    tracing::warn!("unexpected {other:?} from the agent; dropping the connection");
+                    self.bump("tunnel_protocol_errors");
+                    if let Some(a) = self.active {
+                        self.drop_conn(a, now);
+                    }
+                    return;
+                }
             };
-            if version != VERSION {
-                tracing::warn!(version, "agent speaks another protocol version");
-                return Err("protocol version mismatch");
+            if let Err(e) = res {
+                // Races (a flow the guest just reset) are normal; count them.
+                tracing::debug!("{e}");
+                self.bump("flow_messages_ignored");
             }
-            tracing::info!(agent = %name, "agent connected");
-            t.hello = Some(name);
-            self.engine.set_online(true, now);
-            return Ok(());
         }
-        let res = match m {
-            Msg::Export {
-                id,
-                name,
-                target,
-                ports,
-            } => {
-                self.export(id, name, target, ports);
-                Ok(())
-            }
-            Msg::OpenOk { flow } => self.engine.open_ok(flow, now),
-            Msg::OpenErr { flow, reason } => {
-                tracing::debug!(flow, ?reason, "agent refused open");
-                self.engine.open_err(flow, Refusal::Refused, now)
-            }
-            Msg::Data { flow, bytes } => self.engine.data(flow, &bytes, now),
-            Msg::Window { flow, credit } => self.engine.window(flow, credit, now),
-            Msg::Fin { flow } => self.engine.fin(flow, now),
-            Msg::Reset { flow } => self.engine.reset(flow, now),
-            Msg::Hello { .. } | Msg::Open { .. } => return Err("unexpected message from agent"),
-        };
-        if let Err(e) = res {
-            // Races (a flow the guest just reset) are normal; count them.
-            tracing::debug!("{e}");
-            self.bump("flow_messages_ignored");
+        if let Some(h) = self.hs.as_mut() {
+            h.session.maybe_ack(false);
         }
-        Ok(())
     }
 
     fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
@@ -446,38 +746,107 @@ impl Loop {
         self.by_id.insert(id, idx);
     }
 
-    fn pump(&mut self) {
-        // Engine events → tunnel messages.
-        if let Some(t) = self.tunnel.as_mut().filter(|t| t.hello.is_some()) {
-            while let Some(ev) = self.engine.poll_event() {
-                let m = match ev {
-                    Event::Open {
-                        flow,
-                        resource,
-                        port,
-                    } => Msg::Open {
-                        flow,
-                        resource,
-                        port,
-                    },
-                    Event::Data { flow, bytes } => Msg::Data { flow, bytes },
-                    Event::Window { flow, credit } => Msg::Window { flow, credit },
-                    Event::Fin { flow } => Msg::Fin { flow },
-                    Event::Reset { flow } => Msg::Reset { flow },
+    fn timers(&mut self, now: Instant) {
+        // Handshakes that take too long (or never start) are dropped.
+        let slow: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|c| {
+                c.phase == Phase::Preamble
+                    && now.saturating_duration_since(c.since) > HANDSHAKE_TIMEOUT
+            })
+            .map(|c| c.cgen)
+            .collect();
+        for cgen in slow {
+            tracing::warn!("refused tunnel connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            self.bump("tunnel_refused");
+            self.drop_conn(cgen, now);
+        }
+        // Heartbeats, and a dead peer.
+        if let Some(a) = self.active {
+            let silent = self
+                .conn(a)
+                .map(|c| now.saturating_duration_since(c.last_rx))
+                .unwrap_or_default();
+            if silent > self.cfg.heartbeat * 3 {
+                tracing::warn!(
+                    ?silent,
+                    "agent silent for three heartbeats; dropping the connection"
+                );
+                self.bump("heartbeat_timeouts");
+                self.drop_conn(a, now);
+            } else if now.saturating_duration_since(self.last_ping) >= self.cfg.heartbeat {
+                self.last_ping = now;
+                if let Some(h) = self.hs.as_mut() {
+                    h.session.send_control(Msg::Ping {
+                        nonce: random_u64(),
+                    });
+                }
+            }
+        }
+        // A session nobody resumed within the grace period ends.
+        if let Some(h) = &self.hs
+            && let Some(t) = h.lost_at
+            && now.saturating_duration_since(t) >= self.cfg.grace
+        {
+            self.end_session(now, "the agent did not come back within the grace period");
+        }
+        if let Some(h) = self.hs.as_mut() {
+            h.session.sweep_idle(now);
+        }
+    }
+
+    fn pump(&mut self, now: Instant) {
+        // Engine events → session messages, while the replay buffer has room.
+        if let Some(h) = self.hs.as_mut() {
+            while h.session.can_send() {
+                let Some(ev) = self.engine.poll_event() else {
+                    break;
                 };
-                m.emit(&mut t.out);
+                match ev {
+                    Event::Closed { flow } => h.session.forget_flow(flow),
+                    Event::Open { resource, flow, .. } => {
+                        if let Some(r) = self.by_id.get(&resource).map(|i| &self.resources[*i])
+                            && let Some(c) = self.cfg.resource_compression.get(&r.name)
+                        {
+                            h.session.set_flow_compression(flow, *c);
+                        }
+                        h.session.send(to_msg(ev).expect("open"), now);
+                    }
+                    ev => {
+                        if let Some(m) = to_msg(ev) {
+                            h.session.send(m, now);
+                        }
+                    }
+                }
             }
-            if !t.sending && !t.out.is_empty() {
-                let mut next = std::mem::take(&mut self.spare);
-                std::mem::swap(&mut next, &mut t.out);
-                t.sending = true;
-                t.ops += 1;
-                let fd = t.fd.as_raw_fd();
-                let tgen = t.tgen;
-                self.reactor.send(fd, next, 0, Tag::Send(tgen));
-            }
+            // Nothing more to add: the record goes now.
+            h.session.flush();
         } else {
             while self.engine.poll_event().is_some() {}
+        }
+        // Session and preamble output → TLS → sockets.
+        let active = self.active;
+        for c in self.conns.iter_mut() {
+            if c.phase == Phase::Closing && c.out.is_empty() {
+                continue;
+            }
+            let session = if Some(c.cgen) == active {
+                self.hs.as_mut().map(|h| &mut h.session)
+            } else {
+                None
+            };
+            let mut out = std::mem::take(&mut c.out);
+            if c.phase != Phase::Closing {
+                c.link.flush(session, &mut out);
+            }
+            c.out = out;
+            if !c.sending && !c.out.is_empty() {
+                let b = std::mem::take(&mut c.out);
+                c.sending = true;
+                c.ops += 1;
+                self.reactor.send(c.fd.as_raw_fd(), b, 0, Tag::Send(c.cgen));
+            }
         }
         // Engine frames → the VM.
         while let Some(f) = self.engine.poll_frame() {
@@ -493,6 +862,25 @@ impl Loop {
         }
     }
 
+    fn pair(&mut self, vm: Option<String>, now: Instant) -> Response {
+        if let Some(v) = &vm
+            && *v != self.cfg.vm
+        {
+            return Response::Error {
+                message: format!("this netredird serves VM {:?}, not {v:?}", self.cfg.vm),
+            };
+        }
+        let host = self.cfg.identity.fingerprint();
+        let code = self.cfg.pairs.issue(&host, &self.cfg.vm, now);
+        tracing::info!(vm = %self.cfg.vm, "pairing code issued");
+        Response::Pair {
+            code: code.to_string(),
+            vm: self.cfg.vm.clone(),
+            host_fingerprint: host.to_hex(),
+            valid_for_secs: CODE_LIFETIME.as_secs(),
+        }
+    }
+
     fn map_entries(&self) -> Vec<MapEntry> {
         self.resources
             .iter()
@@ -504,6 +892,61 @@ impl Loop {
                 state: if r.online { "online" } else { "offline" }.into(),
             })
             .collect()
+    }
+
+    fn counter(&self, k: &str) -> u64 {
+        self.counters.get(k).copied().unwrap_or(0)
+    }
+
+    fn stats(&self) -> Stats {
+        let session = self.hs.as_ref().map(|h| {
+            let s = h.session.stats();
+            SessionReport {
+                id: format!("{:#x}", h.id),
+                agent: h.agent.clone(),
+                connected: self.active.is_some(),
+                reconnects: h.reconnects,
+                records_sent: s.records_sent,
+                records_received: s.records_received,
+                records_retransmitted: s.records_retransmitted,
+                data_bytes_out: s.data_bytes_out,
+                data_wire_bytes_out: s.data_wire_bytes_out,
+                data_bytes_in: s.data_bytes_in,
+                data_wire_bytes_in: s.data_wire_bytes_in,
+                tunnel_bytes_out: self.counter("tunnel_bytes_out"),
+                tunnel_bytes_in: self.counter("tunnel_bytes_in"),
+                replay_bytes: h.session.replay_bytes() as u64,
+                compression_contexts: h.session.contexts() as u64,
+            }
+        });
+        let mut flows: Vec<FlowReport> = self
+            .hs
+            .as_ref()
+            .map(|h| {
+                h.session
+                    .flow_stats()
+                    .iter()
+                    .map(|(f, s)| FlowReport {
+                        flow: *f,
+                        bytes_from_guest: s.bytes_out,
+                        bytes_to_guest: s.bytes_in,
+                        wire_out: s.wire_out,
+                        wire_in: s.wire_in,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        flows.sort_by_key(|f| f.flow);
+        let e = self.engine.counters();
+        Stats {
+            session,
+            flows,
+            refused_opens: e.refused_by_agent
+                + e.refused_no_resource
+                + e.refused_offline
+                + e.refused_limit,
+            refused_connections: self.counter("tunnel_refused"),
+        }
     }
 
     fn status(&self) -> Status {
@@ -522,11 +965,12 @@ impl Loop {
         own.sort();
         counters.extend(own);
         counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
+        let connected = self.active.is_some();
         Status {
             iface: self.cfg.iface.clone(),
             subnet: self.cfg.subnet.to_string(),
-            agent_connected: self.tunnel.as_ref().is_some_and(|t| t.hello.is_some()),
-            agent_name: self.tunnel.as_ref().and_then(|t| t.hello.clone()),
+            agent_connected: connected,
+            agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
             flows: self.engine.flow_count() as u64,
             counters,
         }

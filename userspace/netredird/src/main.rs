@@ -19,7 +19,10 @@ use clap::Parser;
 use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
 use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::DEFAULT_CONTROL_PATH;
+use netredir_shared::pairing::PairStore;
+use netredir_shared::session::Compression;
 use netredir_shared::subnet::{DEFAULT_SUBNET, Ipv4Subnet};
+use netredir_shared::tls::Identity;
 use netredir_uring::Waker;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -43,9 +46,37 @@ struct Args {
     /// Unix socket of the control API (netredirctl --control).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
+    /// Name of the VM session this daemon serves; pairings are bound to
+    /// it [default: the interface name].
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Where the host key, certificate and paired agents are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/netredir")]
+    state_dir: PathBuf,
+    /// Compression of the VM's data toward the agent: off, auto (skips
+    /// incompressible data) or a zstd level 1-19.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    compression: Compression,
+    /// Compression for one resource, NAME=MODE (repeatable).
+    #[arg(long, value_name = "NAME=MODE", value_parser = parse_resource_mode)]
+    resource_compression: Vec<(String, Compression)>,
+    /// Seconds a session survives without a tunnel connection before its
+    /// flows are reset.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    grace: u64,
+    /// Seconds between heartbeats; three missed ones drop the connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    heartbeat: u64,
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+fn parse_resource_mode(s: &str) -> Result<(String, Compression), String> {
+    let (name, mode) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=MODE, e.g. scanner=off"))?;
+    Ok((name.to_ascii_lowercase(), mode.parse()?))
 }
 
 fn main() {
@@ -108,6 +139,17 @@ fn run(args: Args) -> Result<()> {
         _ => anyhow::Error::new(e).context(format!("cannot listen on {}", args.listen)),
     })?;
     let mut control = control::Server::bind(&args.control)?;
+    let identity = Identity::load_or_create(&args.state_dir, "host", "netredird")
+        .context("cannot load or create the host identity (--state-dir)")?;
+    let pairs = PairStore::load(&args.state_dir).with_context(|| {
+        format!(
+            "cannot read the paired agents in {}",
+            args.state_dir.display()
+        )
+    })?;
+    if args.heartbeat == 0 {
+        bail!("--heartbeat must be at least 1 second");
+    }
 
     let mut steer = Steer::load()?;
     steer.set_subnet(args.subnet.network(), args.subnet.prefix_len())?;
@@ -124,11 +166,20 @@ fn run(args: Args) -> Result<()> {
 
     let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
     let (tx, rx) = crossbeam_channel::bounded(64);
+    tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
     let cfg = datapath::Config {
         iface: args.iface.clone(),
+        vm: args.vm.clone().unwrap_or_else(|| args.iface.clone()),
         subnet: args.subnet,
         mac,
         listener,
+        identity,
+        pairs,
+        compression: args.compression,
+        resource_compression: args.resource_compression.iter().cloned().collect(),
+        grace: Duration::from_secs(args.grace),
+        heartbeat: Duration::from_secs(args.heartbeat),
+        replay_limit: 8 * 1024 * 1024,
     };
     let dp_waker = waker.clone();
     let datapath = std::thread::Builder::new()

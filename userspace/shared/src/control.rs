@@ -19,6 +19,76 @@ pub enum Request {
     MapList,
     /// Session state and counters.
     Status,
+    /// A one-time pairing code for an agent.
+    Pair {
+        /// The VM session the agent may reach (default: the daemon's).
+        vm: Option<String>,
+    },
+    /// Tunnel and per-flow statistics.
+    Stats,
+}
+
+/// Tunnel counters of the current session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionReport {
+    /// Session id (hex).
+    pub id: String,
+    /// The agent's name.
+    pub agent: String,
+    /// Whether a connection carries it right now.
+    pub connected: bool,
+    /// Connections after the first that resumed it.
+    pub reconnects: u64,
+    /// Records sent (first transmissions).
+    pub records_sent: u64,
+    /// Records received.
+    pub records_received: u64,
+    /// Records sent again after reconnects.
+    pub records_retransmitted: u64,
+    /// Data payload bytes toward the agent, before compression.
+    pub data_bytes_out: u64,
+    /// The same after compression.
+    pub data_wire_bytes_out: u64,
+    /// Data payload bytes from the agent, after decompression.
+    pub data_bytes_in: u64,
+    /// The same as received.
+    pub data_wire_bytes_in: u64,
+    /// TLS bytes sent on the tunnel socket (all connections).
+    pub tunnel_bytes_out: u64,
+    /// TLS bytes received on the tunnel socket (all connections).
+    pub tunnel_bytes_in: u64,
+    /// Bytes held for replay now.
+    pub replay_bytes: u64,
+    /// Compression contexts alive now.
+    pub compression_contexts: u64,
+}
+
+/// One open flow.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowReport {
+    /// Flow id.
+    pub flow: u32,
+    /// Bytes the guest sent.
+    pub bytes_from_guest: u64,
+    /// Bytes the guest received.
+    pub bytes_to_guest: u64,
+    /// Tunnel bytes for the guest's bytes (after compression).
+    pub wire_out: u64,
+    /// Tunnel bytes for the bytes to the guest (before decompression).
+    pub wire_in: u64,
+}
+
+/// Answer to [`Request::Stats`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// The session, if there is one.
+    pub session: Option<SessionReport>,
+    /// Open flows.
+    pub flows: Vec<FlowReport>,
+    /// Opens the agent or the host refused.
+    pub refused_opens: u64,
+    /// Tunnel connections refused (not TLS, not paired, bad code).
+    pub refused_connections: u64,
 }
 
 /// One row of `map list`.
@@ -64,6 +134,19 @@ pub enum Response {
     },
     /// Answer to [`Request::Status`].
     Status(Status),
+    /// Answer to [`Request::Pair`].
+    Pair {
+        /// The code to give `netredir-agent --pair`.
+        code: String,
+        /// The VM it pairs with.
+        vm: String,
+        /// The host's certificate fingerprint the code is bound to.
+        host_fingerprint: String,
+        /// Seconds the code stays valid.
+        valid_for_secs: u64,
+    },
+    /// Answer to [`Request::Stats`].
+    Stats(Stats),
     /// The request could not be served.
     Error {
         /// Why, for a human.

@@ -3,14 +3,24 @@
 //!
 //! - [`wire`]: the tunnel's messages and their codec (bytes in, messages
 //!   out; messages in, bytes out).
+//! - [`link`]: one tunnel connection: TLS, a preamble, then records.
+//! - [`pairing`]: which agent keys may reach which VM; one-time codes.
+//! - [`session`]: records, acknowledgements, replay and per-flow
+//!   compression on top of the messages.
 //! - [`export`]: parsing `--export NAME=HOST:PORT` as the agent takes it.
 //! - [`vip`]: the one function that turns a resource name into its vIP.
 //! - [`control`]: the control API's requests and answers (line-delimited
 //!   JSON on a unix socket) and a small blocking client for it.
 //! - [`subnet`]: IPv4 prefixes as the daemons take them on the command line.
+//! - [`tls`]: the tunnel's TLS 1.3, sans-IO, both sides pinned by
+//!   certificate fingerprint; identities on disk and pairing codes.
 
 pub mod control;
 pub mod export;
+pub mod link;
+pub mod pairing;
+pub mod session;
 pub mod subnet;
+pub mod tls;
 pub mod vip;
 pub mod wire;

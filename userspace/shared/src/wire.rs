@@ -122,6 +122,51 @@ pub enum Msg {
         /// The flow.
         flow: FlowId,
     },
+    /// Payload bytes of a flow, compressed with the flow's own zstd stream.
+    DataZ {
+        /// The flow.
+        flow: FlowId,
+        /// The sender started a new compression stream with this message.
+        reset: bool,
+        /// One flushed zstd block sequence; decompresses to at most [`MAX_DATA`].
+        bytes: Vec<u8>,
+    },
+    /// Agent → host, first on a connection: resume `session` (0: a new one).
+    Resume {
+        /// Session id from an earlier [`Msg::Welcome`], or 0.
+        session: u64,
+        /// Highest record sequence number the agent has processed.
+        received: u64,
+    },
+    /// Host → agent: the session this connection carries.
+    Welcome {
+        /// Session id to quote in a later [`Msg::Resume`].
+        session: u64,
+        /// Highest record sequence number the host has processed.
+        received: u64,
+        /// Whether the earlier session continues (else everything restarts).
+        resumed: bool,
+    },
+    /// Liveness probe; answered with [`Msg::Pong`].
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Answer to [`Msg::Ping`].
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// Host → agent: the connection is refused, and why (then it closes).
+    Refused {
+        /// For the agent's log.
+        reason: String,
+    },
+    /// Agent → host: the secret half of a pairing code.
+    Pair {
+        /// The code's secret bytes.
+        secret: Vec<u8>,
+    },
 }
 
 impl fmt::Debug for Msg {
@@ -145,6 +190,19 @@ impl fmt::Debug for Msg {
             Msg::Window { flow, credit } => write!(f, "Window({flow}, +{credit})"),
             Msg::Fin { flow } => write!(f, "Fin({flow})"),
             Msg::Reset { flow } => write!(f, "Reset({flow})"),
+            Msg::DataZ { flow, reset, bytes } => {
+                write!(f, "DataZ({flow}, reset {reset}, {} bytes)", bytes.len())
+            }
+            Msg::Resume { session, received } => write!(f, "Resume({session:#x}, rx {received})"),
+            Msg::Welcome {
+                session,
+                received,
+                resumed,
+            } => write!(f, "Welcome({session:#x}, rx {received}, resumed {resumed})"),
+            Msg::Ping { nonce } => write!(f, "Ping({nonce})"),
+            Msg::Pong { nonce } => write!(f, "Pong({nonce})"),
+            Msg::Refused { reason } => write!(f, "Refused({reason:?})"),
+            Msg::Pair { .. } => write!(f, "Pair(..)"),
         }
     }
 }
@@ -179,6 +237,13 @@ mod kind {
     pub const WINDOW: u8 = 0x07;
     pub const FIN: u8 = 0x08;
     pub const RESET: u8 = 0x09;
+    pub const DATA_Z: u8 = 0x0a;
+    pub const RESUME: u8 = 0x0b;
+    pub const WELCOME: u8 = 0x0c;
+    pub const PING: u8 = 0x0d;
+    pub const PONG: u8 = 0x0e;
+    pub const REFUSED: u8 = 0x0f;
+    pub const PAIR: u8 = 0x10;
 }
 
 const HEADER_LEN: usize = 4;
@@ -217,6 +282,13 @@ impl Msg {
             Msg::Window { .. } => kind::WINDOW,
             Msg::Fin { .. } => kind::FIN,
             Msg::Reset { .. } => kind::RESET,
+            Msg::DataZ { .. } => kind::DATA_Z,
+            Msg::Resume { .. } => kind::RESUME,
+            Msg::Welcome { .. } => kind::WELCOME,
+            Msg::Ping { .. } => kind::PING,
+            Msg::Pong { .. } => kind::PONG,
+            Msg::Refused { .. } => kind::REFUSED,
+            Msg::Pair { .. } => kind::PAIR,
         }
     }
 
@@ -276,6 +348,33 @@ impl Msg {
             Msg::Window { flow, credit } => {
                 out.extend_from_slice(&flow.to_be_bytes());
                 out.extend_from_slice(&credit.to_be_bytes());
+            }
+            Msg::DataZ { flow, reset, bytes } => {
+                out.extend_from_slice(&flow.to_be_bytes());
+                out.push(u8::from(*reset));
+                out.extend_from_slice(&bytes[..bytes.len().min(MAX_FRAME_LEN - 6)]);
+            }
+            Msg::Resume { session, received } => {
+                out.extend_from_slice(&session.to_be_bytes());
+                out.extend_from_slice(&received.to_be_bytes());
+            }
+            Msg::Welcome {
+                session,
+                received,
+                resumed,
+            } => {
+                out.extend_from_slice(&session.to_be_bytes());
+                out.extend_from_slice(&received.to_be_bytes());
+                out.push(u8::from(*resumed));
+            }
+            Msg::Ping { nonce } | Msg::Pong { nonce } => {
+                out.extend_from_slice(&nonce.to_be_bytes())
+            }
+            Msg::Refused { reason } => put_str(out, reason),
+            Msg::Pair { secret } => {
+                let n = secret.len().min(255);
+                out.push(n as u8);
+                out.extend_from_slice(&secret[..n]);
             }
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
@@ -340,6 +439,45 @@ impl Msg {
             },
             kind::FIN => Msg::Fin { flow: r.u32()? },
             kind::RESET => Msg::Reset { flow: r.u32()? },
+            kind::DATA_Z => {
+                let flow = r.u32()?;
+                let reset = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadField(k, "reset flag")),
+                };
+                let bytes = r.rest();
+                if bytes.is_empty() {
+                    return Err(WireError::BadField(k, "data length"));
+                }
+                Msg::DataZ {
+                    flow,
+                    reset,
+                    bytes: bytes.to_vec(),
+                }
+            }
+            kind::RESUME => Msg::Resume {
+                session: r.u64()?,
+                received: r.u64()?,
+            },
+            kind::WELCOME => Msg::Welcome {
+                session: r.u64()?,
+                received: r.u64()?,
+                resumed: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadField(k, "resumed flag")),
+                },
+            },
+            kind::PING => Msg::Ping { nonce: r.u64()? },
+            kind::PONG => Msg::Pong { nonce: r.u64()? },
+            kind::REFUSED => Msg::Refused { reason: r.str()? },
+            kind::PAIR => {
+                let n = r.u8()? as usize;
+                Msg::Pair {
+                    secret: r.take(n)?.to_vec(),
+                }
+            }
             other => return Err(WireError::UnknownKind(other)),
         };
         if !r.buf.is_empty() {
@@ -382,6 +520,10 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes(b.try_into().expect("8 bytes")))
     }
     fn str(&mut self) -> Result<String, WireError> {
         let n = self.u8()? as usize;
@@ -452,6 +594,15 @@ impl Decoder {
         res.map(Some)
     }
 
+    /// Gives up the bytes fed but not yet returned as messages (when the
+    /// stream switches to another framing).
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf[self.pos..].to_vec();
+        self.buf.clear();
+        self.pos = 0;
+        rest
+    }
+
     fn compact(&mut self) {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
@@ -497,6 +648,28 @@ mod tests {
             },
             Msg::Fin { flow: 1 },
             Msg::Reset { flow: 3 },
+            Msg::DataZ {
+                flow: 4,
+                reset: true,
+                bytes: vec![0x28, 0xb5, 0x2f, 0xfd],
+            },
+            Msg::Resume {
+                session: 0xdead_beef,
+                received: 42,
+            },
+            Msg::Welcome {
+                session: 0xdead_beef,
+                received: 7,
+                resumed: true,
+            },
+            Msg::Ping { nonce: 9 },
+            Msg::Pong { nonce: 9 },
+            Msg::Refused {
+                reason: "not paired".into(),
+            },
+            Msg::Pair {
+                secret: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            },
         ]
     }
 
@@ -534,7 +707,11 @@ mod tests {
             for cut in 1..body.len() {
                 let r = Msg::parse(&body[..cut]);
                 // A Data body cut after the flow id is still a valid Data.
-                if let (Msg::Data { .. }, Ok(Msg::Data { .. })) = (&m, &r) {
+                if matches!(
+                    (&m, &r),
+                    (Msg::Data { .. }, Ok(Msg::Data { .. }))
+                        | (Msg::DataZ { .. }, Ok(Msg::DataZ { .. }))
+                ) {
                     continue;
                 }
                 assert!(r.is_err(), "{m:?} cut at {cut} parsed as {r:?}");
@@ -606,6 +783,25 @@ mod tests {
             (any::<u32>(), any::<u32>()).prop_map(|(flow, credit)| Msg::Window { flow, credit }),
             any::<u32>().prop_map(|flow| Msg::Fin { flow }),
             any::<u32>().prop_map(|flow| Msg::Reset { flow }),
+            (
+                any::<u32>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 1..500)
+            )
+                .prop_map(|(flow, reset, bytes)| Msg::DataZ { flow, reset, bytes }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(session, received)| Msg::Resume { session, received }),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(session, received, resumed)| {
+                Msg::Welcome {
+                    session,
+                    received,
+                    resumed,
+                }
+            }),
+            any::<u64>().prop_map(|nonce| Msg::Ping { nonce }),
+            any::<u64>().prop_map(|nonce| Msg::Pong { nonce }),
+            "\\PC{0,40}".prop_map(|reason| Msg::Refused { reason }),
+            proptest::collection::vec(any::<u8>(), 0..32).prop_map(|secret| Msg::Pair { secret }),
         ]
     }
 

@@ -1,0 +1,374 @@
+//! Session tests: two sessions joined by an in-memory transport that can
+//! drop whatever is in flight, as a dying TCP connection does.
+
+use super::*;
+use proptest::prelude::*;
+
+fn pair() -> (Session, Session) {
+    (
+        Session::new(SessionConfig::default()),
+        Session::new(SessionConfig::default()),
+    )
+}
+
+/// Moves everything from `a` to `b` and back until both are quiet.
+fn exchange(a: &mut Session, b: &mut Session) {
+    for _ in 0..100 {
+        let (x, y) = (a.take_output(), b.take_output());
+        if x.is_empty() && y.is_empty() {
+            return;
+        }
+        b.feed(&x).unwrap();
+        a.feed(&y).unwrap();
+    }
+    panic!("never quiet");
+}
+
+fn drain(s: &mut Session) -> Vec<Msg> {
+    std::iter::from_fn(|| s.poll_msg()).collect()
+}
+
+fn text(n: usize, seed: u8) -> Vec<u8> {
+    let line = format!("72 {seed} moveto (Hello from the guest, line {seed}) show\n");
+    line.bytes().cycle().take(n).collect()
+}
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn messages_arrive_in_order_and_acks_empty_the_replay_buffer() {
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    a.send(
+        Msg::Open {
+            flow: 1,
+            resource: 2,
+            port: 9100,
+        },
+        now,
+    );
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(10_000, 1),
+        },
+        now,
+    );
+    a.flush();
+    assert!(a.replay_bytes() > 0);
+    exchange(&mut a, &mut b);
+    let got = drain(&mut b);
+    assert_eq!(
+        got[0],
+        Msg::Open {
+            flow: 1,
+            resource: 2,
+            port: 9100
+        }
+    );
+    assert_eq!(
+        got[1],
+        Msg::Data {
+            flow: 1,
+            bytes: text(10_000, 1)
+        }
+    );
+    assert_eq!(b.received(), 1);
+    b.maybe_ack(true);
+    exchange(&mut a, &mut b);
+    assert_eq!(a.replay_bytes(), 0, "acked records are released");
+}
+
+#[test]
+fn compressible_data_shrinks_and_random_data_is_not_inflated() {
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    for i in 0..64u8 {
+        a.send(
+            Msg::Data {
+                flow: 1,
+                bytes: text(MAX_DATA, i),
+            },
+            now,
+        );
+        a.send(
+            Msg::Data {
+                flow: 2,
+                bytes: random(MAX_DATA, u64::from(i) + 1),
+            },
+            now,
+        );
+    }
+    a.flush();
+    exchange(&mut a, &mut b);
+    let mut got1 = Vec::new();
+    let mut got2 = Vec::new();
+    for m in drain(&mut b) {
+        match m {
+            Msg::Data { flow: 1, bytes } => got1.extend(bytes),
+            Msg::Data { flow: 2, bytes } => got2.extend(bytes),
+            other => panic!("{other:?}"),
+        }
+    }
+    let want1: Vec<u8> = (0..64u8).flat_map(|i| text(MAX_DATA, i)).collect();
+    let want2: Vec<u8> = (0..64u8)
+        .flat_map(|i| random(MAX_DATA, u64::from(i) + 1))
+        .collect();
+    assert!(got1 == want1 && got2 == want2, "payload differs");
+    let f1 = a.flow_stats()[&1];
+    let f2 = a.flow_stats()[&2];
+    assert!(
+        f1.wire_out * 4 < f1.bytes_out,
+        "text: {} of {}",
+        f1.wire_out,
+        f1.bytes_out
+    );
+    assert!(
+        f2.wire_out <= f2.bytes_out,
+        "random inflated: {} of {}",
+        f2.wire_out,
+        f2.bytes_out
+    );
+    assert_eq!(b.flow_stats()[&1].bytes_in, f1.bytes_out);
+}
+
+#[test]
+fn flows_never_share_a_compression_context() {
+    // A secret in flow 1 must not make flow 2's identical bytes smaller.
+    let secret = text(4000, 42);
+    let now = Instant::now();
+    let mut alone = Session::new(SessionConfig::default());
+    alone.send(
+        Msg::Data {
+            flow: 2,
+            bytes: secret.clone(),
+        },
+        now,
+    );
+    let mut shared = Session::new(SessionConfig::default());
+    shared.send(
+        Msg::Data {
+            flow: 1,
+            bytes: secret.clone(),
+        },
+        now,
+    );
+    shared.send(
+        Msg::Data {
+            flow: 2,
+            bytes: secret,
+        },
+        now,
+    );
+    assert_eq!(
+        shared.flow_stats()[&2].wire_out,
+        alone.flow_stats()[&2].wire_out
+    );
+}
+
+#[test]
+fn a_lost_connection_loses_nothing_after_resume() {
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    let mut want = Vec::new();
+    for i in 0..50u8 {
+        let m = Msg::Data {
+            flow: 7,
+            bytes: text(3000 + usize::from(i), i),
+        };
+        want.push(m.clone());
+        a.send(m, now);
+        if i % 5 == 4 {
+            a.flush();
+        }
+    }
+    a.flush();
+    // Half of it gets through; the rest dies with the connection.
+    let out = a.take_output();
+    b.feed(&out[..out.len() / 2]).unwrap();
+    a.connection_lost();
+    b.connection_lost();
+    // New connection: each says what it processed.
+    a.resume(b.received()).unwrap();
+    b.resume(a.received()).unwrap();
+    exchange(&mut a, &mut b);
+    assert_eq!(drain(&mut b), want);
+    assert!(a.stats().records_retransmitted > 0);
+}
+
+#[test]
+fn resuming_from_a_point_no_longer_held_is_an_error() {
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    a.send(Msg::Fin { flow: 1 }, now);
+    a.flush();
+    exchange(&mut a, &mut b);
+    b.maybe_ack(true);
+    exchange(&mut a, &mut b);
+    // a no longer holds record 1; a peer claiming to have seen nothing cannot resume.
+    assert!(matches!(
+        a.resume(0),
+        Err(SessionError::CannotResume { .. })
+    ));
+}
+
+#[test]
+fn garbage_and_lies_are_errors_not_panics() {
+    let mut s = Session::new(SessionConfig::default());
+    assert!(matches!(
+        s.feed(&[0, 0, 0, 3, 1, 2, 3]),
+        Err(SessionError::BadLength(3))
+    ));
+    let mut s = Session::new(SessionConfig::default());
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&16u32.to_be_bytes());
+    rec.extend_from_slice(&5u64.to_be_bytes()); // seq 5 first: a gap
+    rec.extend_from_slice(&0u64.to_be_bytes());
+    assert!(matches!(
+        s.feed(&rec),
+        Err(SessionError::Gap { want: 1, got: 5 })
+    ));
+    let mut s = Session::new(SessionConfig::default());
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&16u32.to_be_bytes());
+    rec.extend_from_slice(&0u64.to_be_bytes());
+    rec.extend_from_slice(&9u64.to_be_bytes()); // acks what was never sent
+    assert!(matches!(s.feed(&rec), Err(SessionError::BadAck(9))));
+    // Corrupt compressed data.
+    let mut s = Session::new(SessionConfig::default());
+    let mut body = Vec::new();
+    Msg::DataZ {
+        flow: 1,
+        reset: true,
+        bytes: vec![1, 2, 3, 4, 5],
+    }
+    .emit(&mut body);
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&((16 + body.len()) as u32).to_be_bytes());
+    rec.extend_from_slice(&1u64.to_be_bytes());
+    rec.extend_from_slice(&0u64.to_be_bytes());
+    rec.extend_from_slice(&body);
+    assert!(matches!(s.feed(&rec), Err(SessionError::Decompress(1))));
+}
+
+#[test]
+fn a_decompression_bomb_is_refused() {
+    // 1 MiB of zeros compresses to a few bytes; one message may only expand to MAX_DATA.
+    let mut enc = ZEnc::new(3).unwrap();
+    let z = zcompress(&mut enc, &vec![0u8; 1 << 20]).unwrap();
+    let mut s = Session::new(SessionConfig::default());
+    assert!(matches!(
+        s.decompress(1, true, &z),
+        Err(SessionError::Decompress(1))
+    ));
+}
+
+#[test]
+fn the_replay_limit_pushes_back() {
+    let mut a = Session::new(SessionConfig {
+        replay_limit: 100_000,
+        ..Default::default()
+    });
+    let now = Instant::now();
+    let mut n = 0;
+    while a.can_send() {
+        a.send(
+            Msg::Data {
+                flow: 1,
+                bytes: random(MAX_DATA, n + 1),
+            },
+            now,
+        );
+        a.flush();
+        n += 1;
+        assert!(n < 100, "never pushed back");
+    }
+    assert!(a.replay_bytes() >= 100_000);
+}
+
+#[test]
+fn idle_flows_give_their_context_back() {
+    let mut a = Session::new(SessionConfig::default());
+    let mut b = Session::new(SessionConfig::default());
+    let t0 = Instant::now();
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(5000, 1),
+        },
+        t0,
+    );
+    assert_eq!(a.contexts(), 1);
+    a.sweep_idle(t0 + IDLE);
+    assert_eq!(a.contexts(), 0);
+    // The next message starts a fresh stream the peer can follow.
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(5000, 2),
+        },
+        t0 + IDLE,
+    );
+    a.flush();
+    exchange(&mut a, &mut b);
+    let got = drain(&mut b);
+    assert_eq!(
+        got,
+        vec![
+            Msg::Data {
+                flow: 1,
+                bytes: text(5000, 1)
+            },
+            Msg::Data {
+                flow: 1,
+                bytes: text(5000, 2)
+            }
+        ]
+    );
+}
+
+proptest! {
+    /// Any messages, any flush points, connections cut at any byte: after
+    /// resumes, the peer gets every message exactly once, in order.
+    #[test]
+    fn resume_survives_cuts_anywhere(
+        sizes in proptest::collection::vec(1usize..20_000, 1..40),
+        flushes in proptest::collection::vec(any::<bool>(), 40),
+        cuts in proptest::collection::vec(0.0f64..1.0, 0..4),
+    ) {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        let mut want = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let bytes = if i % 3 == 0 { random(*n, i as u64 + 1) } else { text(*n, i as u8) };
+            let m = Msg::Data { flow: (i % 3) as u32, bytes };
+            want.push(m.clone());
+            a.send(m, now);
+            if flushes[i] {
+                a.flush();
+            }
+        }
+        a.flush();
+        for cut in cuts {
+            let out = a.take_output();
+            let n = (out.len() as f64 * cut) as usize;
+            b.feed(&out[..n]).unwrap();
+            a.connection_lost();
+            b.connection_lost();
+            a.resume(b.received()).unwrap();
+            b.resume(a.received()).unwrap();
+        }
+        exchange(&mut a, &mut b);
+        prop_assert_eq!(drain(&mut b), want);
+    }
+}
