@@ -5,7 +5,7 @@
 pub mod testbed;
 
 use anyhow::{Context, Result, bail};
-use netredir_shared::control::{MapEntry, Request, Response, Status, request};
+use netredir_shared::control::{MapEntry, Request, Response, Stats, Status, request};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -152,6 +152,14 @@ impl Redir {
         }
     }
 
+    /// The daemon's tunnel statistics.
+    pub fn stats(&self) -> Result<Stats> {
+        match request(&self.control, &Request::Stats, Duration::from_secs(5))? {
+            Response::Stats(s) => Ok(s),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
     /// One counter from the status, 0 if absent.
     pub fn counter(&self, name: &str) -> Result<u64> {
         Ok(self
@@ -248,6 +256,39 @@ pub fn job_bytes(len: usize, seed: u64) -> Vec<u8> {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(b"\ngrestore showpage\n");
+    }
+    out.truncate(len);
+    out
+}
+
+/// A text-only PostScript job (no raster): what compresses well, `len`
+/// bytes from `seed`.
+pub fn text_job(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 4096);
+    out.extend_from_slice(b"%!PS-Adobe-3.0\n%%Title: netredir text job\n");
+    let mut page = seed;
+    while out.len() < len {
+        page += 1;
+        out.extend_from_slice(
+            format!("%%Page: {page} {page}\n/Times-Roman findfont 11 scalefont setfont\n")
+                .as_bytes(),
+        );
+        for line in 0..60u64 {
+            let words = [
+                "invoice", "total", "amount", "customer", "netredir", "printer", "page", "order",
+            ];
+            let w = words[((line * 7 + page) % 8) as usize];
+            out.extend_from_slice(
+                format!(
+                    "72 {} moveto ({w} {} of page {page}: {}) show\n",
+                    760 - line * 12,
+                    line,
+                    (line * 31 + page * 17) % 1000
+                )
+                .as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"showpage\n");
     }
     out.truncate(len);
     out

@@ -375,6 +375,29 @@ impl Testbed {
         Ok(())
     }
 
+    /// The pid of process `name`.
+    pub fn pid(&self, name: &str) -> Result<u32> {
+        let procs = self.procs.lock().expect("procs");
+        procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(Proc::pid)
+            .with_context(|| format!("no process {name}"))
+    }
+
+    /// Resident memory of process `name`, in bytes (VmRSS).
+    pub fn rss(&self, name: &str) -> Result<u64> {
+        let pid = self.pid(name)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+
     /// Whether process `name` is still running.
     pub fn running(&self, name: &str) -> bool {
         let mut procs = self.procs.lock().expect("procs");
