@@ -116,7 +116,9 @@ fn run(r: &Redir, size_mib: usize) -> Result<()> {
         "printer: raw JetDirect sink on {LAN_IP}:9100 (socat) in lan"
     ));
     r.printer_once("printer", 9100, &received)?;
-    step("netredird is up in host; starting netredir-agent in client");
+    step(
+        "netredird is up in host; pairing netredir-agent in client (netredirctl pair) and starting it",
+    );
     r.start_agent("agent", &[&format!("printer={LAN_IP}:9100")])?;
     let vip = r.vip("printer")?;
     let map = std::process::Command::new(bin("netredirctl")?)
@@ -152,6 +154,10 @@ fn run(r: &Redir, size_mib: usize) -> Result<()> {
     r.tb.wait_exit("printer", Duration::from_secs(60))?;
     let elapsed = started.elapsed();
     let got = std::fs::read(&received).context("the printer wrote nothing")?;
+    let tunnel = r
+        .stats()?
+        .session
+        .map(|s| (s.data_bytes_out, s.tunnel_bytes_out));
     let have = sha256_hex(&got);
     let secs = elapsed.as_secs_f64();
     println!();
@@ -163,6 +169,12 @@ fn run(r: &Redir, size_mib: usize) -> Result<()> {
         len as f64 / secs / (1024.0 * 1024.0),
         len as f64 * 8.0 / secs / 1e9
     );
+    if let Some((data, wire)) = tunnel {
+        println!(
+            "  tunnel     {wire} bytes of TLS for {data} bytes of data (compression ratio {:.2})",
+            data as f64 / wire.max(1) as f64
+        );
+    }
     println!("  mapping    printer = {vip} -> {LAN_IP}:9100");
     println!();
     if have != want {
