@@ -23,6 +23,7 @@
 //! The engine never reads a clock: every entry point takes `now`, and
 //! [`Engine::poll_delay`] says when to call [`Engine::poll`] again.
 
+use crate::dns::{DnsResource, VDns};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -62,6 +63,10 @@ pub struct EngineConfig {
     pub max_opening: usize,
     /// Seed for TCP initial sequence numbers.
     pub seed: u64,
+    /// DNS zone the vDNS answers for.
+    pub zone: String,
+    /// Serve DHCPv4 (the VM's NIC is only for netredir).
+    pub dhcp: bool,
 }
 
 impl EngineConfig {
@@ -77,6 +82,8 @@ impl EngineConfig {
             max_flows: 4096,
             max_opening: 256,
             seed: 0,
+            zone: "netredir.internal".into(),
+            dhcp: false,
         }
     }
 }
@@ -116,6 +123,31 @@ pub enum Event {
     Reset {
         /// The flow.
         flow: FlowId,
+    },
+    /// Ask the agent for a UDP socket to `resource:port` for `flow`.
+    OpenUdp {
+        /// New flow.
+        flow: FlowId,
+        /// Target resource.
+        resource: ResourceId,
+        /// Target UDP port.
+        port: u16,
+    },
+    /// One datagram from the guest.
+    Datagram {
+        /// The flow.
+        flow: FlowId,
+        /// Its payload.
+        bytes: Vec<u8>,
+    },
+    /// Ask the agent to ping `resource` (the guest pinged its vIP).
+    Echo {
+        /// Quoted back in the answer.
+        token: u32,
+        /// Resource to ping.
+        resource: ResourceId,
+        /// Size of the guest's payload.
+        size: u16,
     },
     /// The flow ended normally (both sides closed); nothing to send, but
     /// whatever the tunnel keeps for it can go.
@@ -182,6 +214,18 @@ pub struct Counters {
     pub bytes_from_guest: u64,
     /// Payload bytes to the guest.
     pub bytes_to_guest: u64,
+    /// Queries to the vDNS.
+    pub dns_queries: u64,
+    /// vDNS queries that did not parse.
+    pub dns_malformed: u64,
+    /// Datagrams dropped (too many held while opening).
+    pub udp_dropped: u64,
+    /// Echo replies sent to the guest.
+    pub echo_replies: u64,
+    /// DHCP offers, acks and naks sent.
+    pub dhcp_replies: u64,
+    /// DHCP discovers with no address left to offer.
+    pub dhcp_pool_empty: u64,
 }
 
 impl Counters {
@@ -203,6 +247,12 @@ impl Counters {
             ("flow_errors", self.flow_errors),
             ("bytes_from_guest", self.bytes_from_guest),
             ("bytes_to_guest", self.bytes_to_guest),
+            ("dns_queries", self.dns_queries),
+            ("dns_malformed", self.dns_malformed),
+            ("udp_dropped", self.udp_dropped),
+            ("echo_replies", self.echo_replies),
+            ("dhcp_replies", self.dhcp_replies),
+            ("dhcp_pool_empty", self.dhcp_pool_empty),
         ]
     }
 }
@@ -216,7 +266,9 @@ struct FlowKey {
 #[derive(Debug)]
 struct Resource {
     id: ResourceId,
+    name: String,
     ports: Vec<u16>,
+    udp_ports: Vec<u16>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -305,6 +357,12 @@ pub struct Engine {
     flows: BTreeMap<FlowId, Flow>,
     by_key: HashMap<FlowKey, FlowId>,
     resources: HashMap<Ipv4Addr, Resource>,
+    udp_flows: BTreeMap<FlowId, udp::UdpFlow>,
+    udp_by_key: HashMap<FlowKey, FlowId>,
+    echoes: HashMap<u32, udp::PendingEcho>,
+    next_echo: u32,
+    dns: VDns,
+    leases: dhcp::Leases,
     online: bool,
     accepting: bool,
     next_flow: FlowId,
@@ -329,6 +387,9 @@ impl Engine {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw), cfg.prefix_len));
         });
         iface.set_any_ip(true);
+        let dns = VDns::new(&cfg.zone)
+            .or_else(|_| VDns::new("netredir.internal"))
+            .expect("the default zone is valid");
         Self {
             cfg,
             epoch: now,
@@ -338,6 +399,12 @@ impl Engine {
             flows: BTreeMap::new(),
             by_key: HashMap::new(),
             resources: HashMap::new(),
+            udp_flows: BTreeMap::new(),
+            udp_by_key: HashMap::new(),
+            echoes: HashMap::new(),
+            next_echo: 0,
+            dns,
+            leases: dhcp::Leases::default(),
             online: false,
             accepting: true,
             next_flow: 1,
@@ -359,7 +426,7 @@ impl Engine {
 
     /// Flows open or opening.
     pub fn flow_count(&self) -> usize {
-        self.flows.len()
+        self.flows.len() + self.udp_flows.len()
     }
 
     /// The engine's own address (gateway) in the subnet.
@@ -367,20 +434,57 @@ impl Engine {
         nth(self.cfg.subnet, 1)
     }
 
+    /// Where the guest's DNS queries go: `.53` of the subnet.
+    pub fn dns_addr(&self) -> Ipv4Addr {
+        nth(self.cfg.subnet, 53)
+    }
+
     /// Makes `vip` lead to `resource`, allowing TCP to `ports`.
     pub fn set_resource(&mut self, vip: Ipv4Addr, resource: ResourceId, ports: Vec<u16>) {
+        self.set_named_resource(vip, resource, "", ports, Vec::new());
+    }
+
+    /// Makes `vip` lead to `resource` called `name` (its DNS name), allowing
+    /// TCP to `tcp` and UDP to `udp` ports.
+    pub fn set_named_resource(
+        &mut self,
+        vip: Ipv4Addr,
+        resource: ResourceId,
+        name: &str,
+        tcp: Vec<u16>,
+        udp: Vec<u16>,
+    ) {
         self.resources.insert(
             vip,
             Resource {
                 id: resource,
-                ports,
+                name: name.to_ascii_lowercase(),
+                ports: tcp,
+                udp_ports: udp,
             },
         );
+        self.update_dns();
     }
 
     /// Forgets every resource (the agent that exported them is gone).
     pub fn clear_resources(&mut self) {
         self.resources.clear();
+        self.update_dns();
+    }
+
+    fn update_dns(&mut self) {
+        let list = self
+            .resources
+            .iter()
+            .filter(|(_, r)| !r.name.is_empty())
+            .map(|(vip, r)| DnsResource {
+                name: r.name.clone(),
+                v4: *vip,
+                v6: None,
+                tcp_ports: r.ports.clone(),
+            })
+            .collect();
+        self.dns.set_resources(list);
     }
 
     /// Whether an agent is there to open flows. Going offline resets every
@@ -392,6 +496,11 @@ impl Engine {
             for id in ids {
                 self.abort(id, false);
             }
+            let udp: Vec<FlowId> = self.udp_flows.keys().copied().collect();
+            for id in udp {
+                self.remove_udp(id);
+            }
+            self.echoes.clear();
             self.poll(now);
         }
     }
@@ -439,6 +548,7 @@ impl Engine {
             return;
         };
         if target_protocol_addr != self.gateway()
+            && target_protocol_addr != self.dns_addr()
             && !self.resources.contains_key(&target_protocol_addr)
         {
             return;
@@ -476,9 +586,18 @@ impl Engine {
         }
         // Trim Ethernet padding: smoltcp wants exactly the IP packet.
         let packet = &payload[..ip.total_len() as usize];
-        if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+        if ip.more_frags() || ip.frag_offset() != 0 {
             self.counters.unsupported += 1;
             return;
+        }
+        match ip.next_header() {
+            IpProtocol::Tcp => {}
+            IpProtocol::Udp => return self.handle_udp(&ip, now),
+            IpProtocol::Icmp => return self.handle_icmp(&ip, now),
+            _ => {
+                self.counters.unsupported += 1;
+                return;
+            }
         }
         let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
             self.counters.malformed += 1;
@@ -597,7 +716,7 @@ impl Engine {
         loop {
             let id = self.next_flow;
             self.next_flow = self.next_flow.wrapping_add(1).max(1);
-            if !self.flows.contains_key(&id) {
+            if !self.flows.contains_key(&id) && !self.udp_flows.contains_key(&id) {
                 return id;
             }
         }
@@ -605,6 +724,10 @@ impl Engine {
 
     /// The agent connected `flow`: the guest's handshake completes.
     pub fn open_ok(&mut self, flow: FlowId, now: Instant) -> Result<(), FlowError> {
+        if self.udp_flows.contains_key(&flow) {
+            self.udp_open_ok(flow, now);
+            return Ok(());
+        }
         let window = self.cfg.window;
         let f = self
             .flows
@@ -626,6 +749,10 @@ impl Engine {
 
     /// The agent could not connect `flow`: the guest gets RST.
     pub fn open_err(&mut self, flow: FlowId, _why: Refusal, now: Instant) -> Result<(), FlowError> {
+        if self.remove_udp(flow) {
+            self.counters.refused_by_agent += 1;
+            return Ok(());
+        }
         if !self.flows.contains_key(&flow) {
             return Err(FlowError::UnknownFlow(flow));
         }
@@ -687,6 +814,9 @@ impl Engine {
 
     /// The agent aborted `flow`: RST to the guest.
     pub fn reset(&mut self, flow: FlowId, now: Instant) -> Result<(), FlowError> {
+        if self.remove_udp(flow) {
+            return Ok(());
+        }
         if !self.flows.contains_key(&flow) {
             return Err(FlowError::UnknownFlow(flow));
         }
@@ -721,6 +851,7 @@ impl Engine {
 
     /// Runs the TCP stack and moves bytes between sockets and the tunnel.
     pub fn poll(&mut self, now: Instant) {
+        self.sweep_datagrams(now);
         let ts = self.ts(now);
         for _ in 0..8 {
             self.iface.poll(ts, &mut self.dev, &mut self.sockets);
@@ -890,6 +1021,11 @@ impl Engine {
 fn nth(net: Ipv4Addr, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net).wrapping_add(n))
 }
+
+mod dhcp;
+mod udp;
+pub use dhcp::{LEASE_SECS, POOL};
+pub use udp::{MAX_HELD, UDP_IDLE};
 
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@
 //! through the same socket. Everything else the VM sends never leaves the
 //! kernel's fast path.
 
+pub mod dns;
 pub mod engine;
 pub mod steer;
 pub mod xsk;

@@ -127,6 +127,17 @@ impl Steer {
 
     /// Tells `steer` which subnet to take.
     pub fn set_subnet(&mut self, network: Ipv4Addr, prefix_len: u8) -> Result<(), SteerError> {
+        self.configure(network, prefix_len, false)
+    }
+
+    /// Tells `steer` which subnet to take and whether DHCP requests are
+    /// ours too (a NIC dedicated to netredir).
+    pub fn configure(
+        &mut self,
+        network: Ipv4Addr,
+        prefix_len: u8,
+        dhcp: bool,
+    ) -> Result<(), SteerError> {
         let mask = if prefix_len == 0 {
             0
         } else {
@@ -135,7 +146,11 @@ impl Steer {
         let cfg = SteerConfig {
             subnet_v4: u32::from_ne_bytes((u32::from(network) & mask).to_be_bytes()),
             mask_v4: u32::from_ne_bytes(mask.to_be_bytes()),
-            flags: 0,
+            flags: if dhcp {
+                netredir_ebpf_common::FLAG_DHCP
+            } else {
+                0
+            },
             _pad: 0,
         };
         self.config

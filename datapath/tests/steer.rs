@@ -216,6 +216,55 @@ fn golden_frames_get_their_verdicts_and_counters() {
     );
 }
 
+fn dhcp_discover() -> Vec<u8> {
+    let mut ip = vec![
+        0x45, 0, 1, 12, 0, 1, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+    ];
+    ip.extend_from_slice(&[0, 68, 0, 67, 0, 248, 0, 0]); // UDP 68 -> 67
+    ip.extend_from_slice(&[1u8; 240]);
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f
+}
+
+#[test]
+fn dhcp_is_steered_only_on_a_dedicated_nic() {
+    let mut steer = Steer::load().expect("load steer (needs root)");
+    let xsk = unbound_xsk();
+    use std::os::fd::AsRawFd;
+    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    steer
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, false)
+        .expect("config");
+    expect(
+        &mut steer,
+        "DHCP, shared NIC",
+        &dhcp_discover(),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+    steer
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, true)
+        .expect("config");
+    expect(
+        &mut steer,
+        "DHCP, dedicated NIC",
+        &dhcp_discover(),
+        XDP_REDIRECT,
+        reason::REDIRECT_DHCP,
+    );
+    let mut other_udp = dhcp_discover();
+    other_udp[14 + 20 + 3] = 68; // to port 68: not a request
+    expect(
+        &mut steer,
+        "UDP to 68",
+        &other_udp,
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+}
+
 #[test]
 fn a_narrower_subnet_is_honoured() {
     let mut steer = Steer::load().expect("load steer (needs root)");

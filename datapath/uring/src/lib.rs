@@ -149,6 +149,29 @@ impl<T> Reactor<T> {
         OpId(i)
     }
 
+    /// Like [`Reactor::recv`], but gives up with `-ECANCELED` after `timeout`.
+    pub fn recv_timeout(&mut self, fd: RawFd, mut buf: Vec<u8>, timeout: Duration, tag: T) -> OpId {
+        let from = buf.len();
+        let room = (buf.capacity() - from).min(u32::MAX as usize) as u32;
+        // SAFETY: as in `recv`.
+        let ptr = unsafe { buf.as_mut_ptr().add(from) };
+        let ts = Box::new(types::Timespec::from(timeout));
+        let ts_ptr: *const types::Timespec = &*ts;
+        let mut s = Self::bare(tag);
+        s.buf = Some(buf);
+        s.recv_from = Some(from);
+        s.ts = Some(ts);
+        let i = self.slot(s);
+        self.push(
+            opcode::Recv::new(types::Fd(fd), ptr, room)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(i as u64),
+        );
+        self.push(opcode::LinkTimeout::new(ts_ptr).build().user_data(IGNORED));
+        OpId(i)
+    }
+
     /// Reads into the spare capacity of `buf` (for eventfds and pipes).
     pub fn read(&mut self, fd: RawFd, mut buf: Vec<u8>, tag: T) -> OpId {
         let from = buf.len();

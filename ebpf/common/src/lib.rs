@@ -14,7 +14,7 @@ pub struct SteerConfig {
     pub subnet_v4: u32,
     /// Its netmask (network order); zero means "steer nothing".
     pub mask_v4: u32,
-    /// Reserved for flags (IPv6, DHCP on a dedicated NIC); zero for now.
+    /// [`FLAG_DHCP`] and later flags.
     pub flags: u32,
     /// Keeps the struct 8-byte sized for future fields.
     pub _pad: u32,
@@ -23,6 +23,10 @@ pub struct SteerConfig {
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, no padding holes.
 unsafe impl aya::Pod for SteerConfig {}
+
+/// In [`SteerConfig::flags`]: the NIC is only for netredir, so DHCP
+/// requests (UDP to port 67, any destination) go to netredird too.
+pub const FLAG_DHCP: u32 = 1;
 
 /// Capacity of the `XSKS` map: one AF_XDP socket per receive queue.
 pub const MAX_QUEUES: u32 = 64;
@@ -49,8 +53,10 @@ pub mod reason {
     pub const PASS_SHORT: u32 = 7;
     /// No configuration written yet: passed.
     pub const PASS_UNCONFIGURED: u32 = 8;
+    /// DHCP request on a dedicated NIC, redirected.
+    pub const REDIRECT_DHCP: u32 = 9;
     /// Number of reasons (size of the counter array).
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Human names, indexed by reason, for logs and the control API.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -63,5 +69,6 @@ pub mod reason {
         "pass_other",
         "pass_short",
         "pass_unconfigured",
+        "redirect_dhcp",
     ];
 }

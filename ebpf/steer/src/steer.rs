@@ -4,7 +4,7 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
-use netredir_ebpf_common::{MAX_QUEUES, SteerConfig, reason};
+use netredir_ebpf_common::{FLAG_DHCP, MAX_QUEUES, SteerConfig, reason};
 
 /// Written by netredird (one entry); read here on every frame.
 #[map]
@@ -93,10 +93,12 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
                 return (pass, reason::PASS_SHORT);
             };
             if in_subnet(dst) {
-                redirect(ctx, reason::REDIRECT_IPV4)
-            } else {
-                (pass, reason::PASS_IPV4_OTHER)
+                return redirect(ctx, reason::REDIRECT_IPV4);
             }
+            if cfg.flags & FLAG_DHCP != 0 && is_dhcp_request(ctx, (vihl & 0xf) as usize * 4) {
+                return redirect(ctx, reason::REDIRECT_DHCP);
+            }
+            (pass, reason::PASS_IPV4_OTHER)
         }
         ETH_P_ARP => {
             if ptr_at::<[u8; ARP_LEN]>(ctx, ETH_HLEN).is_none() {
@@ -114,6 +116,21 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         ETH_P_IPV6 => (pass, reason::PASS_IPV6),
         _ => (pass, reason::PASS_OTHER),
     }
+}
+
+/// UDP to port 67 (a DHCP client's request), IPv4 header of `ihl` bytes.
+#[inline(always)]
+fn is_dhcp_request(ctx: &XdpContext, ihl: usize) -> bool {
+    const IPPROTO_UDP: u8 = 17;
+    const DHCP_SERVER_PORT: u16 = 67;
+    let Some(proto) = ptr_at::<u8>(ctx, ETH_HLEN + 9) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the byte is inside the frame.
+    if unsafe { *proto } != IPPROTO_UDP || ihl > 60 {
+        return false;
+    }
+    read_be16(ctx, ETH_HLEN + ihl + 2) == Some(DHCP_SERVER_PORT)
 }
 
 #[inline(always)]

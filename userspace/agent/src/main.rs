@@ -17,6 +17,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+
+mod datagrams;
 use netredir_shared::export::ExportSpec;
 use netredir_shared::link::{Link, LinkError};
 use netredir_shared::session::{Compression, Session, SessionConfig};
@@ -26,7 +28,7 @@ use netredir_shared::tls::{
 use netredir_shared::wire::{FlowId, INITIAL_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION};
 use netredir_uring::{Completion, OpId, Reactor};
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -116,11 +118,15 @@ enum Tag {
     FlowConnect(u64),
     FlowRecv(u64),
     FlowSend(u64),
+    UdpRecv(u64),
+    UdpSend(u64),
+    EchoSend(u64),
+    EchoRecv(u64),
 }
 
 struct Export {
     spec: ExportSpec,
-    addr: Option<SocketAddr>,
+    addr: Option<IpAddr>,
     compression: Option<Compression>,
 }
 
@@ -186,6 +192,9 @@ struct Agent {
     sess: Option<AgentSession>,
     flows: HashMap<u64, Flow>,
     by_id: HashMap<FlowId, u64>,
+    uflows: HashMap<u64, datagrams::UFlow>,
+    ubyid: HashMap<FlowId, u64>,
+    echoes: HashMap<u64, datagrams::EchoOp>,
     next_serial: u64,
     last_ping: Instant,
     fatal: Option<String>,
@@ -252,6 +261,9 @@ fn run(args: Args) -> Result<()> {
         sess: None,
         flows: HashMap::new(),
         by_id: HashMap::new(),
+        uflows: HashMap::new(),
+        ubyid: HashMap::new(),
+        echoes: HashMap::new(),
         next_serial: 1,
         last_ping: Instant::now(),
         fatal: None,
@@ -277,11 +289,12 @@ fn run(args: Args) -> Result<()> {
     }
 }
 
-fn resolve(spec: &ExportSpec) -> Option<SocketAddr> {
-    (spec.host.as_str(), spec.port)
+fn resolve(spec: &ExportSpec) -> Option<IpAddr> {
+    (spec.host.as_str(), 0)
         .to_socket_addrs()
         .ok()
         .and_then(|mut i| i.next())
+        .map(|a| a.ip())
 }
 
 fn new_socket(addr: &SocketAddr) -> std::io::Result<OwnedFd> {
@@ -426,6 +439,10 @@ impl Agent {
         for s in serials {
             self.kill_flow(s, true);
         }
+        let udp: Vec<u64> = self.uflows.keys().copied().collect();
+        for s in udp {
+            self.kill_udp(s);
+        }
     }
 
     fn send_msg(&mut self, m: Msg) {
@@ -534,6 +551,10 @@ impl Agent {
             Tag::FlowConnect(s) => self.on_flow_connect(s, c),
             Tag::FlowRecv(s) => self.on_flow_recv(s, c),
             Tag::FlowSend(s) => self.on_flow_send(s, c),
+            Tag::UdpRecv(s) => self.on_udp_recv(s, c),
+            Tag::UdpSend(s) => self.on_udp_send(s, c),
+            Tag::EchoSend(s) => self.on_echo(s, c, false),
+            Tag::EchoRecv(s) => self.on_echo(s, c, true),
         }
     }
 
@@ -667,7 +688,7 @@ impl Agent {
                                 id: i as u32,
                                 name: e.spec.name.clone(),
                                 target: e.spec.to_string(),
-                                ports: vec![(e.spec.port, Proto::Tcp)],
+                                ports: e.spec.ports.clone(),
                             },
                             now,
                         );
@@ -736,7 +757,21 @@ impl Agent {
                 if let Some(&s) = self.by_id.get(&flow) {
                     self.kill_flow(s, true);
                 }
+                if let Some(&s) = self.ubyid.get(&flow) {
+                    self.kill_udp(s);
+                }
             }
+            Msg::OpenUdp {
+                flow,
+                resource,
+                port,
+            } => self.open_udp(flow, resource, port),
+            Msg::Datagram { flow, bytes } => self.udp_datagram(flow, bytes),
+            Msg::Echo {
+                token,
+                resource,
+                size,
+            } => self.echo(token, resource, size),
             Msg::Ping { nonce } => {
                 if let Some(s) = self.sess.as_mut() {
                     s.session.send_control(Msg::Pong { nonce });
@@ -752,34 +787,55 @@ impl Agent {
         self.flows.get_mut(&s).filter(|f| !f.dead)
     }
 
-    fn open(&mut self, flow: FlowId, resource: u32, port: u16) {
+    /// The real address for `resource:port`, if the export policy allows
+    /// it; otherwise the host is told why and `None` comes back.
+    pub(crate) fn target(
+        &mut self,
+        resource: u32,
+        port: u16,
+        proto: Proto,
+        flow: FlowId,
+    ) -> Option<SocketAddr> {
         let Some(e) = self.exports.get_mut(resource as usize) else {
             tracing::warn!(
                 flow,
                 resource,
                 "open for a resource this agent does not export"
             );
-            return self.send_msg(Msg::OpenErr {
+            self.send_msg(Msg::OpenErr {
                 flow,
                 reason: OpenError::NotExported,
             });
+            return None;
         };
-        if e.spec.port != port {
-            tracing::info!(flow, name = %e.spec.name, port, "refused: port not exported");
-            return self.send_msg(Msg::OpenErr {
+        if !e.spec.allows(port, proto) {
+            tracing::info!(flow, name = %e.spec.name, port, ?proto, "refused: port not exported");
+            self.send_msg(Msg::OpenErr {
                 flow,
                 reason: OpenError::NotExported,
             });
+            return None;
         }
         if e.addr.is_none() {
             e.addr = resolve(&e.spec);
         }
-        let Some(addr) = e.addr else {
+        let Some(ip) = e.addr else {
             tracing::warn!(flow, target = %e.spec, "cannot resolve target");
-            return self.send_msg(Msg::OpenErr {
+            self.send_msg(Msg::OpenErr {
                 flow,
                 reason: OpenError::Unreachable,
             });
+            return None;
+        };
+        if let (Some(mode), Some(s)) = (e.compression, self.sess.as_mut()) {
+            s.session.set_flow_compression(flow, mode);
+        }
+        Some(SocketAddr::new(ip, port))
+    }
+
+    fn open(&mut self, flow: FlowId, resource: u32, port: u16) {
+        let Some(addr) = self.target(resource, port, Proto::Tcp, flow) else {
+            return;
         };
         let fd = match new_socket(&addr) {
             Ok(fd) => fd,
@@ -792,10 +848,6 @@ impl Agent {
             }
         };
         setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        let mode = e.compression;
-        if let (Some(mode), Some(s)) = (mode, self.sess.as_mut()) {
-            s.session.set_flow_compression(flow, mode);
-        }
         let serial = self.next_serial;
         self.next_serial += 1;
         self.reactor.connect(
@@ -1018,6 +1070,7 @@ impl Agent {
         for s in done {
             self.maybe_done(s);
         }
+        self.pump_udp(can_read);
         if let Some(s) = self.sess.as_mut() {
             s.session.flush();
         }

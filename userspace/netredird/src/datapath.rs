@@ -75,6 +75,10 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Replay buffer limit per session.
     pub replay_limit: usize,
+    /// Answer DHCP (the NIC is only for netredir).
+    pub dedicated: bool,
+    /// DNS zone of the vDNS.
+    pub zone: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +129,7 @@ struct Resource {
     name: String,
     target: String,
     ports: Vec<u16>,
+    udp_ports: Vec<u16>,
     vip: Ipv4Addr,
     online: bool,
 }
@@ -150,6 +155,8 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
     let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
     ecfg.seed = random_u64();
+    ecfg.dhcp = cfg.dedicated;
+    ecfg.zone = cfg.zone.clone();
     let engine = Engine::new(ecfg, Instant::now());
     let mut l = Loop {
         cfg,
@@ -257,6 +264,25 @@ fn to_msg(ev: Event) -> Option<Msg> {
         Event::Window { flow, credit } => Msg::Window { flow, credit },
         Event::Fin { flow } => Msg::Fin { flow },
         Event::Reset { flow } => Msg::Reset { flow },
+        Event::OpenUdp {
+            flow,
+            resource,
+            port,
+        } => Msg::OpenUdp {
+            flow,
+            resource,
+            port,
+        },
+        Event::Datagram { flow, bytes } => Msg::Datagram { flow, bytes },
+        Event::Echo {
+            token,
+            resource,
+            size,
+        } => Msg::Echo {
+            token,
+            resource,
+            size,
+        },
         Event::Closed { .. } => return None,
     })
 }
@@ -682,6 +708,11 @@ impl Loop {
                     self.engine.open_err(flow, Refusal::Refused, now)
                 }
                 Msg::Data { flow, bytes } => self.engine.data(flow, &bytes, now),
+                Msg::Datagram { flow, bytes } => self.engine.datagram(flow, &bytes, now),
+                Msg::EchoReply { token, ok } => {
+                    self.engine.echo_reply(token, ok);
+                    Ok(())
+                }
                 Msg::Window { flow, credit } => self.engine.window(flow, credit, now),
                 Msg::Fin { flow } => self.engine.fin(flow, now),
                 Msg::Reset { flow } => self.engine.reset(flow, now),
@@ -713,11 +744,14 @@ impl Loop {
     }
 
     fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
-        let tcp: Vec<u16> = ports
-            .iter()
-            .filter(|(_, p)| *p == Proto::Tcp)
-            .map(|(p, _)| *p)
-            .collect();
+        let pick = |proto: Proto| -> Vec<u16> {
+            ports
+                .iter()
+                .filter(|(_, p)| *p == proto)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let (tcp, udp) = (pick(Proto::Tcp), pick(Proto::Udp));
         let idx = match self.resources.iter().position(|r| r.name == name) {
             Some(i) => i,
             None => {
@@ -731,6 +765,7 @@ impl Loop {
                     name: name.clone(),
                     target: String::new(),
                     ports: Vec::new(),
+                    udp_ports: Vec::new(),
                     vip,
                     online: false,
                 });
@@ -740,9 +775,10 @@ impl Loop {
         let r = &mut self.resources[idx];
         r.target = target;
         r.ports = tcp.clone();
+        r.udp_ports = udp.clone();
         r.online = true;
         tracing::info!(name = %r.name, vip = %r.vip, target = %r.target, ports = ?r.ports, "resource exported");
-        self.engine.set_resource(r.vip, id, tcp);
+        self.engine.set_named_resource(r.vip, id, &r.name, tcp, udp);
         self.by_id.insert(id, idx);
     }
 
@@ -972,6 +1008,8 @@ impl Loop {
             agent_connected: connected,
             agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
             flows: self.engine.flow_count() as u64,
+            dns: self.engine.dns_addr().to_string(),
+            zone: self.cfg.zone.clone(),
             counters,
         }
     }

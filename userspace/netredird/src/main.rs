@@ -46,6 +46,13 @@ struct Args {
     /// Unix socket of the control API (netredirctl --control).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
+    /// The VM's NIC carries only netredir traffic: answer its DHCP requests
+    /// (address, DNS server, route for the subnet).
+    #[arg(long)]
+    dedicated: bool,
+    /// DNS zone the VM resolves resources in (NAME.ZONE).
+    #[arg(long, value_name = "ZONE", default_value = "netredir.internal")]
+    zone: String,
     /// Name of the VM session this daemon serves; pairings are bound to
     /// it [default: the interface name].
     #[arg(long, value_name = "NAME")]
@@ -152,7 +159,11 @@ fn run(args: Args) -> Result<()> {
     }
 
     let mut steer = Steer::load()?;
-    steer.set_subnet(args.subnet.network(), args.subnet.prefix_len())?;
+    steer.configure(
+        args.subnet.network(),
+        args.subnet.prefix_len(),
+        args.dedicated,
+    )?;
     let xsk = Xsk::open(&args.iface, 0)?;
     steer.register_xsk(0, xsk.fd())?;
     steer.attach(&args.iface)?;
@@ -180,6 +191,8 @@ fn run(args: Args) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         heartbeat: Duration::from_secs(args.heartbeat),
         replay_limit: 8 * 1024 * 1024,
+        dedicated: args.dedicated,
+        zone: args.zone.clone(),
     };
     let dp_waker = waker.clone();
     let datapath = std::thread::Builder::new()

@@ -119,6 +119,10 @@ pub struct Status {
     pub agent_name: Option<String>,
     /// Open flows.
     pub flows: u64,
+    /// Address of the vDNS in the subnet.
+    pub dns: String,
+    /// The DNS zone resources are named in.
+    pub zone: String,
     /// Named counters (frames, bytes, refusals, errors).
     pub counters: Vec<(String, u64)>,
 }

@@ -1,31 +1,68 @@
-//! `--export NAME=HOST:PORT`: what the agent offers and where it really is.
+//! `--export NAME=HOST[:PORTS]`: what the agent offers and where it really is.
 
+use crate::wire::Proto;
 use std::fmt;
 use std::str::FromStr;
+
+/// The ports a printer usually answers on, exported when none are given:
+/// raw/JetDirect, IPP and LPD over TCP, SNMP over UDP.
+pub const PRINTER_PORTS: [(u16, Proto); 4] = [
+    (9100, Proto::Tcp),
+    (631, Proto::Tcp),
+    (515, Proto::Tcp),
+    (161, Proto::Udp),
+];
 
 /// One exported resource as the user wrote it on the agent's command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportSpec {
-    /// Name shown in `map list`; the vIP derives from it.
+    /// Name shown in `map list` and in DNS; the vIP derives from it.
     pub name: String,
     /// Host name or address of the real resource on the client LAN.
     pub host: String,
-    /// TCP port of the real resource; guests reach it on the same port.
-    pub port: u16,
+    /// Ports the guest may reach; the same port on the real resource.
+    pub ports: Vec<(u16, Proto)>,
+}
+
+impl ExportSpec {
+    /// Whether the policy allows `port` over `proto`.
+    pub fn allows(&self, port: u16, proto: Proto) -> bool {
+        self.ports.contains(&(port, proto))
+    }
 }
 
 /// Why an `--export` argument was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExportError {
     /// No `=` between name and target.
-    #[error("{0:?}: expected NAME=HOST:PORT, e.g. printer=192.168.1.20:9100")]
+    #[error("{0:?}: expected NAME=HOST[:PORTS], e.g. printer=192.168.1.20:9100,631,161/udp")]
     Syntax(String),
     /// The name is empty, too long or has characters DNS would not take.
     #[error("{0:?}: a name is 1-63 letters, digits or '-', not starting with '-'")]
     BadName(String),
-    /// The port is missing, zero or not a number.
-    #[error("{0:?}: the port must be a number from 1 to 65535")]
+    /// A port is zero, not a number, or has an unknown protocol.
+    #[error(
+        "{0:?}: ports are numbers from 1 to 65535, optionally /tcp or /udp, separated by commas"
+    )]
     BadPort(String),
+}
+
+fn parse_ports(s: &str, whole: &str) -> Result<Vec<(u16, Proto)>, ExportError> {
+    let bad = || ExportError::BadPort(whole.into());
+    let mut ports = Vec::new();
+    for item in s.split(',') {
+        let (num, proto) = match item.split_once('/') {
+            Some((n, "tcp")) => (n, Proto::Tcp),
+            Some((n, "udp")) => (n, Proto::Udp),
+            Some(_) => return Err(bad()),
+            None => (item, Proto::Tcp),
+        };
+        let port: u16 = num.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if !ports.contains(&(port, proto)) {
+            ports.push((port, proto));
+        }
+    }
+    Ok(ports)
 }
 
 impl FromStr for ExportSpec {
@@ -41,32 +78,52 @@ impl FromStr for ExportSpec {
         if !name_ok {
             return Err(ExportError::BadName(name.into()));
         }
-        let (host, port) = target
-            .rsplit_once(':')
-            .ok_or_else(|| ExportError::Syntax(s.into()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let (host, ports) = if let Some(rest) = target.strip_prefix('[') {
+            // [v6]:PORTS or [v6]
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| ExportError::Syntax(s.into()))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return Err(ExportError::Syntax(s.into())),
+            }
+        } else if target.matches(':').count() == 1 {
+            let (h, p) = target.split_once(':').expect("one colon");
+            (h, Some(p))
+        } else {
+            // A host name, or an IPv6 literal without brackets (no ports).
+            (target, None)
+        };
         if host.is_empty() {
             return Err(ExportError::Syntax(s.into()));
         }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| ExportError::BadPort(s.into()))?;
+        let ports = match ports {
+            Some(p) => parse_ports(p, s)?,
+            None => PRINTER_PORTS.to_vec(),
+        };
         Ok(Self {
             name: name.to_ascii_lowercase(),
             host: host.into(),
-            port,
+            ports,
         })
     }
 }
 
 impl fmt::Display for ExportSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(p, proto)| match proto {
+                Proto::Tcp => p.to_string(),
+                Proto::Udp => format!("{p}/udp"),
+            })
+            .collect();
         if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
+            write!(f, "[{}]:{}", self.host, ports.join(","))
         } else {
-            write!(f, "{}:{}", self.host, self.port)
+            write!(f, "{}:{}", self.host, ports.join(","))
         }
     }
 }
@@ -79,15 +136,26 @@ mod tests {
     fn parses_good_and_names_what_is_wrong() {
         let e: ExportSpec = "Printer=10.0.0.5:9100".parse().unwrap();
         assert_eq!(
-            (e.name.as_str(), e.host.as_str(), e.port),
-            ("printer", "10.0.0.5", 9100)
+            (e.name.as_str(), e.host.as_str(), e.ports.clone()),
+            ("printer", "10.0.0.5", vec![(9100, Proto::Tcp)])
         );
         assert_eq!(e.to_string(), "10.0.0.5:9100");
+        let m: ExportSpec = "p=printer.lan:9100,631,161/udp".parse().unwrap();
+        assert_eq!(
+            m.ports,
+            vec![(9100, Proto::Tcp), (631, Proto::Tcp), (161, Proto::Udp)]
+        );
+        assert!(m.allows(161, Proto::Udp) && !m.allows(161, Proto::Tcp));
+        assert_eq!(m.to_string(), "printer.lan:9100,631,161/udp");
+        let d: ExportSpec = "p=printer.lan".parse().unwrap();
+        assert_eq!(d.ports, PRINTER_PORTS.to_vec(), "a printer's usual ports");
         let v6: ExportSpec = "p6=[fd00::5]:631".parse().unwrap();
         assert_eq!(
             (v6.host.as_str(), v6.to_string()),
             ("fd00::5", "[fd00::5]:631".into())
         );
+        let v6d: ExportSpec = "p6=fd00::5".parse().unwrap();
+        assert_eq!((v6d.host.as_str(), v6d.ports.len()), ("fd00::5", 4));
         assert!(matches!(
             "nope".parse::<ExportSpec>(),
             Err(ExportError::Syntax(_))
@@ -105,7 +173,11 @@ mod tests {
             Err(ExportError::BadPort(_))
         ));
         assert!(matches!(
-            "p=h".parse::<ExportSpec>(),
+            "p=h:53/sctp".parse::<ExportSpec>(),
+            Err(ExportError::BadPort(_))
+        ));
+        assert!(matches!(
+            "p=:9100".parse::<ExportSpec>(),
             Err(ExportError::Syntax(_))
         ));
     }

@@ -167,6 +167,39 @@ pub enum Msg {
         /// The code's secret bytes.
         secret: Vec<u8>,
     },
+    /// Host → agent: the guest sends UDP to `resource:port`; answered like
+    /// [`Msg::Open`] (OpenOk / OpenErr), then datagrams flow.
+    OpenUdp {
+        /// New flow.
+        flow: FlowId,
+        /// Resource to talk to.
+        resource: ResourceId,
+        /// Destination UDP port.
+        port: u16,
+    },
+    /// One UDP datagram of a flow (no credits: datagrams may be dropped).
+    Datagram {
+        /// The flow.
+        flow: FlowId,
+        /// The payload, at most [`MAX_DATA`] bytes.
+        bytes: Vec<u8>,
+    },
+    /// Host → agent: the guest pings `resource`; the agent pings the real one.
+    Echo {
+        /// Matches the answer to the question.
+        token: u32,
+        /// Resource to ping.
+        resource: ResourceId,
+        /// Payload size of the guest's echo request.
+        size: u16,
+    },
+    /// Agent → host: the real resource answered the echo (or not).
+    EchoReply {
+        /// The echo's token.
+        token: u32,
+        /// Whether a reply came in time.
+        ok: bool,
+    },
 }
 
 impl fmt::Debug for Msg {
@@ -203,6 +236,18 @@ impl fmt::Debug for Msg {
             Msg::Pong { nonce } => write!(f, "Pong({nonce})"),
             Msg::Refused { reason } => write!(f, "Refused({reason:?})"),
             Msg::Pair { .. } => write!(f, "Pair(..)"),
+            Msg::OpenUdp {
+                flow,
+                resource,
+                port,
+            } => write!(f, "OpenUdp(flow {flow}, res {resource}, port {port})"),
+            Msg::Datagram { flow, bytes } => write!(f, "Datagram({flow}, {} bytes)", bytes.len()),
+            Msg::Echo {
+                token,
+                resource,
+                size,
+            } => write!(f, "Echo({token}, res {resource}, {size} bytes)"),
+            Msg::EchoReply { token, ok } => write!(f, "EchoReply({token}, ok {ok})"),
         }
     }
 }
@@ -244,6 +289,10 @@ mod kind {
     pub const PONG: u8 = 0x0e;
     pub const REFUSED: u8 = 0x0f;
     pub const PAIR: u8 = 0x10;
+    pub const OPEN_UDP: u8 = 0x11;
+    pub const DATAGRAM: u8 = 0x12;
+    pub const ECHO: u8 = 0x13;
+    pub const ECHO_REPLY: u8 = 0x14;
 }
 
 const HEADER_LEN: usize = 4;
@@ -289,6 +338,10 @@ impl Msg {
             Msg::Pong { .. } => kind::PONG,
             Msg::Refused { .. } => kind::REFUSED,
             Msg::Pair { .. } => kind::PAIR,
+            Msg::OpenUdp { .. } => kind::OPEN_UDP,
+            Msg::Datagram { .. } => kind::DATAGRAM,
+            Msg::Echo { .. } => kind::ECHO,
+            Msg::EchoReply { .. } => kind::ECHO_REPLY,
         }
     }
 
@@ -375,6 +428,32 @@ impl Msg {
                 let n = secret.len().min(255);
                 out.push(n as u8);
                 out.extend_from_slice(&secret[..n]);
+            }
+            Msg::OpenUdp {
+                flow,
+                resource,
+                port,
+            } => {
+                out.extend_from_slice(&flow.to_be_bytes());
+                out.extend_from_slice(&resource.to_be_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+            Msg::Datagram { flow, bytes } => {
+                out.extend_from_slice(&flow.to_be_bytes());
+                out.extend_from_slice(&bytes[..bytes.len().min(MAX_DATA)]);
+            }
+            Msg::Echo {
+                token,
+                resource,
+                size,
+            } => {
+                out.extend_from_slice(&token.to_be_bytes());
+                out.extend_from_slice(&resource.to_be_bytes());
+                out.extend_from_slice(&size.to_be_bytes());
+            }
+            Msg::EchoReply { token, ok } => {
+                out.extend_from_slice(&token.to_be_bytes());
+                out.push(u8::from(*ok));
             }
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
@@ -472,6 +551,35 @@ impl Msg {
             kind::PING => Msg::Ping { nonce: r.u64()? },
             kind::PONG => Msg::Pong { nonce: r.u64()? },
             kind::REFUSED => Msg::Refused { reason: r.str()? },
+            kind::OPEN_UDP => Msg::OpenUdp {
+                flow: r.u32()?,
+                resource: r.u32()?,
+                port: r.u16()?,
+            },
+            kind::DATAGRAM => {
+                let flow = r.u32()?;
+                let bytes = r.rest();
+                if bytes.len() > MAX_DATA {
+                    return Err(WireError::BadField(k, "datagram length"));
+                }
+                Msg::Datagram {
+                    flow,
+                    bytes: bytes.to_vec(),
+                }
+            }
+            kind::ECHO => Msg::Echo {
+                token: r.u32()?,
+                resource: r.u32()?,
+                size: r.u16()?,
+            },
+            kind::ECHO_REPLY => Msg::EchoReply {
+                token: r.u32()?,
+                ok: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadField(k, "ok flag")),
+                },
+            },
             kind::PAIR => {
                 let n = r.u8()? as usize;
                 Msg::Pair {
@@ -670,6 +778,21 @@ mod tests {
             Msg::Pair {
                 secret: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
             },
+            Msg::OpenUdp {
+                flow: 5,
+                resource: 7,
+                port: 161,
+            },
+            Msg::Datagram {
+                flow: 5,
+                bytes: vec![0x30, 0x26],
+            },
+            Msg::Echo {
+                token: 3,
+                resource: 7,
+                size: 56,
+            },
+            Msg::EchoReply { token: 3, ok: true },
         ]
     }
 
@@ -711,6 +834,7 @@ mod tests {
                     (&m, &r),
                     (Msg::Data { .. }, Ok(Msg::Data { .. }))
                         | (Msg::DataZ { .. }, Ok(Msg::DataZ { .. }))
+                        | (Msg::Datagram { .. }, Ok(Msg::Datagram { .. }))
                 ) {
                     continue;
                 }
@@ -802,6 +926,23 @@ mod tests {
             any::<u64>().prop_map(|nonce| Msg::Pong { nonce }),
             "\\PC{0,40}".prop_map(|reason| Msg::Refused { reason }),
             proptest::collection::vec(any::<u8>(), 0..32).prop_map(|secret| Msg::Pair { secret }),
+            (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(flow, resource, port)| {
+                Msg::OpenUdp {
+                    flow,
+                    resource,
+                    port,
+                }
+            }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..600))
+                .prop_map(|(flow, bytes)| Msg::Datagram { flow, bytes }),
+            (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(token, resource, size)| {
+                Msg::Echo {
+                    token,
+                    resource,
+                    size,
+                }
+            }),
+            (any::<u32>(), any::<bool>()).prop_map(|(token, ok)| Msg::EchoReply { token, ok }),
         ]
     }
 

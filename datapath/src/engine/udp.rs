@@ -1,0 +1,327 @@
+//! UDP flows, ICMP echo and the vDNS: the datagram side of the engine.
+//!
+//! A UDP datagram to `vip:port` that the resource exports opens a flow
+//! (keyed by the guest's address and port); the first datagrams wait (at
+//! most [`MAX_HELD`]) until the agent has a socket, then every datagram is
+//! a tunnel message each way. A flow idle for [`UDP_IDLE`] is closed. An
+//! echo request to a vIP becomes an [`Event::Echo`]; the guest gets its
+//! reply only if the agent's ping of the real resource got one. Datagrams
+//! to the vDNS address are answered here.
+
+use super::*;
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Ipv4Repr, UdpPacket, UdpRepr,
+};
+
+/// Datagrams kept per flow while the agent opens it.
+pub const MAX_HELD: usize = 8;
+/// A UDP flow with no datagram either way for this long is closed.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Echo requests waiting for the agent's answer, per VM.
+pub const MAX_ECHOES: usize = 64;
+/// An echo the agent did not answer within this is forgotten.
+pub const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub(super) struct UdpFlow {
+    pub(super) key: FlowKey,
+    pub(super) open: bool,
+    pub(super) held: VecDeque<Vec<u8>>,
+    pub(super) last: Instant,
+}
+
+#[derive(Debug)]
+pub(super) struct PendingEcho {
+    guest: Ipv4Addr,
+    vip: Ipv4Addr,
+    ident: u16,
+    seq_no: u16,
+    data: Vec<u8>,
+    since: Instant,
+}
+
+fn checksums() -> smoltcp::phy::ChecksumCapabilities {
+    smoltcp::phy::ChecksumCapabilities::default()
+}
+
+impl Engine {
+    pub(super) fn handle_udp(&mut self, ip: &Ipv4Packet<&[u8]>, now: Instant) {
+        let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let payload = udp.payload();
+        let (guest, vip) = (ip.src_addr(), ip.dst_addr());
+        let (sport, dport) = (udp.src_port(), udp.dst_port());
+        if dport == 67 {
+            self.handle_dhcp(payload);
+            return;
+        }
+        if vip == self.dns_addr() && dport == 53 {
+            self.counters.dns_queries += 1;
+            match self.dns.answer(payload) {
+                Ok(Some(reply)) => self.send_udp(vip, 53, guest, sport, &reply),
+                Ok(None) => {}
+                Err(_) => self.counters.dns_malformed += 1,
+            }
+            return;
+        }
+        let key = FlowKey {
+            guest: (guest, sport),
+            vip: (vip, dport),
+        };
+        if let Some(&id) = self.udp_by_key.get(&key) {
+            let f = self.udp_flows.get_mut(&id).expect("indexed");
+            f.last = now;
+            if f.open {
+                self.counters.bytes_from_guest += payload.len() as u64;
+                self.events.push_back(Event::Datagram {
+                    flow: id,
+                    bytes: payload.to_vec(),
+                });
+            } else if f.held.len() < MAX_HELD {
+                f.held.push_back(payload.to_vec());
+            } else {
+                self.counters.udp_dropped += 1;
+            }
+            return;
+        }
+        let resource = self
+            .resources
+            .get(&vip)
+            .filter(|r| r.udp_ports.contains(&dport))
+            .map(|r| r.id);
+        let Some(resource) = resource else {
+            self.counters.refused_no_resource += 1;
+            self.port_unreachable(ip);
+            return;
+        };
+        if !self.online || !self.accepting {
+            self.counters.refused_offline += 1;
+            self.port_unreachable(ip);
+            return;
+        }
+        if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows {
+            self.counters.refused_limit += 1;
+            return;
+        }
+        let id = self.alloc_flow_id();
+        self.udp_flows.insert(
+            id,
+            UdpFlow {
+                key,
+                open: false,
+                held: VecDeque::from([payload.to_vec()]),
+                last: now,
+            },
+        );
+        self.udp_by_key.insert(key, id);
+        self.counters.opens += 1;
+        self.events.push_back(Event::OpenUdp {
+            flow: id,
+            resource,
+            port: dport,
+        });
+    }
+
+    /// The agent has a socket for UDP flow `flow`: held datagrams go.
+    pub(super) fn udp_open_ok(&mut self, flow: FlowId, now: Instant) {
+        if let Some(f) = self.udp_flows.get_mut(&flow) {
+            f.open = true;
+            f.last = now;
+            for bytes in f.held.drain(..) {
+                self.counters.bytes_from_guest += bytes.len() as u64;
+                self.events.push_back(Event::Datagram { flow, bytes });
+            }
+        }
+    }
+
+    /// A datagram from the resource for the guest.
+    pub fn datagram(&mut self, flow: FlowId, bytes: &[u8], now: Instant) -> Result<(), FlowError> {
+        let f = self
+            .udp_flows
+            .get_mut(&flow)
+            .ok_or(FlowError::UnknownFlow(flow))?;
+        f.last = now;
+        let key = f.key;
+        self.counters.bytes_to_guest += bytes.len() as u64;
+        self.send_udp(key.vip.0, key.vip.1, key.guest.0, key.guest.1, bytes);
+        self.collect_frames();
+        Ok(())
+    }
+
+    pub(super) fn remove_udp(&mut self, flow: FlowId) -> bool {
+        match self.udp_flows.remove(&flow) {
+            Some(f) => {
+                self.udp_by_key.remove(&f.key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes idle UDP flows and forgets echoes nobody answered.
+    pub(super) fn sweep_datagrams(&mut self, now: Instant) {
+        let idle: Vec<FlowId> = self
+            .udp_flows
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.last) >= UDP_IDLE)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.remove_udp(id);
+            self.events.push_back(Event::Reset { flow: id });
+        }
+        self.echoes
+            .retain(|_, e| now.saturating_duration_since(e.since) < ECHO_TIMEOUT);
+    }
+
+    pub(super) fn handle_icmp(&mut self, ip: &Ipv4Packet<&[u8]>, now: Instant) {
+        let Ok(pkt) = Icmpv4Packet::new_checked(ip.payload()) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let Ok(repr) = Icmpv4Repr::parse(&pkt, &smoltcp::phy::ChecksumCapabilities::ignored())
+        else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        } = repr
+        else {
+            self.counters.unsupported += 1;
+            return;
+        };
+        let (guest, vip) = (ip.src_addr(), ip.dst_addr());
+        let pending = PendingEcho {
+            guest,
+            vip,
+            ident,
+            seq_no,
+            data: data.to_vec(),
+            since: now,
+        };
+        // The gateway and the vDNS are ours: they answer at once.
+        if vip == self.gateway() || vip == self.dns_addr() {
+            self.echo_reply_to(&pending);
+            return;
+        }
+        let Some(resource) = self.resources.get(&vip).map(|r| r.id) else {
+            self.counters.refused_no_resource += 1;
+            return;
+        };
+        if !self.online || !self.accepting || self.echoes.len() >= MAX_ECHOES {
+            self.counters.refused_offline += 1;
+            return;
+        }
+        self.next_echo = self.next_echo.wrapping_add(1);
+        let token = self.next_echo;
+        self.echoes.insert(token, pending);
+        self.events.push_back(Event::Echo {
+            token,
+            resource,
+            size: data.len().min(u16::MAX as usize) as u16,
+        });
+    }
+
+    /// The agent's ping of the real resource came back (`ok`) or not.
+    pub fn echo_reply(&mut self, token: u32, ok: bool) {
+        let Some(e) = self.echoes.remove(&token) else {
+            return;
+        };
+        if ok {
+            self.echo_reply_to(&e);
+            self.collect_frames();
+        }
+    }
+
+    fn echo_reply_to(&mut self, e: &PendingEcho) {
+        let icmp = Icmpv4Repr::EchoReply {
+            ident: e.ident,
+            seq_no: e.seq_no,
+            data: &e.data,
+        };
+        let ip = Ipv4Repr {
+            src_addr: e.vip,
+            dst_addr: e.guest,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut out = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]),
+            &checksums(),
+        );
+        self.counters.echo_replies += 1;
+        self.dev.tx.push_back(out);
+        self.collect_frames();
+    }
+
+    fn port_unreachable(&mut self, orig: &Ipv4Packet<&[u8]>) {
+        let Ok(orig_repr) = Ipv4Repr::parse(orig, &smoltcp::phy::ChecksumCapabilities::ignored())
+        else {
+            return;
+        };
+        let quoted = &orig.payload()[..orig.payload().len().min(8)];
+        let icmp = Icmpv4Repr::DstUnreachable {
+            reason: Icmpv4DstUnreachable::PortUnreachable,
+            header: orig_repr,
+            data: quoted,
+        };
+        let ip = Ipv4Repr {
+            src_addr: orig.dst_addr(),
+            dst_addr: orig.src_addr(),
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut out = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]),
+            &checksums(),
+        );
+        self.dev.tx.push_back(out);
+        self.collect_frames();
+        let _ = Icmpv4Message::DstUnreachable;
+    }
+
+    /// Builds and queues one UDP/IPv4 packet to the guest.
+    pub(super) fn send_udp(
+        &mut self,
+        src: Ipv4Addr,
+        sport: u16,
+        dst: Ipv4Addr,
+        dport: u16,
+        payload: &[u8],
+    ) {
+        let udp = UdpRepr {
+            src_port: sport,
+            dst_port: dport,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len: udp.header_len() + payload.len(),
+            hop_limit: 64,
+        };
+        let mut out = vec![0u8; ip.buffer_len() + udp.header_len() + payload.len()];
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
+        udp.emit(
+            &mut UdpPacket::new_unchecked(&mut out[ip.buffer_len()..]),
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &checksums(),
+        );
+        self.dev.tx.push_back(out);
+        self.collect_frames();
+    }
+}
