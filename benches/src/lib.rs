@@ -195,6 +195,51 @@ impl Redir {
         )
     }
 
+    /// Waits until something in the lan namespace listens on UDP `port`.
+    pub fn wait_listening_udp(&self, port: u16) -> Result<()> {
+        let filter = format!("sport = :{port}");
+        wait_until(
+            &format!("a UDP listener on lan port {port}"),
+            Duration::from_secs(10),
+            || {
+                self.tb
+                    .lan
+                    .run("ss", &["-Hlun", &filter])
+                    .is_ok_and(|o| !o.stdout.is_empty())
+            },
+        )
+    }
+
+    /// A real SNMP agent (snmpd) on the LAN server, community `public`,
+    /// whose sysDescr is `descr`.
+    pub fn snmpd(&self, descr: &str) -> Result<()> {
+        let conf = self.tb.dir().join("snmpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "agentAddress udp:{}:161\nrocommunity public default\nsysDescr {descr}\n",
+                testbed::LAN_IP
+            ),
+        )?;
+        let state = self.tb.dir().join("snmp-state");
+        std::fs::create_dir_all(&state)?;
+        let conf = conf.to_string_lossy().into_owned();
+        let pid = self
+            .tb
+            .dir()
+            .join("snmpd.pid")
+            .to_string_lossy()
+            .into_owned();
+        let mut cmd_env = vec![
+            "env".to_string(),
+            format!("SNMP_PERSISTENT_DIR={}", state.display()),
+        ];
+        cmd_env.extend(["snmpd", "-f", "-Lo", "-C", "-c", &conf, "-p", &pid].map(String::from));
+        let args: Vec<&str> = cmd_env[1..].iter().map(String::as_str).collect();
+        self.tb.spawn(&self.tb.lan, "snmpd", &cmd_env[0], &args)?;
+        self.wait_listening_udp(161)
+    }
+
     /// A printer that takes one job on `port` and writes it to `file`
     /// (socat), exiting when the job's connection closes.
     pub fn printer_once(&self, name: &str, port: u16, file: &std::path::Path) -> Result<()> {

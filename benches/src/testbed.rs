@@ -168,6 +168,7 @@ fn sweep_stale() {
         };
         if !pid_alive(pid) {
             let _ = ip(&["netns", "del", &name]);
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&name));
         }
     }
 }
@@ -293,6 +294,20 @@ impl Testbed {
             "via",
             CLIENT_LAN_IP,
         ])?;
+        // As on a desktop distribution: anyone may ping (unprivileged ICMP
+        // sockets); a new namespace starts with nobody allowed.
+        self.client
+            .run("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"])?;
+        Ok(())
+    }
+
+    /// Gives namespace `ns` its own /etc/resolv.conf (for programs started
+    /// with `ip netns exec`); removed with the testbed.
+    pub fn set_resolv_conf(&self, ns: &Netns, content: &str) -> Result<()> {
+        let dir = PathBuf::from("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join("resolv.conf"), content)?;
         Ok(())
     }
 
@@ -452,6 +467,7 @@ impl Testbed {
         }
         for ns in [&self.vm, &self.host, &self.client, &self.lan] {
             let _ = ip(&["netns", "del", ns.name()]);
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns.name()));
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
