@@ -5,6 +5,9 @@ use anyhow::{Context, bail};
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CARGO_FEATURE_KERNEL").is_none() {
+        return Ok(());
+    }
     let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let root = here.join("../ebpf/steer");
     let root = root

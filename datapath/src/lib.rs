@@ -11,5 +11,7 @@
 
 pub mod dns;
 pub mod engine;
+#[cfg(feature = "kernel")]
 pub mod steer;
+#[cfg(feature = "kernel")]
 pub mod xsk;
