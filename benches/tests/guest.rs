@@ -186,3 +186,123 @@ fn a_dedicated_nic_gets_its_address_by_dhcp() {
         "offer and ack"
     );
 }
+
+/// A raw IPv4 TCP SYN from the VM's address to `dst:dport`.
+fn syn(src_port: u16, dst: std::net::Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 200, 0, 2];
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&src_port.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+#[test]
+fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
+    use std::io::{Read, Write};
+    let r = Redir::new("synflood").unwrap();
+    r.echo("lan-echo", 7007).unwrap();
+    r.start_agent(
+        "agent",
+        &[
+            &format!("echo={LAN_IP}:7007"),
+            &format!("printer={LAN_IP}:9100"),
+        ],
+    )
+    .unwrap();
+    let echo = r.vip("echo").unwrap();
+    let printer = r.vip("printer").unwrap();
+    let rss_before = r.tb.rss("netredird").unwrap();
+    let sent =
+        r.tb.vm
+            .enter(|| {
+                // SAFETY: raw socket(2); we write whole IPv4 packets.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let mut sent = 0u32;
+                for i in 0..100_000u32 {
+                    // Half to random ports, half to an exported one.
+                    let (dst, port) = if i % 2 == 0 {
+                        (echo, (i % 60_000) as u16 + 1)
+                    } else {
+                        (printer, 9100)
+                    };
+                    let pkt = syn((i % 50_000) as u16 + 10_000, dst, port);
+                    let (sa, len) = netredir_uring_sockaddr(dst);
+                    // SAFETY: sendto with a live buffer and sockaddr.
+                    let n = unsafe {
+                        libc::sendto(
+                            fd,
+                            pkt.as_ptr().cast(),
+                            pkt.len(),
+                            0,
+                            (&sa as *const libc::sockaddr_in).cast(),
+                            len,
+                        )
+                    };
+                    if n > 0 {
+                        sent += 1;
+                    }
+                }
+                // SAFETY: our fd.
+                unsafe { libc::close(fd) };
+                sent
+            })
+            .unwrap();
+    assert!(sent >= 90_000, "only {sent} SYNs went out");
+    // Legitimate connections work again once the flood is over.
+    netredir_benches::testbed::wait_until(
+        "an echo through netredir",
+        std::time::Duration::from_secs(30),
+        || {
+            r.tb.vm
+                .enter(|| -> std::io::Result<bool> {
+                    let mut s = std::net::TcpStream::connect_timeout(
+                        &(echo, 7007).into(),
+                        std::time::Duration::from_secs(2),
+                    )?;
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                    s.write_all(b"legit")?;
+                    let mut b = [0u8; 5];
+                    s.read_exact(&mut b)?;
+                    Ok(&b == b"legit")
+                })
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert!(r.tb.running("netredird"));
+    let c = |k: &str| r.counter(k).unwrap();
+    assert!(
+        c("engine.refused_no_resource") > 10_000,
+        "SYNs to unexported ports were refused"
+    );
+    assert!(
+        c("engine.refused_rate") + c("engine.refused_limit") > 0,
+        "the limits took the rest"
+    );
+    let rss = r.tb.rss("netredird").unwrap();
+    assert!(
+        rss < rss_before + (64 << 20),
+        "netredird grew from {} to {} MiB",
+        rss_before >> 20,
+        rss >> 20
+    );
+}
+
+fn netredir_uring_sockaddr(dst: std::net::Ipv4Addr) -> (libc::sockaddr_in, libc::socklen_t) {
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    (
+        sa,
+        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+    )
+}

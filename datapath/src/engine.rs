@@ -67,10 +67,19 @@ pub struct EngineConfig {
     pub zone: String,
     /// Serve DHCPv4 (the VM's NIC is only for netredir).
     pub dhcp: bool,
+    /// Most bytes of TCP buffers (two socket buffers and a window per flow)
+    /// all flows of this VM may hold; new flows beyond get RST.
+    pub max_memory: usize,
+    /// New flows per second a guest may open, sustained.
+    pub new_flow_rate: u32,
+    /// New flows a guest may open at once.
+    pub new_flow_burst: u32,
 }
 
 impl EngineConfig {
-    /// Defaults for a subnet: 256 KiB buffers and window, 4096 flows.
+    /// Defaults for a subnet: 256 KiB buffers and window, 4096 flows but at
+    /// most 96 MiB of their buffers (128 busy TCP flows), 64 waiting for
+    /// the agent, 200 new flows a second (bursts of 400).
     pub fn new(subnet: Ipv4Addr, prefix_len: u8, mac: [u8; 6]) -> Self {
         Self {
             subnet,
@@ -80,10 +89,13 @@ impl EngineConfig {
             window: 256 * 1024,
             socket_buffer: 256 * 1024,
             max_flows: 4096,
-            max_opening: 256,
+            max_opening: 64,
             seed: 0,
             zone: "netredir.internal".into(),
             dhcp: false,
+            max_memory: 96 << 20,
+            new_flow_rate: 200,
+            new_flow_burst: 400,
         }
     }
 }
@@ -202,6 +214,8 @@ pub struct Counters {
     pub refused_offline: u64,
     /// SYNs refused by a flow limit.
     pub refused_limit: u64,
+    /// New flows refused by the rate limit.
+    pub refused_rate: u64,
     /// Opens the agent refused.
     pub refused_by_agent: u64,
     /// Flows reset (by the guest, the agent, or an error).
@@ -241,6 +255,7 @@ impl Counters {
             ("refused_no_resource", self.refused_no_resource),
             ("refused_offline", self.refused_offline),
             ("refused_limit", self.refused_limit),
+            ("refused_rate", self.refused_rate),
             ("refused_by_agent", self.refused_by_agent),
             ("resets", self.resets),
             ("closed", self.closed),
@@ -363,6 +378,8 @@ pub struct Engine {
     next_echo: u32,
     dns: VDns,
     leases: dhcp::Leases,
+    tokens: f64,
+    tokens_at: Instant,
     online: bool,
     accepting: bool,
     next_flow: FlowId,
@@ -387,6 +404,7 @@ impl Engine {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw), cfg.prefix_len));
         });
         iface.set_any_ip(true);
+        let tokens = f64::from(cfg.new_flow_burst);
         let dns = VDns::new(&cfg.zone)
             .or_else(|_| VDns::new("netredir.internal"))
             .expect("the default zone is valid");
@@ -405,6 +423,8 @@ impl Engine {
             next_echo: 0,
             dns,
             leases: dhcp::Leases::default(),
+            tokens,
+            tokens_at: now,
             online: false,
             accepting: true,
             next_flow: 1,
@@ -633,27 +653,29 @@ impl Engine {
             .get(&key.vip.0)
             .filter(|r| r.ports.contains(&key.vip.1))
             .map(|r| r.id);
-        let opening = self
-            .flows
-            .values()
-            .filter(|f| f.phase == Phase::Opening)
-            .count();
-        let refuse = |c: &mut Counters| -> bool {
-            if resource.is_none() {
-                c.refused_no_resource += 1;
-            } else if !self.online || !self.accepting {
-                c.refused_offline += 1;
-            } else if self.flows.len() >= self.cfg.max_flows || opening >= self.cfg.max_opening {
-                c.refused_limit += 1;
-            } else {
-                return false;
-            }
-            true
+        let refused = if resource.is_none() {
+            Some(&mut self.counters.refused_no_resource)
+        } else if !self.online || !self.accepting {
+            Some(&mut self.counters.refused_offline)
+        } else if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows
+            || (self.flows.len() + 1) * self.flow_cost() > self.cfg.max_memory
+            || self
+                .flows
+                .values()
+                .filter(|f| f.phase == Phase::Opening)
+                .count()
+                >= self.cfg.max_opening
+        {
+            Some(&mut self.counters.refused_limit)
+        } else if !self.take_token(now) {
+            Some(&mut self.counters.refused_rate)
+        } else {
+            None
         };
-        if refuse(&mut self.counters) {
-            // No socket matches: smoltcp answers RST|ACK.
+        if let Some(c) = refused {
+            *c += 1;
+            // No socket matches: smoltcp answers RST|ACK on the next poll.
             self.dev.rx.push_back(packet);
-            self.poll(now);
             return;
         }
         let resource = resource.expect("checked above");
@@ -710,6 +732,25 @@ impl Engine {
             port: key.vip.1,
         });
         self.collect_frames();
+    }
+
+    /// The most one TCP flow can hold: its socket buffers and its window.
+    pub fn flow_cost(&self) -> usize {
+        2 * self.cfg.socket_buffer + self.cfg.window as usize
+    }
+
+    /// Takes one new-flow token (token bucket: rate, burst).
+    fn take_token(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.tokens_at).as_secs_f64();
+        self.tokens_at = now.max(self.tokens_at);
+        self.tokens = (self.tokens + dt * f64::from(self.cfg.new_flow_rate))
+            .min(f64::from(self.cfg.new_flow_burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     fn alloc_flow_id(&mut self) -> FlowId {

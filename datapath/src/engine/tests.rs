@@ -470,3 +470,22 @@ proptest! {
         prop_assert!(p.engine.counters().frames_in > 0);
     }
 }
+
+#[test]
+fn new_flows_beyond_the_rate_limit_get_rst() {
+    let mut p = Pair::new(true);
+    p.engine.cfg.new_flow_burst = 3;
+    p.engine.cfg.new_flow_rate = 1;
+    p.engine.tokens = 3.0;
+    for port in 0..3 {
+        p.connect(9100, 41000 + port);
+    }
+    assert_eq!(p.take_events().len(), 3, "three opens within the burst");
+    let h = p.connect(9100, 41010);
+    assert_eq!(p.sock(h).state(), tcp::State::Closed, "the fourth gets RST");
+    assert_eq!(p.engine.counters().refused_rate, 1);
+    // A second later one more token has come.
+    p.advance(Duration::from_millis(1100));
+    p.connect(9100, 41011);
+    assert!(matches!(p.take_events().as_slice(), [Event::Open { .. }]));
+}

@@ -105,6 +105,10 @@ impl Engine {
             self.counters.refused_limit += 1;
             return;
         }
+        if !self.take_token(now) {
+            self.counters.refused_rate += 1;
+            return;
+        }
         let id = self.alloc_flow_id();
         self.udp_flows.insert(
             id,

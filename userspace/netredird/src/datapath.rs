@@ -148,6 +148,8 @@ struct Loop {
     pending_frames: Vec<Vec<u8>>,
     counters: HashMap<&'static str, u64>,
     last_ping: Instant,
+    /// Refusals and malformed frames as of the last warning about them.
+    reported: (Instant, [u64; 4]),
 }
 
 /// Runs the loop until `Request::Shutdown` or a fatal error.
@@ -172,6 +174,7 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
         pending_frames: Vec::new(),
         counters: HashMap::new(),
         last_ping: Instant::now(),
+        reported: (Instant::now(), [0; 4]),
     };
     let listen_fd = l.cfg.listener.as_raw_fd();
     l.reactor.poll_in(l.xsk.fd(), Tag::Xsk);
@@ -783,6 +786,27 @@ impl Loop {
     }
 
     fn timers(&mut self, now: Instant) {
+        // What a hostile or broken guest does shows in one line per 10 s,
+        // not one per frame.
+        if now.saturating_duration_since(self.reported.0) >= Duration::from_secs(10) {
+            let c = self.engine.counters();
+            let cur = [c.refused_limit, c.refused_rate, c.malformed, c.unsupported];
+            let d: Vec<u64> = cur
+                .iter()
+                .zip(self.reported.1)
+                .map(|(a, b)| a - b)
+                .collect();
+            if d.iter().any(|x| *x > 0) {
+                tracing::warn!(
+                    over_flow_limits = d[0],
+                    over_rate_limit = d[1],
+                    malformed = d[2],
+                    unsupported = d[3],
+                    "guest traffic refused or dropped in the last 10 s"
+                );
+            }
+            self.reported = (now, cur);
+        }
         // Handshakes that take too long (or never start) are dropped.
         let slow: Vec<u64> = self
             .conns
