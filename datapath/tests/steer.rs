@@ -159,6 +159,43 @@ fn golden_frames_get_their_verdicts_and_counters() {
         XDP_PASS,
         reason::PASS_IPV4_OTHER,
     );
+    let mut udp = ipv4_tcp(vip);
+    udp[14 + 9] = 17; // UDP (SNMP, DNS) to a vIP
+    expect(
+        &mut steer,
+        "UDP to a vIP",
+        &udp,
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV4,
+    );
+    let mut icmp = ipv4_tcp(vip);
+    icmp[14 + 9] = 1; // ICMP echo to a vIP
+    expect(
+        &mut steer,
+        "ICMP to a vIP",
+        &icmp,
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV4,
+    );
+    let mut frag = ipv4_tcp(vip);
+    frag[14 + 6] = 0x20; // more fragments: the engine counts and drops it
+    expect(
+        &mut steer,
+        "IPv4 fragment to a vIP",
+        &frag,
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV4,
+    );
+    // 802.1Q-tagged frames are not the VM's untagged NIC traffic: passed.
+    let mut vlan = ipv4_tcp(vip);
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    expect(
+        &mut steer,
+        "VLAN-tagged",
+        &vlan,
+        XDP_PASS,
+        reason::PASS_OTHER,
+    );
     let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 59, 64];
     v6.extend_from_slice(&[0u8; 32]);
     expect(
