@@ -30,26 +30,11 @@ const MODES: [(&str, Compression); 6] = [
     ("zstd9", Compression::Level(9)),
 ];
 
-/// `len` pseudo-random bytes (xorshift64): what is already compressed or
-/// encrypted looks like this.
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn payloads() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("text_job", netredir_benches::text_job(TOTAL, 1)),
         ("raster_job", netredir_benches::job_bytes(TOTAL, 2)),
-        ("random", random_bytes(TOTAL, 3)),
+        ("random", netredir_benches::random_bytes(TOTAL, 3)),
     ]
 }
 

@@ -339,6 +339,30 @@ pub fn text_job(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `len` pseudo-random bytes (xorshift64) from `seed`: what already
+/// compressed or encrypted data looks like.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A TCP connection with 10 s to connect and 60 s for each read and write,
+/// so a broken path fails a test instead of hanging it.
+pub fn connect(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)

@@ -6,19 +6,12 @@
 use netredir_benches::testbed::{
     HOST_VM_IFACE, HOST_VM_IP, HOST_WAN_IP, LAN_IP, TUNNEL_PORT, bin, wait_until,
 };
-use netredir_benches::{Redir, job_bytes, sha256_hex};
+use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
-    Ok(s)
-}
 
 #[test]
 fn a_64_mib_job_arrives_byte_identical() {

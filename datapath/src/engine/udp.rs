@@ -9,9 +9,7 @@
 //! to the vDNS address are answered here.
 
 use super::*;
-use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Ipv4Repr, UdpPacket, UdpRepr,
-};
+use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Ipv4Repr, UdpPacket, UdpRepr};
 
 /// Datagrams kept per flow while the agent opens it.
 pub const MAX_HELD: usize = 8;
@@ -248,9 +246,15 @@ impl Engine {
             seq_no: e.seq_no,
             data: &e.data,
         };
+        self.counters.echo_replies += 1;
+        self.send_icmp(e.vip, e.guest, &icmp);
+    }
+
+    /// Builds and queues one ICMP packet to the guest.
+    fn send_icmp(&mut self, src: Ipv4Addr, dst: Ipv4Addr, icmp: &Icmpv4Repr<'_>) {
         let ip = Ipv4Repr {
-            src_addr: e.vip,
-            dst_addr: e.guest,
+            src_addr: src,
+            dst_addr: dst,
             next_header: IpProtocol::Icmp,
             payload_len: icmp.buffer_len(),
             hop_limit: 64,
@@ -261,7 +265,6 @@ impl Engine {
             &mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]),
             &checksums(),
         );
-        self.counters.echo_replies += 1;
         self.dev.tx.push_back(out);
         self.collect_frames();
     }
@@ -277,22 +280,7 @@ impl Engine {
             header: orig_repr,
             data: quoted,
         };
-        let ip = Ipv4Repr {
-            src_addr: orig.dst_addr(),
-            dst_addr: orig.src_addr(),
-            next_header: IpProtocol::Icmp,
-            payload_len: icmp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut out = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
-        icmp.emit(
-            &mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]),
-            &checksums(),
-        );
-        self.dev.tx.push_back(out);
-        self.collect_frames();
-        let _ = Icmpv4Message::DstUnreachable;
+        self.send_icmp(orig.dst_addr(), orig.src_addr(), &icmp);
     }
 
     /// Builds and queues one UDP/IPv4 packet to the guest.
