@@ -489,3 +489,281 @@ fn new_flows_beyond_the_rate_limit_get_rst() {
     p.connect(9100, 41011);
     assert!(matches!(p.take_events().as_slice(), [Event::Open { .. }]));
 }
+
+mod datagrams {
+    //! UDP, ICMP, DHCP and DNS with crafted frames.
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        DhcpMessageType, DhcpPacket, DhcpRepr, Icmpv4Packet, Icmpv4Repr, Ipv4Repr, UdpPacket,
+        UdpRepr,
+    };
+
+    fn eth_ip(ip: Ipv4Repr, l4: &[u8]) -> Vec<u8> {
+        let eth = EthernetRepr {
+            src_addr: Mac(GUEST_MAC),
+            dst_addr: Mac(ENGINE_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut out = vec![0u8; eth.buffer_len() + ip.buffer_len() + l4.len()];
+        let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+        eth.emit(&mut f);
+        let p = f.payload_mut();
+        ip.emit(
+            &mut Ipv4Packet::new_unchecked(&mut p[..]),
+            &ChecksumCapabilities::default(),
+        );
+        p[ip.buffer_len()..].copy_from_slice(l4);
+        out
+    }
+
+    fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let udp = UdpRepr {
+            src_port: sport,
+            dst_port: dport,
+        };
+        let mut l4 = vec![0u8; udp.header_len() + payload.len()];
+        udp.emit(
+            &mut UdpPacket::new_unchecked(&mut l4[..]),
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        );
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len: l4.len(),
+            hop_limit: 64,
+        };
+        eth_ip(ip, &l4)
+    }
+
+    /// The UDP datagram in a frame to the guest: (src, sport, dport, payload).
+    fn parse_udp(frame: &[u8]) -> Option<(Ipv4Addr, u16, u16, Vec<u8>)> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if ip.next_header() != IpProtocol::Udp {
+            return None;
+        }
+        let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+        Some((
+            ip.src_addr(),
+            udp.src_port(),
+            udp.dst_port(),
+            udp.payload().to_vec(),
+        ))
+    }
+
+    fn icmp_of(frame: &[u8]) -> Option<(Ipv4Addr, Vec<u8>)> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        (ip.next_header() == IpProtocol::Icmp).then(|| (ip.src_addr(), ip.payload().to_vec()))
+    }
+
+    #[test]
+    fn a_udp_flow_holds_its_first_datagram_until_the_agent_is_ready() {
+        let mut p = Pair::new(true);
+        p.engine
+            .set_named_resource(VIP, RESOURCE, "printer", vec![9100], vec![161]);
+        let now = p.now();
+        p.engine
+            .handle_frame(&udp_frame(GUEST_IP, VIP, 5000, 161, b"get sysDescr"), now);
+        let evs: Vec<Event> = std::iter::from_fn(|| p.engine.poll_event()).collect();
+        let flow = match evs.as_slice() {
+            [
+                Event::OpenUdp {
+                    flow,
+                    resource,
+                    port: 161,
+                },
+            ] if *resource == RESOURCE => *flow,
+            other => panic!("{other:?}"),
+        };
+        p.engine.open_ok(flow, now).unwrap();
+        assert_eq!(
+            p.engine.poll_event(),
+            Some(Event::Datagram {
+                flow,
+                bytes: b"get sysDescr".to_vec()
+            })
+        );
+        p.engine.datagram(flow, b"printer 1", now).unwrap();
+        let (src, sport, dport, payload) = parse_udp(&p.engine.poll_frame().unwrap()).unwrap();
+        assert_eq!(
+            (src, sport, dport, payload.as_slice()),
+            (VIP, 161, 5000, &b"printer 1"[..])
+        );
+        // Idle flows end, and the agent hears of it.
+        p.engine.poll(now + UDP_IDLE);
+        assert_eq!(p.engine.poll_event(), Some(Event::Reset { flow }));
+        assert_eq!(p.engine.flow_count(), 0);
+    }
+
+    #[test]
+    fn udp_to_a_port_not_exported_gets_port_unreachable() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        p.engine
+            .handle_frame(&udp_frame(GUEST_IP, VIP, 5000, 162, b"trap"), now);
+        assert!(p.engine.poll_event().is_none());
+        let (src, icmp) = icmp_of(&p.engine.poll_frame().unwrap()).unwrap();
+        assert_eq!(
+            (src, icmp[0], icmp[1]),
+            (VIP, 3, 3),
+            "destination unreachable, port"
+        );
+    }
+
+    #[test]
+    fn an_echo_is_answered_only_if_the_real_resource_answered() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        let echo = |seq| {
+            let icmp = Icmpv4Repr::EchoRequest {
+                ident: 7,
+                seq_no: seq,
+                data: b"abcdefgh",
+            };
+            let mut l4 = vec![0u8; icmp.buffer_len()];
+            icmp.emit(
+                &mut Icmpv4Packet::new_unchecked(&mut l4[..]),
+                &ChecksumCapabilities::default(),
+            );
+            let ip = Ipv4Repr {
+                src_addr: GUEST_IP,
+                dst_addr: VIP,
+                next_header: IpProtocol::Icmp,
+                payload_len: l4.len(),
+                hop_limit: 64,
+            };
+            eth_ip(ip, &l4)
+        };
+        p.engine.handle_frame(&echo(1), now);
+        let Some(Event::Echo {
+            token,
+            resource,
+            size: 8,
+        }) = p.engine.poll_event()
+        else {
+            panic!("no Echo event")
+        };
+        assert_eq!(resource, RESOURCE);
+        p.engine.echo_reply(token, true);
+        let (src, icmp) = icmp_of(&p.engine.poll_frame().unwrap()).unwrap();
+        assert_eq!((src, icmp[0]), (VIP, 0), "echo reply from the vIP");
+        assert_eq!(&icmp[8..], b"abcdefgh");
+        p.engine.handle_frame(&echo(2), now);
+        let Some(Event::Echo { token, .. }) = p.engine.poll_event() else {
+            panic!("no Echo event")
+        };
+        p.engine.echo_reply(token, false);
+        assert!(
+            p.engine.poll_frame().is_none(),
+            "no reply when the resource did not answer"
+        );
+    }
+
+    #[test]
+    fn the_vdns_answers_on_53() {
+        let mut p = Pair::new(true);
+        p.engine
+            .set_named_resource(VIP, RESOURCE, "printer", vec![631], vec![]);
+        let now = p.now();
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["printer", "netredir", "internal"] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let dns = p.engine.dns_addr();
+        p.engine
+            .handle_frame(&udp_frame(GUEST_IP, dns, 5353, 53, &q), now);
+        let (src, sport, dport, answer) = parse_udp(&p.engine.poll_frame().unwrap()).unwrap();
+        assert_eq!((src, sport, dport), (dns, 53, 5353));
+        assert_eq!(&answer[..2], &[0x12, 0x34]);
+        assert!(
+            answer.ends_with(&VIP.octets()),
+            "the A record carries the vIP"
+        );
+        assert_eq!(p.engine.counters().dns_queries, 1);
+    }
+
+    fn dhcp(msg: DhcpMessageType, requested: Option<Ipv4Addr>) -> Vec<u8> {
+        let repr = DhcpRepr {
+            message_type: msg,
+            transaction_id: 0xabcd,
+            secs: 0,
+            client_hardware_address: Mac(GUEST_MAC),
+            client_ip: Ipv4Addr::UNSPECIFIED,
+            your_ip: Ipv4Addr::UNSPECIFIED,
+            server_ip: Ipv4Addr::UNSPECIFIED,
+            router: None,
+            subnet_mask: None,
+            relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+            broadcast: true,
+            requested_ip: requested,
+            client_identifier: Some(Mac(GUEST_MAC)),
+            server_identifier: None,
+            parameter_request_list: None,
+            dns_servers: None,
+            max_size: None,
+            lease_duration: None,
+            renew_duration: None,
+            rebind_duration: None,
+            additional_options: &[],
+        };
+        let mut body = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut DhcpPacket::new_unchecked(&mut body[..]))
+            .unwrap();
+        udp_frame(Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, 68, 67, &body)
+    }
+
+    fn dhcp_reply(p: &mut Pair) -> Option<(DhcpMessageType, Ipv4Addr, Option<Ipv4Addr>)> {
+        let f = p.engine.poll_frame()?;
+        let (_, 67, 68, body) = parse_udp(&f)? else {
+            return None;
+        };
+        let pkt = DhcpPacket::new_checked(&body[..]).ok()?;
+        let r = DhcpRepr::parse(&pkt).ok()?;
+        Some((r.message_type, r.your_ip, r.subnet_mask))
+    }
+
+    #[test]
+    fn dhcp_offers_acks_and_naks_on_a_dedicated_nic_only() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        p.engine
+            .handle_frame(&dhcp(DhcpMessageType::Discover, None), now);
+        assert!(
+            p.engine.poll_frame().is_none(),
+            "DHCP is off unless the NIC is dedicated"
+        );
+        p.engine.cfg.dhcp = true;
+        p.engine
+            .handle_frame(&dhcp(DhcpMessageType::Discover, None), now);
+        let pool = Ipv4Addr::new(100, 77, 0, 100);
+        assert_eq!(
+            dhcp_reply(&mut p),
+            Some((
+                DhcpMessageType::Offer,
+                pool,
+                Some(Ipv4Addr::new(255, 255, 0, 0))
+            ))
+        );
+        p.engine
+            .handle_frame(&dhcp(DhcpMessageType::Request, Some(pool)), now);
+        assert_eq!(
+            dhcp_reply(&mut p).map(|r| (r.0, r.1)),
+            Some((DhcpMessageType::Ack, pool))
+        );
+        p.engine.handle_frame(
+            &dhcp(DhcpMessageType::Request, Some(Ipv4Addr::new(100, 77, 0, 9))),
+            now,
+        );
+        assert_eq!(dhcp_reply(&mut p).map(|r| r.0), Some(DhcpMessageType::Nak));
+        assert_eq!(p.engine.counters().dhcp_replies, 3);
+    }
+}
