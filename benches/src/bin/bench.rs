@@ -7,6 +7,10 @@
 //! shows what the XDP program costs traffic it passes). Reports Gbit/s,
 //! the ratio to the kernel path, and netredir's CPU seconds per GB.
 //!
+//! `latency`: small request/response round trips (1 byte and 1 KiB) on
+//! one connection, and connection set-up (connect to first echoed byte),
+//! p50 and p99, through netredir and through the kernel path.
+//!
 //! Writes a Markdown report (`--out DIR`, default `results/`). `--quick`
 //! runs short measurements (CI's smoke run; no thresholds are asserted).
 
@@ -20,7 +24,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const USAGE: &str =
-    "usage: netredir-bench [--quick] [--out DIR] [--only lan]   (run as root; see README)";
+    "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency]   (run as root; see README)";
+const BENCHES: [&str; 2] = ["lan", "latency"];
 
 struct Opts {
     quick: bool,
@@ -42,7 +47,7 @@ fn parse() -> Result<Opts> {
             "--only" => o.only = Some(args.next().context("--only takes a benchmark name")?),
             "-h" | "--help" => {
                 println!(
-                    "{USAGE}\n\nBenchmarks: lan (TCP throughput, netredir vs the kernel path)."
+                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up),\neach through netredir next to the kernel path."
                 );
                 std::process::exit(0);
             }
@@ -50,9 +55,9 @@ fn parse() -> Result<Opts> {
         }
     }
     if let Some(b) = &o.only
-        && b != "lan"
+        && !BENCHES.contains(&b.as_str())
     {
-        bail!("no benchmark {b:?}; there is: lan");
+        bail!("no benchmark {b:?}; there are: {}", BENCHES.join(", "));
     }
     Ok(o)
 }
@@ -112,7 +117,13 @@ fn run(o: &Opts) -> Result<()> {
         "- mode: {}\n",
         if o.quick { "quick" } else { "full" }
     )?;
-    lan(o, &mut report)?;
+    let want = |b: &str| o.only.as_deref().is_none_or(|x| x == b);
+    if want("lan") {
+        lan(o, &mut report)?;
+    }
+    if want("latency") {
+        latency(o, &mut report)?;
+    }
     std::fs::create_dir_all(&o.out)?;
     let path = o.out.join("REPORT.md");
     std::fs::write(&path, &report)?;
@@ -231,5 +242,108 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         r.status().is_ok_and(|s| s.flows == 0)
     })
     .ok();
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Round trips of `size` bytes on one connection; sorted durations.
+fn round_trips(
+    addr: std::net::SocketAddr,
+    size: usize,
+    n: usize,
+) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    let mut s = netredir_benches::connect(addr)?;
+    s.set_nodelay(true)?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        out.push(t.elapsed());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Connect, send one byte, get it back: the set-up a client sees.
+fn setups(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let mut s = netredir_benches::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        out.push(t.elapsed());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn latency(o: &Opts, report: &mut String) -> Result<()> {
+    eprintln!("[latency] building the testbed");
+    let r = Redir::new("bench-latency")?;
+    r.echo("echo", 7007)?;
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])?;
+    kernel_routes(&r.tb)?;
+    let vip = r.vip("echo")?;
+    let kernel: std::net::SocketAddr = format!("{LAN_IP}:7007").parse()?;
+    let ours: std::net::SocketAddr = (vip, 7007).into();
+    let (n, m) = if o.quick { (200, 30) } else { (5000, 500) };
+    writeln!(report, "## Latency (p50 / p99, microseconds)\n")?;
+    writeln!(
+        report,
+        "| measurement | kernel p50 | kernel p99 | netredir p50 | netredir p99 | netredir / kernel (p50) |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|---|")?;
+    for (i, name) in [
+        "1 B request/response",
+        "1 KiB request/response",
+        "connect to first byte",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let run = |addr| -> Result<Vec<Duration>> {
+            r.tb.vm
+                .enter(|| match i {
+                    0 => round_trips(addr, 1, n),
+                    1 => round_trips(addr, 1024, n),
+                    _ => setups(addr, m),
+                })?
+                .with_context(|| format!("{name} to {addr}"))
+        };
+        eprintln!("[latency] {name}");
+        let k = run(kernel)?;
+        let v = run(ours)?;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        writeln!(
+            report,
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            us(percentile(&k, 0.5)),
+            us(percentile(&k, 0.99)),
+            us(percentile(&v, 0.5)),
+            us(percentile(&v, 0.99)),
+            us(percentile(&v, 0.5)) / us(percentile(&k, 0.5)).max(1.0)
+        )?;
+    }
+    writeln!(
+        report,
+        "\n{n} round trips per size on one connection; {m} connections for set-up (netredir holds \
+         the guest's SYN until the agent has connected the real one, so set-up includes a tunnel \
+         round trip).\n"
+    )?;
     Ok(())
 }
