@@ -157,6 +157,9 @@ fn run(args: Args) -> Result<()> {
     if args.heartbeat == 0 {
         bail!("--heartbeat must be at least 1 second");
     }
+    if let Err(e) = netredir_datapath::dns::VDns::new(&args.zone) {
+        bail!("--zone {}: {e}", args.zone);
+    }
 
     let mut steer = Steer::load()?;
     steer.configure(
