@@ -179,7 +179,7 @@ fn traffic_outside_the_subnet_still_works_with_steer_attached() {
     })
     .unwrap();
     let before = r.counter("steer.pass_ipv4_other").unwrap();
-    let data = job_bytes(1 << 20, 7);
+    let data = job_bytes(256 << 10, 7);
     let back =
         r.tb.vm
             .enter(|| {
@@ -336,4 +336,23 @@ fn netredird_detaches_and_cleans_up_on_sigterm() {
     assert!(st.success(), "exit status {st:?}");
     assert!(!attached(), "XDP still attached after exit");
     assert!(!r.control.exists(), "control socket left behind");
+}
+
+#[test]
+fn an_unreachable_target_says_no_route_to_host() {
+    let r = Redir::new("unreachable").unwrap();
+    // Nothing answers ARP for 10.202.0.99 on the LAN: the agent's connect
+    // fails with "no route to host" after the kernel's ARP timeout.
+    r.start_agent("agent", &["ghost=10.202.0.99:9100"]).unwrap();
+    let vip = r.vip("ghost").unwrap();
+    let res =
+        r.tb.vm
+            .enter(|| {
+                TcpStream::connect_timeout(&(vip, 9100).into(), Duration::from_secs(20))
+                    .map(|_| ())
+                    .map_err(|e| e.kind())
+            })
+            .unwrap();
+    assert_eq!(res, Err(ErrorKind::HostUnreachable));
+    assert!(r.counter("engine.refused_by_agent").unwrap() >= 1);
 }

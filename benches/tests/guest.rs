@@ -284,8 +284,9 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
         "the limits took the rest"
     );
     let rss = r.tb.rss("netredird").unwrap();
+    // The engine's cap on flow buffers (96 MiB) plus room for the rest.
     assert!(
-        rss < rss_before + (64 << 20),
+        rss < rss_before + (128 << 20),
         "netredird grew from {} to {} MiB",
         rss_before >> 20,
         rss >> 20

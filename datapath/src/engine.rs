@@ -78,7 +78,7 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Defaults for a subnet: 256 KiB buffers and window, 4096 flows but at
-    /// most 96 MiB of their buffers (128 busy TCP flows), 64 waiting for
+    /// most 96 MiB of their buffers (128 busy TCP flows), 128 waiting for
     /// the agent, 200 new flows a second (bursts of 400).
     pub fn new(subnet: Ipv4Addr, prefix_len: u8, mac: [u8; 6]) -> Self {
         Self {
@@ -89,7 +89,7 @@ impl EngineConfig {
             window: 256 * 1024,
             socket_buffer: 256 * 1024,
             max_flows: 4096,
-            max_opening: 64,
+            max_opening: 128,
             seed: 0,
             zone: "netredir.internal".into(),
             dhcp: false,
@@ -175,8 +175,11 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// How the agent failed to open a flow; decides what the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The target refused or is unreachable: RST.
+    /// The target refused (or the policy did): RST, "connection refused".
     Refused,
+    /// The target could not be reached: ICMP host unreachable, "no route
+    /// to host", as the real network would have said.
+    Unreachable,
 }
 
 /// Why a tunnel input was not applied.
@@ -312,6 +315,9 @@ struct Flow {
     fin_from_agent: bool,
     fin_to_agent: bool,
     closed_socket: bool,
+    /// The guest's SYN (IP header and 8 bytes), quoted if the agent cannot
+    /// reach the target; dropped once the flow is open.
+    syn_quote: Vec<u8>,
 }
 
 /// The smoltcp device: two queues of IP packets.
@@ -711,6 +717,7 @@ impl Engine {
                 fin_from_agent: false,
                 fin_to_agent: false,
                 closed_socket: false,
+                syn_quote: packet[..packet.len().min(28)].to_vec(),
             },
         );
         self.by_key.insert(key, id);
@@ -779,6 +786,7 @@ impl Engine {
             return Err(FlowError::BadState(flow, "OpenOk"));
         }
         f.phase = Phase::Open;
+        f.syn_quote = Vec::new();
         f.credit = window;
         f.allowed = window;
         self.sockets
@@ -789,15 +797,22 @@ impl Engine {
     }
 
     /// The agent could not connect `flow`: the guest gets RST.
-    pub fn open_err(&mut self, flow: FlowId, _why: Refusal, now: Instant) -> Result<(), FlowError> {
+    pub fn open_err(&mut self, flow: FlowId, why: Refusal, now: Instant) -> Result<(), FlowError> {
         if self.remove_udp(flow) {
             self.counters.refused_by_agent += 1;
             return Ok(());
         }
-        if !self.flows.contains_key(&flow) {
+        let Some(f) = self.flows.get(&flow) else {
             return Err(FlowError::UnknownFlow(flow));
-        }
+        };
         self.counters.refused_by_agent += 1;
+        if why == Refusal::Unreachable && f.phase == Phase::Opening {
+            // No RST: the SYN-ACK never went out, the socket just goes.
+            let quote = f.syn_quote.clone();
+            self.remove_flow(flow);
+            self.host_unreachable(&quote);
+            return Ok(());
+        }
         self.abort(flow, false);
         self.poll(now);
         Ok(())

@@ -767,3 +767,25 @@ mod datagrams {
         assert_eq!(p.engine.counters().dhcp_replies, 3);
     }
 }
+
+#[test]
+fn an_unreachable_target_gives_icmp_host_unreachable_not_rst() {
+    let mut p = Pair::new(true);
+    let h = p.connect(9100, 40100);
+    let flow = p.opened_flow();
+    let now = p.now();
+    p.engine.open_err(flow, Refusal::Unreachable, now).unwrap();
+    let frame = p.engine.poll_frame().expect("an ICMP error");
+    let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(ip.next_header(), IpProtocol::Icmp);
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (VIP, GUEST_IP));
+    assert_eq!(&ip.payload()[..2], &[3, 1], "destination unreachable, host");
+    assert!(p.engine.poll_frame().is_none(), "and no RST");
+    assert_eq!(p.engine.flow_count(), 0);
+    assert_eq!(
+        p.sock(h).state(),
+        tcp::State::SynSent,
+        "the guest's stack decides what to do"
+    );
+}

@@ -283,6 +283,34 @@ impl Engine {
         self.send_icmp(orig.dst_addr(), orig.src_addr(), &icmp);
     }
 
+    /// ICMP host unreachable to the guest about the packet that starts
+    /// with `quote` (its IP header and 8 bytes).
+    pub(super) fn host_unreachable(&mut self, quote: &[u8]) {
+        // The quote is cut after 8 bytes of payload, so the header's total
+        // length runs past it: read the fields without the length check.
+        if quote.len() < 20 {
+            return;
+        }
+        let orig = Ipv4Packet::new_unchecked(quote);
+        let hlen = usize::from(orig.header_len());
+        if hlen < 20 || hlen > quote.len() {
+            return;
+        }
+        let header = Ipv4Repr {
+            src_addr: orig.src_addr(),
+            dst_addr: orig.dst_addr(),
+            next_header: orig.next_header(),
+            payload_len: usize::from(orig.total_len()).saturating_sub(hlen),
+            hop_limit: orig.hop_limit(),
+        };
+        let icmp = Icmpv4Repr::DstUnreachable {
+            reason: Icmpv4DstUnreachable::HostUnreachable,
+            header,
+            data: &quote[hlen..],
+        };
+        self.send_icmp(orig.dst_addr(), orig.src_addr(), &icmp);
+    }
+
     /// Builds and queues one UDP/IPv4 packet to the guest.
     pub(super) fn send_udp(
         &mut self,

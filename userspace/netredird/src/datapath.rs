@@ -27,7 +27,7 @@ use netredir_shared::session::{Compression, Session, SessionConfig};
 use netredir_shared::subnet::Ipv4Subnet;
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
-use netredir_shared::wire::{Msg, Proto, VERSION};
+use netredir_shared::wire::{Msg, OpenError, Proto, VERSION};
 use netredir_uring::{Completion, Reactor, Waker};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
@@ -708,7 +708,11 @@ impl Loop {
                 Msg::OpenErr { flow, reason } => {
                     tracing::debug!(flow, ?reason, "agent refused open");
                     self.bump("refused_opens");
-                    self.engine.open_err(flow, Refusal::Refused, now)
+                    let why = match reason {
+                        OpenError::Unreachable | OpenError::TimedOut => Refusal::Unreachable,
+                        _ => Refusal::Refused,
+                    };
+                    self.engine.open_err(flow, why, now)
                 }
                 Msg::Data { flow, bytes } => self.engine.data(flow, &bytes, now),
                 Msg::Datagram { flow, bytes } => self.engine.datagram(flow, &bytes, now),
