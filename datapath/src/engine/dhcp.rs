@@ -7,9 +7,7 @@
 //! client's MAC for the engine's lifetime.
 
 use super::*;
-use smoltcp::wire::{
-    DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, Ipv4Repr, UdpPacket, UdpRepr,
-};
+use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr};
 
 /// Offsets in the subnet handed out to guests.
 pub const POOL: std::ops::RangeInclusive<u32> = 100..=250;
@@ -136,30 +134,7 @@ impl Engine {
             return;
         }
         self.counters.dhcp_replies += 1;
-        let udp = UdpRepr {
-            src_port: 67,
-            dst_port: 68,
-        };
-        let dst = Ipv4Addr::BROADCAST;
-        let ip = Ipv4Repr {
-            src_addr: gw,
-            dst_addr: dst,
-            next_header: IpProtocol::Udp,
-            payload_len: udp.header_len() + body.len(),
-            hop_limit: 64,
-        };
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        let mut out = vec![0u8; ip.buffer_len() + udp.header_len() + body.len()];
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &caps);
-        udp.emit(
-            &mut UdpPacket::new_unchecked(&mut out[ip.buffer_len()..]),
-            &IpAddress::Ipv4(gw),
-            &IpAddress::Ipv4(dst),
-            body.len(),
-            |b| b.copy_from_slice(&body),
-            &caps,
-        );
-        self.dev.tx.push_back(out);
-        self.collect_frames();
+        // Broadcast: the client has no address yet.
+        self.send_udp(gw, 67, Ipv4Addr::BROADCAST, 68, &body);
     }
 }
