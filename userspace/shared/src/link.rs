@@ -34,6 +34,9 @@ pub enum LinkError {
 pub struct Link {
     tls: Tls,
     preamble: Option<Decoder>,
+    /// The peer's last preamble message arrived: later bytes are records,
+    /// kept undecoded for [`Link::enter_records`].
+    preamble_over: bool,
     plain: Vec<u8>,
 }
 
@@ -43,6 +46,7 @@ impl Link {
         Self {
             tls,
             preamble: Some(Decoder::new()),
+            preamble_over: false,
             plain: Vec::new(),
         }
     }
@@ -68,8 +72,10 @@ impl Link {
     }
 
     /// Ciphertext from the socket. In the preamble, returns the messages
-    /// that arrived; afterwards bytes go to `session` and this returns
-    /// nothing (read them with `session.poll_msg()`).
+    /// that arrived, up to and including the one that ends the peer's
+    /// preamble (records that follow it in the same read wait for
+    /// [`Link::enter_records`]); afterwards bytes go to `session` and this
+    /// returns nothing (read them with `session.poll_msg()`).
     pub fn receive(
         &mut self,
         cipher: &[u8],
@@ -81,7 +87,10 @@ impl Link {
             Some(d) => {
                 d.feed(&self.plain);
                 let mut msgs = Vec::new();
-                while let Some(m) = d.next_msg()? {
+                while !self.preamble_over
+                    && let Some(m) = d.next_msg()?
+                {
+                    self.preamble_over = ends_preamble(&m);
                     msgs.push(m);
                 }
                 Ok(msgs)
@@ -129,5 +138,93 @@ impl Link {
     /// Queues a TLS close_notify.
     pub fn close(&mut self) {
         self.tls.close();
+    }
+}
+
+/// The last message of either side's preamble: the agent's `Resume`, the
+/// host's `Welcome` or `Refused`. Whatever follows is the record stream.
+fn ends_preamble(m: &Msg) -> bool {
+    matches!(
+        m,
+        Msg::Resume { .. } | Msg::Welcome { .. } | Msg::Refused { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionConfig;
+    use crate::tls::{HostCheck, Identity};
+    use std::time::Instant;
+
+    /// Runs the handshake of two links to the end.
+    fn connected() -> (Link, Link) {
+        let agent_id = Identity::generate("netredir-agent").unwrap();
+        let host_id = Identity::generate("netredird").unwrap();
+        let mut agent =
+            Link::new(Tls::client(&agent_id, HostCheck::Pinned(host_id.fingerprint())).unwrap());
+        let mut host = Link::new(Tls::server(&host_id).unwrap());
+        for _ in 0..10 {
+            let (mut up, mut down) = (Vec::new(), Vec::new());
+            agent.flush(None, &mut up);
+            assert!(host.receive(&up, None).unwrap().is_empty());
+            host.flush(None, &mut down);
+            assert!(agent.receive(&down, None).unwrap().is_empty());
+            if up.is_empty() && down.is_empty() && !agent.handshaking() && !host.handshaking() {
+                return (agent, host);
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    /// A resumed host sends its Welcome and replayed records at once; one
+    /// read on the agent may hold both. The records must reach the session,
+    /// not be misread as preamble messages (a CI failure: "bad preamble:
+    /// unknown message kind 0x00" after a resume).
+    #[test]
+    fn records_in_the_same_read_as_the_welcome_go_to_the_session() {
+        // Whole, and in pieces that cut the Welcome and the records anywhere.
+        for piece in [usize::MAX, 1, 7, 100] {
+            let (mut agent, mut host) = connected();
+            let now = Instant::now();
+            let mut host_session = Session::new(SessionConfig::default());
+            for flow in 0..3 {
+                host_session.send(
+                    Msg::Data {
+                        flow,
+                        bytes: vec![flow as u8; 100],
+                    },
+                    now,
+                );
+            }
+            host.send_preamble(&Msg::Welcome {
+                session: 7,
+                received: 0,
+                resumed: false,
+            });
+            host.enter_records(&mut host_session).unwrap();
+            host_session.flush();
+            let mut wire = Vec::new();
+            host.flush(Some(&mut host_session), &mut wire);
+
+            let mut msgs = Vec::new();
+            for chunk in wire.chunks(piece.min(wire.len())) {
+                msgs.extend(agent.receive(chunk, None).unwrap());
+            }
+            assert_eq!(msgs.len(), 1, "piece {piece}: {msgs:?}");
+            assert!(matches!(msgs[0], Msg::Welcome { session: 7, .. }));
+            let mut agent_session = Session::new(SessionConfig::default());
+            agent.enter_records(&mut agent_session).unwrap();
+            for flow in 0..3 {
+                match agent_session.poll_msg() {
+                    Some(Msg::Data { flow: f, bytes }) => {
+                        assert_eq!(f, flow);
+                        assert_eq!(bytes, vec![flow as u8; 100]);
+                    }
+                    other => panic!("piece {piece}: expected flow {flow}, got {other:?}"),
+                }
+            }
+            assert!(agent_session.poll_msg().is_none());
+        }
     }
 }

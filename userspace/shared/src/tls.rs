@@ -234,7 +234,7 @@ impl Identity {
 
     /// A fresh identity held only in memory.
     #[cfg(test)]
-    fn generate(common_name: &str) -> Result<Self, TlsError> {
+    pub(crate) fn generate(common_name: &str) -> Result<Self, TlsError> {
         let key = new_key()?;
         let cert = self_signed(&key, common_name)?;
         Ok(Self {
