@@ -1,9 +1,14 @@
 //! The per-VM engine: guest frames in, guest frames and tunnel events out.
 //!
 //! Theory of operation. A frame from the VM arrives through
-//! [`Engine::handle_frame`]. ARP requests for a vIP (or the gateway) are
-//! answered here. IPv4/TCP is handed to one smoltcp interface in any-IP
-//! mode (Ethernet is stripped here, so smoltcp runs on `Medium::Ip`).
+//! [`Engine::handle_frame`]. ARP requests and IPv6 neighbour solicitations
+//! for a vIP (or the gateway, or the vDNS) are answered here. TCP over IPv4
+//! and IPv6 is handed to one smoltcp interface in any-IP mode (Ethernet is
+//! stripped here, so smoltcp runs on `Medium::Ip`).
+//!
+//! Every resource has a vIP in the IPv4 subnet and one in the IPv6 /64
+//! prefix: the IPv6 vIP is the prefix with the IPv4 vIP in its last 32 bits
+//! ([`Engine::vip6`]), so both lead to the same resource and flow table.
 //!
 //! A SYN to `vip:port` of an exported resource creates a smoltcp socket
 //! listening on exactly that endpoint, with its SYN-ACK paused, and emits
@@ -34,7 +39,7 @@ use smoltcp::wire::{
     TcpPacket,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 /// Flow id, unique within one engine; the tunnel uses it as is.
@@ -49,6 +54,8 @@ pub struct EngineConfig {
     pub subnet: Ipv4Addr,
     /// Its prefix length.
     pub prefix_len: u8,
+    /// The IPv6 /64 prefix (a ULA) beside the IPv4 subnet.
+    pub prefix6: Ipv6Addr,
     /// MAC address the engine answers from (the host end of the VM's NIC).
     pub mac: [u8; 6],
     /// IP MTU toward the guest.
@@ -84,6 +91,7 @@ impl EngineConfig {
         Self {
             subnet,
             prefix_len,
+            prefix6: DEFAULT_PREFIX6,
             mac,
             mtu: 1500,
             window: 256 * 1024,
@@ -99,6 +107,10 @@ impl EngineConfig {
         }
     }
 }
+
+/// The IPv6 /64 used unless configured: a ULA (`fd00::/8`), fixed so that
+/// vIPs stay the same from run to run.
+pub const DEFAULT_PREFIX6: Ipv6Addr = Ipv6Addr::new(0xfd6e, 0x7264, 0, 0, 0, 0, 0, 0);
 
 /// What the engine wants sent through the tunnel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -243,6 +255,10 @@ pub struct Counters {
     pub dhcp_replies: u64,
     /// DHCP discovers with no address left to offer.
     pub dhcp_pool_empty: u64,
+    /// Neighbour advertisements sent for vIPs.
+    pub ndp_replies: u64,
+    /// Router advertisements sent.
+    pub router_adverts: u64,
 }
 
 impl Counters {
@@ -271,14 +287,16 @@ impl Counters {
             ("echo_replies", self.echo_replies),
             ("dhcp_replies", self.dhcp_replies),
             ("dhcp_pool_empty", self.dhcp_pool_empty),
+            ("ndp_replies", self.ndp_replies),
+            ("router_adverts", self.router_adverts),
         ]
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FlowKey {
-    guest: (Ipv4Addr, u16),
-    vip: (Ipv4Addr, u16),
+    guest: (IpAddress, u16),
+    vip: (IpAddress, u16),
 }
 
 #[derive(Debug)]
@@ -390,6 +408,8 @@ pub struct Engine {
     accepting: bool,
     next_flow: FlowId,
     guest_mac: Option<EthernetAddress>,
+    /// When the next unsolicited router advertisement is due.
+    next_ra: Option<Instant>,
     events: VecDeque<Event>,
     frames: VecDeque<Vec<u8>>,
     counters: Counters,
@@ -406,8 +426,10 @@ impl Engine {
         icfg.random_seed = cfg.seed;
         let mut iface = Interface::new(icfg, &mut dev, SmolInstant::ZERO);
         let gw = nth(cfg.subnet, 1);
+        let gw6 = with_suffix(cfg.prefix6, 1);
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw), cfg.prefix_len));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(gw6), 64));
         });
         iface.set_any_ip(true);
         let tokens = f64::from(cfg.new_flow_burst);
@@ -435,6 +457,7 @@ impl Engine {
             accepting: true,
             next_flow: 1,
             guest_mac: None,
+            next_ra: None,
             events: VecDeque::new(),
             frames: VecDeque::new(),
             counters: Counters::default(),
@@ -463,6 +486,45 @@ impl Engine {
     /// Where the guest's DNS queries go: `.53` of the subnet.
     pub fn dns_addr(&self) -> Ipv4Addr {
         nth(self.cfg.subnet, 53)
+    }
+
+    /// The engine's own IPv6 address: `::1` of the prefix.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        with_suffix(self.cfg.prefix6, 1)
+    }
+
+    /// The vDNS over IPv6: `::53` of the prefix.
+    pub fn dns_addr6(&self) -> Ipv6Addr {
+        with_suffix(self.cfg.prefix6, 0x53)
+    }
+
+    /// The IPv6 vIP of the resource at IPv4 vIP `vip`.
+    pub fn vip6(&self, vip: Ipv4Addr) -> Ipv6Addr {
+        vip6(self.cfg.prefix6, vip)
+    }
+
+    /// The IPv4 vIP behind an IPv6 vIP, if `addr` is one in our prefix.
+    fn vip4_of(&self, addr: Ipv6Addr) -> Option<Ipv4Addr> {
+        let seg = addr.segments();
+        let pre = self.cfg.prefix6.segments();
+        (seg[..4] == pre[..4] && seg[4] == 0 && seg[5] == 0)
+            .then(|| Ipv4Addr::from((u32::from(seg[6]) << 16) | u32::from(seg[7])))
+    }
+
+    /// The resource a guest reaches at `addr` (either family).
+    fn resource_at(&self, addr: IpAddress) -> Option<&Resource> {
+        match addr {
+            IpAddress::Ipv4(a) => self.resources.get(&a),
+            IpAddress::Ipv6(a) => self.resources.get(&self.vip4_of(a)?),
+        }
+    }
+
+    /// Whether `addr` is the engine's own (gateway or vDNS), either family.
+    fn is_own(&self, addr: IpAddress) -> bool {
+        match addr {
+            IpAddress::Ipv4(a) => a == self.gateway() || a == self.dns_addr(),
+            IpAddress::Ipv6(a) => a == self.gateway6() || a == self.dns_addr6(),
+        }
     }
 
     /// Makes `vip` lead to `resource`, allowing TCP to `ports`.
@@ -506,7 +568,7 @@ impl Engine {
             .map(|(vip, r)| DnsResource {
                 name: r.name.clone(),
                 v4: *vip,
-                v6: None,
+                v6: Some(vip6(self.cfg.prefix6, *vip)),
                 tcp_ports: r.ports.clone(),
             })
             .collect();
@@ -550,6 +612,7 @@ impl Engine {
         match eth.ethertype() {
             EthernetProtocol::Arp => self.handle_arp(eth.payload()),
             EthernetProtocol::Ipv4 => self.handle_ipv4(eth.payload(), now),
+            EthernetProtocol::Ipv6 => self.handle_ipv6(eth.payload(), now),
             _ => self.counters.unsupported += 1,
         }
     }
@@ -618,20 +681,41 @@ impl Engine {
         }
         match ip.next_header() {
             IpProtocol::Tcp => {}
-            IpProtocol::Udp => return self.handle_udp(&ip, now),
+            IpProtocol::Udp => {
+                let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+                return self.handle_udp(src, dst, ip.payload(), packet, now);
+            }
             IpProtocol::Icmp => return self.handle_icmp(&ip, now),
             _ => {
                 self.counters.unsupported += 1;
                 return;
             }
         }
-        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        self.handle_tcp(
+            IpAddress::Ipv4(ip.src_addr()),
+            IpAddress::Ipv4(ip.dst_addr()),
+            ip.payload(),
+            packet,
+            now,
+        );
+    }
+
+    /// A TCP segment (`segment`) inside IP packet `packet`, either family.
+    fn handle_tcp(
+        &mut self,
+        src: IpAddress,
+        dst: IpAddress,
+        segment: &[u8],
+        packet: &[u8],
+        now: Instant,
+    ) {
+        let Ok(tcp) = TcpPacket::new_checked(segment) else {
             self.counters.malformed += 1;
             return;
         };
         let key = FlowKey {
-            guest: (ip.src_addr(), tcp.src_port()),
-            vip: (ip.dst_addr(), tcp.dst_port()),
+            guest: (src, tcp.src_port()),
+            vip: (dst, tcp.dst_port()),
         };
         let is_syn = tcp.syn() && !tcp.ack() && !tcp.rst();
         if is_syn {
@@ -655,8 +739,7 @@ impl Engine {
             self.remove_flow(id);
         }
         let resource = self
-            .resources
-            .get(&key.vip.0)
+            .resource_at(key.vip.0)
             .filter(|r| r.ports.contains(&key.vip.1))
             .map(|r| r.id);
         let refused = if resource.is_none() {
@@ -695,7 +778,7 @@ impl Engine {
         sock.set_timeout(Some(SmolDuration::from_secs(120)));
         sock.pause_synack(true);
         let listen = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(key.vip.0)),
+            addr: Some(key.vip.0),
             port: key.vip.1,
         };
         if sock.listen(listen).is_err() {
@@ -717,7 +800,7 @@ impl Engine {
                 fin_from_agent: false,
                 fin_to_agent: false,
                 closed_socket: false,
-                syn_quote: packet[..packet.len().min(28)].to_vec(),
+                syn_quote: packet[..packet.len().min(quote_len(&packet))].to_vec(),
             },
         );
         self.by_key.insert(key, id);
@@ -908,6 +991,10 @@ impl Engine {
     /// Runs the TCP stack and moves bytes between sockets and the tunnel.
     pub fn poll(&mut self, now: Instant) {
         self.sweep_datagrams(now);
+        if self.cfg.dhcp && self.guest_mac.is_some() && self.next_ra.is_none_or(|t| now >= t) {
+            self.next_ra = Some(now + ip6::RA_INTERVAL);
+            self.router_advert(ip6::ALL_NODES);
+        }
         let ts = self.ts(now);
         for _ in 0..8 {
             self.iface.poll(ts, &mut self.dev, &mut self.sockets);
@@ -1034,12 +1121,16 @@ impl Engine {
             self.dev.tx.clear();
             return;
         };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(self.cfg.mac),
-            dst_addr: dst,
-            ethertype: EthernetProtocol::Ipv4,
-        };
         while let Some(ip) = self.dev.tx.pop_front() {
+            let eth = EthernetRepr {
+                src_addr: EthernetAddress(self.cfg.mac),
+                dst_addr: dst,
+                ethertype: if ip.first().is_some_and(|b| b >> 4 == 6) {
+                    EthernetProtocol::Ipv6
+                } else {
+                    EthernetProtocol::Ipv4
+                },
+            };
             let mut out = vec![0u8; eth.buffer_len() + ip.len()];
             let mut f = EthernetFrame::new_unchecked(&mut out[..]);
             eth.emit(&mut f);
@@ -1068,9 +1159,18 @@ impl Engine {
     /// timeouts); `None` if nothing is scheduled.
     pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
         let ts = self.ts(now);
-        self.iface
+        let smol = self
+            .iface
             .poll_delay(ts, &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
+            .map(|d| Duration::from_micros(d.total_micros()));
+        let ra = self
+            .next_ra
+            .filter(|_| self.cfg.dhcp)
+            .map(|t| t.saturating_duration_since(now));
+        match (smol, ra) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -1078,9 +1178,31 @@ fn nth(net: Ipv4Addr, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net).wrapping_add(n))
 }
 
+/// The address `suffix` in the /64 `prefix`.
+fn with_suffix(prefix: Ipv6Addr, suffix: u64) -> Ipv6Addr {
+    Ipv6Addr::from((u128::from(prefix) & !u128::from(u64::MAX)) | u128::from(suffix))
+}
+
+/// The IPv6 vIP for IPv4 vIP `vip` in the /64 `prefix`: the prefix with
+/// the IPv4 address in its last 32 bits. Never `::1` or `::53` (the
+/// gateway and the vDNS), as a vIP is never in `0.0.0.0/24`.
+pub fn vip6(prefix: Ipv6Addr, vip: Ipv4Addr) -> Ipv6Addr {
+    with_suffix(prefix, u64::from(u32::from(vip)))
+}
+
+/// How much of a packet an ICMP error quotes: its IP header and 8 bytes.
+fn quote_len(packet: &[u8]) -> usize {
+    match packet.first().map(|b| b >> 4) {
+        Some(6) => 48,
+        _ => 28,
+    }
+}
+
 mod dhcp;
+mod ip6;
 mod udp;
 pub use dhcp::{LEASE_SECS, POOL};
+pub use ip6::RA_INTERVAL;
 pub use udp::{MAX_HELD, UDP_IDLE};
 
 #[cfg(test)]

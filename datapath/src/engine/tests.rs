@@ -13,6 +13,12 @@ const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const VIP: Ipv4Addr = Ipv4Addr::new(100, 77, 1, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(100, 77, 0, 2);
 const RESOURCE: ResourceId = 7;
+/// The guest's address in the IPv6 prefix (SLAAC would pick another).
+const GUEST_IP6: Ipv6Addr = Ipv6Addr::new(0xfd6e, 0x7264, 0, 0, 0, 0, 0, 2);
+
+fn vip6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    vip6(DEFAULT_PREFIX6, v4)
+}
 
 /// The guest's NIC: Ethernet frames both ways.
 #[derive(Default)]
@@ -79,6 +85,7 @@ impl Pair {
         let mut guest = Iface::new(gcfg, &mut wire, SmolInstant::ZERO);
         guest.update_ip_addrs(|a| {
             a.push(Cidr::new(IpAddress::Ipv4(GUEST_IP), 16)).unwrap();
+            a.push(Cidr::new(IpAddress::Ipv6(GUEST_IP6), 64)).unwrap();
         });
         Self {
             engine,
@@ -130,13 +137,17 @@ impl Pair {
     }
 
     fn connect(&mut self, port: u16, local_port: u16) -> SocketHandle {
+        self.connect_to(IpAddress::Ipv4(VIP), port, local_port)
+    }
+
+    fn connect_to(&mut self, addr: IpAddress, port: u16, local_port: u16) -> SocketHandle {
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 256 * 1024]),
             tcp::SocketBuffer::new(vec![0; 256 * 1024]),
         );
         s.connect(
             self.guest.context(),
-            IpEndpoint::new(IpAddress::Ipv4(VIP), port),
+            IpEndpoint::new(addr, port),
             local_port,
         )
         .unwrap();
@@ -788,4 +799,431 @@ fn an_unreachable_target_gives_icmp_host_unreachable_not_rst() {
         tcp::State::SynSent,
         "the guest's stack decides what to do"
     );
+}
+
+/// IPv6: the same resources at their IPv6 vIPs.
+mod ipv6 {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        Icmpv6Packet, Icmpv6Repr, Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr,
+        RawHardwareAddress, UdpPacket, UdpRepr,
+    };
+
+    fn eth_ip6(src: Ipv6Addr, dst: Ipv6Addr, proto: IpProtocol, hop: u8, l4: &[u8]) -> Vec<u8> {
+        let eth = EthernetRepr {
+            src_addr: Mac(GUEST_MAC),
+            dst_addr: Mac(ENGINE_MAC),
+            ethertype: EthernetProtocol::Ipv6,
+        };
+        let ip = Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: proto,
+            payload_len: l4.len(),
+            hop_limit: hop,
+        };
+        let mut out = vec![0u8; eth.buffer_len() + ip.buffer_len() + l4.len()];
+        let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+        eth.emit(&mut f);
+        let p = f.payload_mut();
+        ip.emit(&mut Ipv6Packet::new_unchecked(&mut p[..]));
+        p[ip.buffer_len()..].copy_from_slice(l4);
+        out
+    }
+
+    fn icmp6_frame(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, icmp: &Icmpv6Repr) -> Vec<u8> {
+        let mut l4 = vec![0u8; icmp.buffer_len()];
+        icmp.emit(
+            &src,
+            &dst,
+            &mut Icmpv6Packet::new_unchecked(&mut l4[..]),
+            &ChecksumCapabilities::default(),
+        );
+        eth_ip6(src, dst, IpProtocol::Icmpv6, hop, &l4)
+    }
+
+    fn udp6_frame(dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let udp = UdpRepr {
+            src_port: sport,
+            dst_port: dport,
+        };
+        let mut l4 = vec![0u8; udp.header_len() + payload.len()];
+        udp.emit(
+            &mut UdpPacket::new_unchecked(&mut l4[..]),
+            &IpAddress::Ipv6(GUEST_IP6),
+            &IpAddress::Ipv6(dst),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        );
+        eth_ip6(GUEST_IP6, dst, IpProtocol::Udp, 64, &l4)
+    }
+
+    /// (src, dst, hop limit, next header, payload) of an IPv6 frame to the
+    /// guest, after checking its Ethernet header.
+    fn ip6_of(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u8, IpProtocol, Vec<u8>) {
+        let eth = EthernetFrame::new_checked(frame).unwrap();
+        assert_eq!(eth.ethertype(), EthernetProtocol::Ipv6);
+        assert_eq!(eth.src_addr(), Mac(ENGINE_MAC));
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        (
+            ip.src_addr(),
+            ip.dst_addr(),
+            ip.hop_limit(),
+            ip.next_header(),
+            ip.payload().to_vec(),
+        )
+    }
+
+    /// The ICMPv6 message in a frame to the guest, checksum verified.
+    fn icmp6_of(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u8, Vec<u8>) {
+        let (src, dst, hop, proto, body) = ip6_of(frame);
+        assert_eq!(proto, IpProtocol::Icmpv6);
+        assert!(
+            Icmpv6Packet::new_checked(&body[..])
+                .unwrap()
+                .verify_checksum(&src, &dst),
+            "ICMPv6 checksum"
+        );
+        (src, dst, hop, body)
+    }
+
+    fn solicit(target: Ipv6Addr, hop: u8) -> Vec<u8> {
+        let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: target,
+            lladdr: Some(RawHardwareAddress::from(Mac(GUEST_MAC))),
+        });
+        let t = target.octets();
+        let snm = Ipv6Addr::new(
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(t[13]),
+            u16::from_be_bytes([t[14], t[15]]),
+        );
+        icmp6_frame(GUEST_IP6, snm, hop, &ns)
+    }
+
+    #[test]
+    fn tcp_over_ipv6_finds_the_vip_by_ndp_holds_the_syn_and_moves_bytes() {
+        let mut p = Pair::new(true);
+        let vip6 = vip6_of(VIP);
+        assert_eq!(p.engine.vip6(VIP), vip6);
+        assert_eq!(vip6.to_string(), "fd6e:7264::644d:101");
+        let h = p.connect_to(IpAddress::Ipv6(vip6), 9100, 40600);
+        assert!(
+            p.engine.counters().ndp_replies >= 1,
+            "the guest's NS was answered"
+        );
+        let flow = p.opened_flow();
+        assert_eq!(p.sock(h).state(), tcp::State::SynSent, "SYN held");
+        let now = p.now();
+        p.engine.open_ok(flow, now).unwrap();
+        p.drive();
+        assert_eq!(p.sock(h).state(), tcp::State::Established);
+        assert_eq!(
+            p.sock(h).remote_endpoint().unwrap().addr,
+            IpAddress::Ipv6(vip6)
+        );
+        p.sock(h).send_slice(b"hello over v6").unwrap();
+        p.drive();
+        let got: Vec<u8> = p
+            .take_events()
+            .into_iter()
+            .flat_map(|e| match e {
+                Event::Data { flow: f, bytes } if f == flow => bytes,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(got, b"hello over v6");
+        let now = p.now();
+        p.engine.data(flow, b"and back", now).unwrap();
+        p.drive();
+        let mut buf = [0u8; 64];
+        let n = p.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"and back");
+        // Same resource, same table: one flow per family is two flows.
+        assert_eq!(p.engine.flow_count(), 1);
+        // (smoltcp's guest stays silent for a second after a neighbour
+        // lookup before it asks for another.)
+        p.advance(Duration::from_secs(2));
+        p.take_events();
+        p.connect(9100, 40601);
+        let evs = p.take_events();
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::Open {
+                    resource: RESOURCE,
+                    port: 9100,
+                    ..
+                }]
+            ),
+            "{evs:?} {:?}",
+            p.engine.counters()
+        );
+        assert_eq!(p.engine.flow_count(), 2);
+    }
+
+    #[test]
+    fn neighbour_solicitations_are_answered_for_ours_and_vips_only() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        let (gw, dns, vip6) = (p.engine.gateway6(), p.engine.dns_addr6(), vip6_of(VIP));
+        for (target, router) in [(gw, true), (dns, false), (vip6, false)] {
+            p.engine.handle_frame(&solicit(target, 255), now);
+            let (src, dst, hop, body) = icmp6_of(&p.engine.poll_frame().expect("an NA"));
+            assert_eq!((src, dst, hop), (target, GUEST_IP6, 255));
+            let pkt = Icmpv6Packet::new_checked(&body[..]).unwrap();
+            let repr = NdiscRepr::parse(&pkt).unwrap();
+            let NdiscRepr::NeighborAdvert {
+                flags,
+                target_addr,
+                lladdr,
+            } = repr
+            else {
+                panic!("{repr:?}")
+            };
+            assert_eq!(target_addr, target);
+            assert_eq!(lladdr, Some(RawHardwareAddress::from(Mac(ENGINE_MAC))));
+            assert!(flags.contains(NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE));
+            assert_eq!(flags.contains(NdiscNeighborFlags::ROUTER), router);
+        }
+        // The guest's own address (duplicate detection), an address that
+        // is no vIP, one outside the prefix: silence.
+        let other = vip6_of(Ipv4Addr::new(100, 77, 9, 9));
+        for target in [GUEST_IP6, other, "fd00::1".parse().unwrap()] {
+            p.engine.handle_frame(&solicit(target, 255), now);
+            assert!(p.engine.poll_frame().is_none(), "{target}");
+        }
+        // NDP from beyond the link (hop limit not 255) is refused.
+        let before = p.engine.counters().malformed;
+        p.engine.handle_frame(&solicit(vip6, 64), now);
+        assert!(p.engine.poll_frame().is_none());
+        assert_eq!(p.engine.counters().malformed, before + 1);
+        assert_eq!(p.engine.counters().ndp_replies, 3);
+    }
+
+    /// The options of a router advertisement: (type, body) in order.
+    fn ra_options(body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut opts = Vec::new();
+        let mut rest = &body[16..];
+        while rest.len() >= 8 {
+            let len = usize::from(rest[1]) * 8;
+            assert!(len >= 8 && len <= rest.len(), "option length");
+            opts.push((rest[0], rest[2..len].to_vec()));
+            rest = &rest[len..];
+        }
+        assert!(rest.is_empty());
+        opts
+    }
+
+    #[test]
+    fn a_router_solicitation_gets_prefix_rdnss_and_dnssl_on_a_dedicated_nic_only() {
+        let rs = Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit {
+            lladdr: Some(RawHardwareAddress::from(Mac(GUEST_MAC))),
+        });
+        let ll: Ipv6Addr = "fe80::2".parse().unwrap();
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+
+        let mut shared = Pair::new(true);
+        let now = shared.now();
+        shared
+            .engine
+            .handle_frame(&icmp6_frame(ll, all_routers, 255, &rs), now);
+        shared.engine.poll(now);
+        assert!(
+            shared.engine.poll_frame().is_none(),
+            "no RA on a shared NIC"
+        );
+
+        let mut cfg = EngineConfig::new(Ipv4Addr::new(100, 77, 0, 0), 16, ENGINE_MAC);
+        cfg.dhcp = true;
+        let mut e = Engine::new(cfg, now);
+        e.handle_frame(&icmp6_frame(ll, all_routers, 255, &rs), now);
+        let (src, dst, hop, body) = icmp6_of(&e.poll_frame().expect("an RA"));
+        assert_eq!(src, e.link_local(), "RAs come from a link-local address");
+        assert_eq!(src.to_string(), "fe80::ff:fe00:1");
+        assert_eq!((dst, hop, body[0]), (ll, 255, 134));
+        assert_eq!(
+            u16::from_be_bytes([body[6], body[7]]),
+            0,
+            "not a default router"
+        );
+        let opts = ra_options(&body);
+        let kinds: Vec<u8> = opts.iter().map(|o| o.0).collect();
+        assert_eq!(
+            kinds,
+            [1, 5, 3, 25, 31],
+            "lladdr, MTU, prefix, RDNSS, DNSSL"
+        );
+        let prefix = &opts[2].1;
+        assert_eq!(prefix[0], 64);
+        assert_eq!(prefix[1] & 0xc0, 0xc0, "on-link and autonomous (SLAAC)");
+        assert_eq!(&prefix[14..22], &DEFAULT_PREFIX6.octets()[..8]);
+        assert_eq!(
+            &opts[3].1[6..],
+            &e.dns_addr6().octets(),
+            "RDNSS is the vDNS"
+        );
+        assert!(
+            opts[4].1.starts_with(&[0, 0, 0, 0, 0x0e, 0x10, 8]),
+            "{:?}",
+            opts[4].1
+        );
+        assert!(opts[4].1[6..].starts_with(b"\x08netredir\x08internal\x00"));
+        assert_eq!(e.counters().router_adverts, 1);
+
+        // Unsolicited, to all nodes, every RA_INTERVAL once the guest is known.
+        e.poll(now);
+        let (_, dst, _, _) = icmp6_of(&e.poll_frame().expect("an unsolicited RA"));
+        assert_eq!(dst, "ff02::1".parse::<Ipv6Addr>().unwrap());
+        e.poll(now + Duration::from_secs(1));
+        assert!(e.poll_frame().is_none());
+        assert!(e.poll_delay(now).unwrap() <= ip6::RA_INTERVAL);
+        e.poll(now + ip6::RA_INTERVAL);
+        assert!(e.poll_frame().is_some());
+    }
+
+    fn echo6(dst: Ipv6Addr, seq: u16) -> Vec<u8> {
+        let icmp = Icmpv6Repr::EchoRequest {
+            ident: 9,
+            seq_no: seq,
+            data: b"ping6",
+        };
+        icmp6_frame(GUEST_IP6, dst, 64, &icmp)
+    }
+
+    #[test]
+    fn echo6_is_answered_by_ours_at_once_and_for_a_vip_as_the_agent_says() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        let gw = p.engine.gateway6();
+        p.engine.handle_frame(&echo6(gw, 1), now);
+        let (src, dst, _, body) = icmp6_of(&p.engine.poll_frame().expect("echo reply"));
+        assert_eq!((src, dst, body[0]), (gw, GUEST_IP6, 129));
+        assert_eq!(&body[8..], b"ping6");
+
+        let vip6 = vip6_of(VIP);
+        p.engine.handle_frame(&echo6(vip6, 2), now);
+        let Some(Event::Echo {
+            token,
+            resource: RESOURCE,
+            size: 5,
+        }) = p.engine.poll_event()
+        else {
+            panic!("no Echo event")
+        };
+        assert!(p.engine.poll_frame().is_none(), "waits for the agent");
+        p.engine.echo_reply(token, true);
+        let (src, _, _, body) = icmp6_of(&p.engine.poll_frame().expect("echo reply"));
+        assert_eq!((src, body[0]), (vip6, 129));
+        p.engine.handle_frame(&echo6(vip6, 3), now);
+        let Some(Event::Echo { token, .. }) = p.engine.poll_event() else {
+            panic!("no Echo event")
+        };
+        p.engine.echo_reply(token, false);
+        assert!(p.engine.poll_frame().is_none());
+    }
+
+    #[test]
+    fn udp6_reaches_the_vdns_and_resources_and_refuses_the_rest() {
+        let mut p = Pair::new(true);
+        p.engine
+            .set_named_resource(VIP, RESOURCE, "printer", vec![631], vec![161]);
+        let now = p.now();
+        let vip6 = vip6_of(VIP);
+        // vDNS at ::53: AAAA of the printer is its IPv6 vIP.
+        let mut q = vec![0x56, 0x78, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["printer", "netredir", "internal"] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 28, 0, 1]);
+        let dns = p.engine.dns_addr6();
+        assert_eq!(dns.to_string(), "fd6e:7264::53");
+        p.engine.handle_frame(&udp6_frame(dns, 5353, 53, &q), now);
+        let (src, dst, _, proto, body) = ip6_of(&p.engine.poll_frame().expect("an answer"));
+        assert_eq!((src, dst, proto), (dns, GUEST_IP6, IpProtocol::Udp));
+        let udp = UdpPacket::new_checked(&body[..]).unwrap();
+        assert!(udp.verify_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst)));
+        assert_eq!(&udp.payload()[..2], &[0x56, 0x78]);
+        assert!(
+            udp.payload().ends_with(&vip6.octets()),
+            "AAAA carries the vIP6"
+        );
+
+        // An exported UDP port opens a flow; the answer comes from the vIP6.
+        p.engine
+            .handle_frame(&udp6_frame(vip6, 5000, 161, b"get"), now);
+        let Some(Event::OpenUdp {
+            flow, port: 161, ..
+        }) = p.engine.poll_event()
+        else {
+            panic!("no OpenUdp")
+        };
+        p.engine.open_ok(flow, now).unwrap();
+        assert_eq!(
+            p.engine.poll_event(),
+            Some(Event::Datagram {
+                flow,
+                bytes: b"get".to_vec()
+            })
+        );
+        p.engine.datagram(flow, b"sysDescr", now).unwrap();
+        let (src, _, _, _, body) = ip6_of(&p.engine.poll_frame().unwrap());
+        assert_eq!(src, vip6);
+        assert_eq!(&body[8..], b"sysDescr");
+
+        // A port not exported: ICMPv6 destination unreachable, port.
+        p.engine
+            .handle_frame(&udp6_frame(vip6, 5000, 162, b"trap"), now);
+        let (src, _, _, body) = icmp6_of(&p.engine.poll_frame().unwrap());
+        assert_eq!((src, body[0], body[1]), (vip6, 1, 4));
+    }
+
+    #[test]
+    fn an_unreachable_ipv6_target_gives_icmpv6_address_unreachable() {
+        let mut p = Pair::new(true);
+        let vip6 = vip6_of(VIP);
+        let h = p.connect_to(IpAddress::Ipv6(vip6), 9100, 40700);
+        let flow = p.opened_flow();
+        let now = p.now();
+        p.engine.open_err(flow, Refusal::Unreachable, now).unwrap();
+        let (src, dst, _, body) = icmp6_of(&p.engine.poll_frame().expect("an ICMPv6 error"));
+        assert_eq!((src, dst), (vip6, GUEST_IP6));
+        assert_eq!(&body[..2], &[1, 3], "destination unreachable, address");
+        // The quote is the guest's SYN: its header and ports.
+        assert_eq!(&body[8 + 24..8 + 40], &vip6.octets());
+        assert_eq!(&body[8 + 40..8 + 42], &40700u16.to_be_bytes());
+        assert!(p.engine.poll_frame().is_none(), "and no RST");
+        assert_eq!(p.sock(h).state(), tcp::State::SynSent);
+    }
+
+    #[test]
+    fn ipv6_fragments_and_junk_are_counted_not_fatal() {
+        let mut p = Pair::new(true);
+        let now = p.now();
+        let vip6 = vip6_of(VIP);
+        let frag = eth_ip6(
+            GUEST_IP6,
+            vip6,
+            IpProtocol::Ipv6Frag,
+            64,
+            &[6, 0, 0, 1, 0, 0, 0, 1],
+        );
+        p.engine.handle_frame(&frag, now);
+        assert_eq!(p.engine.counters().unsupported, 1);
+        let mut short = eth_ip6(GUEST_IP6, vip6, IpProtocol::Tcp, 64, &[0; 20]);
+        short.truncate(14 + 30);
+        p.engine.handle_frame(&short, now);
+        let bad_icmp = eth_ip6(GUEST_IP6, vip6, IpProtocol::Icmpv6, 255, &[135, 0, 0]);
+        p.engine.handle_frame(&bad_icmp, now);
+        assert_eq!(p.engine.counters().malformed, 2);
+        assert!(p.engine.poll_frame().is_none());
+    }
 }

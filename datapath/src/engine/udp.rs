@@ -9,7 +9,10 @@
 //! to the vDNS address are answered here.
 
 use super::*;
-use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Ipv4Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Repr, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+};
 
 /// Datagrams kept per flow while the agent opens it.
 pub const MAX_HELD: usize = 8;
@@ -30,12 +33,12 @@ pub(super) struct UdpFlow {
 
 #[derive(Debug)]
 pub(super) struct PendingEcho {
-    guest: Ipv4Addr,
-    vip: Ipv4Addr,
-    ident: u16,
-    seq_no: u16,
-    data: Vec<u8>,
-    since: Instant,
+    pub(super) guest: IpAddress,
+    pub(super) vip: IpAddress,
+    pub(super) ident: u16,
+    pub(super) seq_no: u16,
+    pub(super) data: Vec<u8>,
+    pub(super) since: Instant,
 }
 
 fn checksums() -> smoltcp::phy::ChecksumCapabilities {
@@ -43,19 +46,27 @@ fn checksums() -> smoltcp::phy::ChecksumCapabilities {
 }
 
 impl Engine {
-    pub(super) fn handle_udp(&mut self, ip: &Ipv4Packet<&[u8]>, now: Instant) {
-        let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
+    /// A UDP datagram (`datagram`, its header included) inside IP packet
+    /// `packet` from `guest` to `vip`, either family.
+    pub(super) fn handle_udp(
+        &mut self,
+        guest: IpAddress,
+        vip: IpAddress,
+        datagram: &[u8],
+        packet: &[u8],
+        now: Instant,
+    ) {
+        let Ok(udp) = UdpPacket::new_checked(datagram) else {
             self.counters.malformed += 1;
             return;
         };
         let payload = udp.payload();
-        let (guest, vip) = (ip.src_addr(), ip.dst_addr());
         let (sport, dport) = (udp.src_port(), udp.dst_port());
-        if dport == 67 {
+        if dport == 67 && matches!(vip, IpAddress::Ipv4(_)) {
             self.handle_dhcp(payload);
             return;
         }
-        if vip == self.dns_addr() && dport == 53 {
+        if dport == 53 && self.is_own(vip) {
             self.counters.dns_queries += 1;
             match self.dns.answer(payload) {
                 Ok(Some(reply)) => self.send_udp(vip, 53, guest, sport, &reply),
@@ -85,18 +96,17 @@ impl Engine {
             return;
         }
         let resource = self
-            .resources
-            .get(&vip)
+            .resource_at(vip)
             .filter(|r| r.udp_ports.contains(&dport))
             .map(|r| r.id);
         let Some(resource) = resource else {
             self.counters.refused_no_resource += 1;
-            self.port_unreachable(ip);
+            self.port_unreachable(packet);
             return;
         };
         if !self.online || !self.accepting {
             self.counters.refused_offline += 1;
-            self.port_unreachable(ip);
+            self.port_unreachable(packet);
             return;
         }
         if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows {
@@ -197,21 +207,24 @@ impl Engine {
             self.counters.unsupported += 1;
             return;
         };
-        let (guest, vip) = (ip.src_addr(), ip.dst_addr());
-        let pending = PendingEcho {
-            guest,
-            vip,
+        self.echo_request(PendingEcho {
+            guest: IpAddress::Ipv4(ip.src_addr()),
+            vip: IpAddress::Ipv4(ip.dst_addr()),
             ident,
             seq_no,
             data: data.to_vec(),
             since: now,
-        };
-        // The gateway and the vDNS are ours: they answer at once.
-        if vip == self.gateway() || vip == self.dns_addr() {
+        });
+    }
+
+    /// An echo request to `pending.vip`, either family: ours answer at
+    /// once, a resource's once the agent's ping of it came back.
+    pub(super) fn echo_request(&mut self, pending: PendingEcho) {
+        if self.is_own(pending.vip) {
             self.echo_reply_to(&pending);
             return;
         }
-        let Some(resource) = self.resources.get(&vip).map(|r| r.id) else {
+        let Some(resource) = self.resource_at(pending.vip).map(|r| r.id) else {
             self.counters.refused_no_resource += 1;
             return;
         };
@@ -221,11 +234,12 @@ impl Engine {
         }
         self.next_echo = self.next_echo.wrapping_add(1);
         let token = self.next_echo;
+        let size = pending.data.len().min(u16::MAX as usize) as u16;
         self.echoes.insert(token, pending);
         self.events.push_back(Event::Echo {
             token,
             resource,
-            size: data.len().min(u16::MAX as usize) as u16,
+            size,
         });
     }
 
@@ -241,13 +255,26 @@ impl Engine {
     }
 
     fn echo_reply_to(&mut self, e: &PendingEcho) {
-        let icmp = Icmpv4Repr::EchoReply {
-            ident: e.ident,
-            seq_no: e.seq_no,
-            data: &e.data,
-        };
         self.counters.echo_replies += 1;
-        self.send_icmp(e.vip, e.guest, &icmp);
+        match (e.vip, e.guest) {
+            (IpAddress::Ipv4(vip), IpAddress::Ipv4(guest)) => {
+                let icmp = Icmpv4Repr::EchoReply {
+                    ident: e.ident,
+                    seq_no: e.seq_no,
+                    data: &e.data,
+                };
+                self.send_icmp(vip, guest, &icmp);
+            }
+            (IpAddress::Ipv6(vip), IpAddress::Ipv6(guest)) => {
+                let icmp = Icmpv6Repr::EchoReply {
+                    ident: e.ident,
+                    seq_no: e.seq_no,
+                    data: &e.data,
+                };
+                self.send_icmp6(vip, guest, 64, &icmp);
+            }
+            _ => {}
+        }
     }
 
     /// Builds and queues one ICMP packet to the guest.
@@ -269,8 +296,15 @@ impl Engine {
         self.collect_frames();
     }
 
-    fn port_unreachable(&mut self, orig: &Ipv4Packet<&[u8]>) {
-        let Ok(orig_repr) = Ipv4Repr::parse(orig, &smoltcp::phy::ChecksumCapabilities::ignored())
+    /// ICMP port unreachable to the guest about IP packet `packet`.
+    fn port_unreachable(&mut self, packet: &[u8]) {
+        if packet.first().is_some_and(|b| b >> 4 == 6) {
+            return self.unreachable6(packet, Icmpv6DstUnreachable::PortUnreachable);
+        }
+        let Ok(orig) = Ipv4Packet::new_checked(packet) else {
+            return;
+        };
+        let Ok(orig_repr) = Ipv4Repr::parse(&orig, &smoltcp::phy::ChecksumCapabilities::ignored())
         else {
             return;
         };
@@ -286,6 +320,9 @@ impl Engine {
     /// ICMP host unreachable to the guest about the packet that starts
     /// with `quote` (its IP header and 8 bytes).
     pub(super) fn host_unreachable(&mut self, quote: &[u8]) {
+        if quote.first().is_some_and(|b| b >> 4 == 6) {
+            return self.unreachable6(quote, Icmpv6DstUnreachable::AddrUnreachable);
+        }
         // The quote is cut after 8 bytes of payload, so the header's total
         // length runs past it: read the fields without the length check.
         if quote.len() < 20 {
@@ -311,32 +348,77 @@ impl Engine {
         self.send_icmp(orig.dst_addr(), orig.src_addr(), &icmp);
     }
 
-    /// Builds and queues one UDP/IPv4 packet to the guest.
+    /// ICMPv6 destination unreachable to the guest about the IPv6 packet
+    /// that starts with `quote`.
+    fn unreachable6(&mut self, quote: &[u8], reason: Icmpv6DstUnreachable) {
+        if quote.len() < 40 {
+            return;
+        }
+        // A quote may be cut short of the payload length: no length check.
+        let orig = Ipv6Packet::new_unchecked(quote);
+        let header = Ipv6Repr {
+            src_addr: orig.src_addr(),
+            dst_addr: orig.dst_addr(),
+            next_header: orig.next_header(),
+            payload_len: usize::from(orig.payload_len()),
+            hop_limit: orig.hop_limit(),
+        };
+        let data = &quote[40..quote.len().min(48)];
+        let icmp = Icmpv6Repr::DstUnreachable {
+            reason,
+            header,
+            data,
+        };
+        self.send_icmp6(orig.dst_addr(), orig.src_addr(), 64, &icmp);
+    }
+
+    /// Builds and queues one UDP packet to the guest (both addresses of
+    /// the same family).
     pub(super) fn send_udp(
         &mut self,
-        src: Ipv4Addr,
+        src: impl Into<IpAddress>,
         sport: u16,
-        dst: Ipv4Addr,
+        dst: impl Into<IpAddress>,
         dport: u16,
         payload: &[u8],
     ) {
+        let (src, dst) = (src.into(), dst.into());
         let udp = UdpRepr {
             src_port: sport,
             dst_port: dport,
         };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Udp,
-            payload_len: udp.header_len() + payload.len(),
-            hop_limit: 64,
+        let udp_len = udp.header_len() + payload.len();
+        let (mut out, hlen) = match (src, dst) {
+            (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    hop_limit: 64,
+                };
+                let mut out = vec![0u8; ip.buffer_len() + udp_len];
+                ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
+                (out, ip.buffer_len())
+            }
+            (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    hop_limit: 64,
+                };
+                let mut out = vec![0u8; ip.buffer_len() + udp_len];
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
+                (out, ip.buffer_len())
+            }
+            _ => return,
         };
-        let mut out = vec![0u8; ip.buffer_len() + udp.header_len() + payload.len()];
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
         udp.emit(
-            &mut UdpPacket::new_unchecked(&mut out[ip.buffer_len()..]),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
+            &mut UdpPacket::new_unchecked(&mut out[hlen..]),
+            &src,
+            &dst,
             payload.len(),
             |b| b.copy_from_slice(payload),
             &checksums(),
