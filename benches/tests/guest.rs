@@ -96,8 +96,8 @@ fn the_vdns_names_printers_and_their_services() {
     .unwrap();
     let vip = r.vip("printer").unwrap().to_string();
     let st = r.status().unwrap();
-    assert_eq!(st.dns, "100.77.0.53");
-    let dns = format!("@{}", st.dns);
+    assert_eq!(st.dns, ["100.77.0.53", "fd6e:7264::53"]);
+    let dns = format!("@{}", st.dns[0]);
     let dig = |args: &[&str]| {
         let mut a = vec![dns.as_str(), "+short", "+tries=2", "+time=2"];
         a.extend_from_slice(args);

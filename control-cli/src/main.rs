@@ -96,7 +96,8 @@ fn run(args: Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 println!("interface  {}", st.iface);
-                println!("subnet     {}", st.subnet);
+                println!("subnet     {} {}", st.subnet, st.prefix6);
+                println!("dns        {} (zone {})", st.dns.join(" "), st.zone);
                 match &st.agent_name {
                     Some(n) if st.agent_connected => println!("agent      {n} (connected)"),
                     _ => println!("agent      none connected"),
@@ -220,21 +221,30 @@ fn table(entries: &[MapEntry]) -> String {
     if entries.is_empty() {
         return "no resources (is an agent connected and exporting?)\n".into();
     }
-    let rows: Vec<[String; 5]> = entries
+    let rows: Vec<[String; 6]> = entries
         .iter()
         .map(|e| {
             let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
             [
                 e.name.clone(),
                 e.vip.clone(),
+                e.vip6.clone(),
                 e.target.clone(),
                 ports.join(","),
                 e.state.clone(),
             ]
         })
         .collect();
-    let head = ["NAME", "VIRTUAL IP", "TARGET", "PORTS", "STATE"].map(String::from);
-    let mut w = [0usize; 5];
+    let head = [
+        "NAME",
+        "VIRTUAL IP",
+        "VIRTUAL IPV6",
+        "TARGET",
+        "PORTS",
+        "STATE",
+    ]
+    .map(String::from);
+    let mut w = [0usize; 6];
     for r in std::iter::once(&head).chain(&rows) {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
@@ -262,14 +272,15 @@ mod tests {
         let t = table(&[MapEntry {
             name: "printer".into(),
             vip: "100.77.12.34".into(),
+            vip6: "fd6e:7264::644d:c22".into(),
             target: "10.0.0.5:9100".into(),
             ports: vec![9100],
             state: "online".into(),
         }]);
         assert_eq!(
             t,
-            "NAME     VIRTUAL IP    TARGET         PORTS  STATE\n\
-             printer  100.77.12.34  10.0.0.5:9100  9100   online\n"
+            "NAME     VIRTUAL IP    VIRTUAL IPV6         TARGET         PORTS  STATE\n\
+             printer  100.77.12.34  fd6e:7264::644d:c22  10.0.0.5:9100  9100   online\n"
         );
         assert!(table(&[]).contains("no resources"));
     }

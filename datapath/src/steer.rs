@@ -5,7 +5,7 @@ use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 use netredir_ebpf_common::{SteerConfig, reason};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
 /// The compiled `steer` object, built by this crate's build script.
@@ -125,17 +125,19 @@ impl Steer {
         program(&mut self.ebpf)
     }
 
-    /// Tells `steer` which subnet to take.
+    /// Tells `steer` which IPv4 subnet to take (and no IPv6).
     pub fn set_subnet(&mut self, network: Ipv4Addr, prefix_len: u8) -> Result<(), SteerError> {
-        self.configure(network, prefix_len, false)
+        self.configure(network, prefix_len, None, false)
     }
 
-    /// Tells `steer` which subnet to take and whether DHCP requests are
-    /// ours too (a NIC dedicated to netredir).
+    /// Tells `steer` which IPv4 subnet and IPv6 /64 (`prefix6`) to take,
+    /// and whether DHCP requests and router solicitations are ours too (a
+    /// NIC dedicated to netredir).
     pub fn configure(
         &mut self,
         network: Ipv4Addr,
         prefix_len: u8,
+        prefix6: Option<Ipv6Addr>,
         dhcp: bool,
     ) -> Result<(), SteerError> {
         let mask = if prefix_len == 0 {
@@ -152,6 +154,10 @@ impl Steer {
                 0
             },
             _pad: 0,
+            prefix_v6: prefix6.map_or([0; 8], |p| {
+                let o = p.octets();
+                [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
+            }),
         };
         self.config
             .set(0, cfg, 0)

@@ -5,7 +5,7 @@
 use aya::{TestRun, TestRunOptions};
 use netredir_datapath::steer::Steer;
 use netredir_ebpf_common::reason;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -272,7 +272,7 @@ fn dhcp_is_steered_only_on_a_dedicated_nic() {
     use std::os::fd::AsRawFd;
     steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
     steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, false)
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, None, false)
         .expect("config");
     expect(
         &mut steer,
@@ -282,7 +282,7 @@ fn dhcp_is_steered_only_on_a_dedicated_nic() {
         reason::PASS_IPV4_OTHER,
     );
     steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, true)
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, None, true)
         .expect("config");
     expect(
         &mut steer,
@@ -324,5 +324,167 @@ fn a_narrower_subnet_is_honoured() {
         &ipv4_tcp(Ipv4Addr::new(10, 9, 9, 77)),
         XDP_PASS,
         reason::PASS_IPV4_OTHER,
+    );
+}
+
+fn ipv6(dst: Ipv6Addr, next: u8, hop: u8, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[next, hop]);
+    ip.extend_from_slice(&"fd6e:7264::2".parse::<Ipv6Addr>().unwrap().octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(l4);
+    eth(0x86dd, &ip)
+}
+
+/// ICMPv6 neighbour solicitation for `target`, to its solicited-node group.
+fn ns(target: Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    let t = target.octets();
+    let snm = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    ipv6(snm, 58, 255, &icmp)
+}
+
+#[test]
+fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
+    let mut steer = Steer::load().expect("load steer (needs root)");
+    let xsk = unbound_xsk();
+    use std::os::fd::AsRawFd;
+    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    let prefix: Ipv6Addr = "fd6e:7264::".parse().unwrap();
+    let vip6: Ipv6Addr = "fd6e:7264::644d:4b5".parse().unwrap();
+    let outside: Ipv6Addr = "fd00:200::1".parse().unwrap();
+    let tcp = [
+        0x9c, 0x40, 0x23, 0x8c, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+    let rs = ipv6(
+        "ff02::2".parse().unwrap(),
+        58,
+        255,
+        &[133, 0, 0, 0, 0, 0, 0, 0],
+    );
+
+    steer
+        .set_subnet(Ipv4Addr::new(100, 77, 0, 0), 16)
+        .expect("config");
+    expect(
+        &mut steer,
+        "IPv6 with no prefix set",
+        &ipv6(vip6, 6, 64, &tcp),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+
+    steer
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), false)
+        .expect("config");
+    expect(
+        &mut steer,
+        "TCP to an IPv6 vIP",
+        &ipv6(vip6, 6, 64, &tcp),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV6,
+    );
+    expect(
+        &mut steer,
+        "UDP to the vDNS ::53",
+        &ipv6("fd6e:7264::53".parse().unwrap(), 17, 64, &[0; 8]),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV6,
+    );
+    expect(
+        &mut steer,
+        "echo to an IPv6 vIP",
+        &ipv6(vip6, 58, 64, &[128, 0, 0, 0, 0, 1, 0, 1]),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV6,
+    );
+    expect(
+        &mut steer,
+        "fragment to an IPv6 vIP",
+        &ipv6(vip6, 44, 64, &[6, 0, 0, 1, 0, 0, 0, 1]),
+        XDP_REDIRECT,
+        reason::REDIRECT_IPV6,
+    );
+    expect(
+        &mut steer,
+        "NS for an IPv6 vIP",
+        &ns(vip6),
+        XDP_REDIRECT,
+        reason::REDIRECT_NDP,
+    );
+    expect(
+        &mut steer,
+        "NS for another address",
+        &ns(outside),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    expect(
+        &mut steer,
+        "TCP outside the prefix",
+        &ipv6(outside, 6, 64, &tcp),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    expect(
+        &mut steer,
+        "the next /64",
+        &ipv6("fd6e:7264:0:1::5".parse().unwrap(), 6, 64, &tcp),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    expect(
+        &mut steer,
+        "RS on a shared NIC",
+        &rs,
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    let mut cut = ns(vip6);
+    cut.truncate(14 + 40 + 12); // the target is cut off
+    expect(
+        &mut steer,
+        "NS cut short",
+        &cut,
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+    expect(
+        &mut steer,
+        "IPv6 header cut off",
+        &eth(0x86dd, &[0x60, 0, 0, 0, 0, 0]),
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+    let mut v4_in_v6 = ipv6(vip6, 6, 64, &tcp);
+    v4_in_v6[14] = 0x45;
+    expect(
+        &mut steer,
+        "version 4 in an IPv6 ethertype",
+        &v4_in_v6,
+        XDP_PASS,
+        reason::PASS_SHORT,
+    );
+
+    steer
+        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), true)
+        .expect("config");
+    expect(
+        &mut steer,
+        "RS on a dedicated NIC",
+        &rs,
+        XDP_REDIRECT,
+        reason::REDIRECT_RS,
     );
 }

@@ -16,8 +16,11 @@ pub struct SteerConfig {
     pub mask_v4: u32,
     /// [`FLAG_DHCP`] and later flags.
     pub flags: u32,
-    /// Keeps the struct 8-byte sized for future fields.
+    /// Keeps the next field 8-byte aligned.
     pub _pad: u32,
+    /// The IPv6 /64 prefix of the virtual subnet (its first 8 bytes as on
+    /// the wire); all zero means "steer no IPv6".
+    pub prefix_v6: [u8; 8],
 }
 
 #[cfg(feature = "user")]
@@ -25,7 +28,8 @@ pub struct SteerConfig {
 unsafe impl aya::Pod for SteerConfig {}
 
 /// In [`SteerConfig::flags`]: the NIC is only for netredir, so DHCP
-/// requests (UDP to port 67, any destination) go to netredird too.
+/// requests (UDP to port 67, any destination) and IPv6 router
+/// solicitations go to netredird too.
 pub const FLAG_DHCP: u32 = 1;
 
 /// Capacity of the `XSKS` map: one AF_XDP socket per receive queue.
@@ -43,7 +47,7 @@ pub mod reason {
     pub const NO_SOCKET: u32 = 2;
     /// IPv4 to an address outside the subnet: passed.
     pub const PASS_IPV4_OTHER: u32 = 3;
-    /// IPv6 (not steered yet): passed.
+    /// IPv6 outside the prefix (and not NDP for it): passed.
     pub const PASS_IPV6: u32 = 4;
     /// ARP not asking for a subnet address: passed.
     pub const PASS_ARP_OTHER: u32 = 5;
@@ -55,8 +59,14 @@ pub mod reason {
     pub const PASS_UNCONFIGURED: u32 = 8;
     /// DHCP request on a dedicated NIC, redirected.
     pub const REDIRECT_DHCP: u32 = 9;
+    /// IPv6 to the virtual prefix, redirected.
+    pub const REDIRECT_IPV6: u32 = 10;
+    /// Neighbour solicitation for an address in the prefix, redirected.
+    pub const REDIRECT_NDP: u32 = 11;
+    /// Router solicitation on a dedicated NIC, redirected.
+    pub const REDIRECT_RS: u32 = 12;
     /// Number of reasons (size of the counter array).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
 
     /// Human names, indexed by reason, for logs and the control API.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -70,5 +80,8 @@ pub mod reason {
         "pass_short",
         "pass_unconfigured",
         "redirect_dhcp",
+        "redirect_ipv6",
+        "redirect_ndp",
+        "redirect_rs",
     ];
 }

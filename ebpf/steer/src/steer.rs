@@ -27,6 +27,10 @@ const IPV4_MIN_HLEN: usize = 20;
 /// Ethernet/IPv4 ARP: htype(2) ptype(2) hlen(1) plen(1) op(2) sha(6) spa(4) tha(6) tpa(4).
 const ARP_LEN: usize = 28;
 const ARP_OP_REQUEST: u16 = 1;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
 
 #[xdp]
 pub fn steer(ctx: XdpContext) -> u32 {
@@ -113,9 +117,50 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
                 _ => (pass, reason::PASS_ARP_OTHER),
             }
         }
-        ETH_P_IPV6 => (pass, reason::PASS_IPV6),
+        ETH_P_IPV6 => classify_ipv6(ctx, &cfg),
         _ => (pass, reason::PASS_OTHER),
     }
+}
+
+/// IPv6: to the prefix, a neighbour solicitation for an address in it, or
+/// (dedicated NIC) a router solicitation; the rest passes.
+#[inline(always)]
+fn classify_ipv6(ctx: &XdpContext, cfg: &SteerConfig) -> (u32, u32) {
+    let pass = xdp_action::XDP_PASS;
+    let Some(hdr) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
+        return (pass, reason::PASS_SHORT);
+    };
+    // SAFETY: ptr_at checked the header is inside the frame.
+    let (version, next) = unsafe { ((*hdr)[0] >> 4, (*hdr)[6]) };
+    if version != 6 {
+        return (pass, reason::PASS_SHORT);
+    }
+    let prefix = u64::from_ne_bytes(cfg.prefix_v6);
+    if prefix == 0 {
+        return (pass, reason::PASS_IPV6);
+    }
+    let in_prefix = |off: usize| {
+        // SAFETY: ptr_at checks the eight bytes are inside the frame.
+        ptr_at::<[u8; 8]>(ctx, off).is_some_and(|p| u64::from_ne_bytes(unsafe { *p }) == prefix)
+    };
+    // Destination address at offset 24 of the header.
+    if in_prefix(ETH_HLEN + 24) {
+        return redirect(ctx, reason::REDIRECT_IPV6);
+    }
+    if next == IPPROTO_ICMPV6
+        && let Some(t) = ptr_at::<u8>(ctx, ETH_HLEN + IPV6_HLEN)
+    {
+        // SAFETY: ptr_at checked the byte is inside the frame.
+        let icmp_type = unsafe { *t };
+        // The solicitation's target follows type, code, checksum, reserved.
+        if icmp_type == ICMPV6_NEIGHBOR_SOLICIT && in_prefix(ETH_HLEN + IPV6_HLEN + 8) {
+            return redirect(ctx, reason::REDIRECT_NDP);
+        }
+        if icmp_type == ICMPV6_ROUTER_SOLICIT && cfg.flags & FLAG_DHCP != 0 {
+            return redirect(ctx, reason::REDIRECT_RS);
+        }
+    }
+    (pass, reason::PASS_IPV6)
 }
 
 /// UDP to port 67 (a DHCP client's request), IPv4 header of `ihl` bytes.

@@ -24,7 +24,7 @@ use netredir_shared::control::{FlowReport, MapEntry, Response, SessionReport, St
 use netredir_shared::link::{Link, LinkError};
 use netredir_shared::pairing::{CODE_LIFETIME, PairStore};
 use netredir_shared::session::{Compression, Session, SessionConfig};
-use netredir_shared::subnet::Ipv4Subnet;
+use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
 use netredir_shared::wire::{Msg, OpenError, Proto, VERSION};
@@ -57,6 +57,8 @@ pub struct Config {
     pub vm: String,
     /// The virtual subnet.
     pub subnet: Ipv4Subnet,
+    /// The virtual IPv6 /64.
+    pub prefix6: Ipv6Prefix,
     /// MAC the engine answers from.
     pub mac: [u8; 6],
     /// Where agents connect.
@@ -156,6 +158,7 @@ struct Loop {
 pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> {
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
     let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
+    ecfg.prefix6 = cfg.prefix6.network();
     ecfg.seed = random_u64();
     ecfg.dhcp = cfg.dedicated;
     ecfg.zone = cfg.zone.clone();
@@ -784,7 +787,7 @@ impl Loop {
         r.ports = tcp.clone();
         r.udp_ports = udp.clone();
         r.online = true;
-        tracing::info!(name = %r.name, vip = %r.vip, target = %r.target, ports = ?r.ports, "resource exported");
+        tracing::info!(name = %r.name, vip = %r.vip, vip6 = %self.engine.vip6(r.vip), target = %r.target, ports = ?r.ports, "resource exported");
         self.engine.set_named_resource(r.vip, id, &r.name, tcp, udp);
         self.by_id.insert(id, idx);
     }
@@ -951,6 +954,7 @@ impl Loop {
             .map(|r| MapEntry {
                 name: r.name.clone(),
                 vip: r.vip.to_string(),
+                vip6: self.engine.vip6(r.vip).to_string(),
                 target: r.target.clone(),
                 ports: r.ports.clone(),
                 state: if r.online { "online" } else { "offline" }.into(),
@@ -1036,7 +1040,11 @@ impl Loop {
             agent_connected: connected,
             agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
             flows: self.engine.flow_count() as u64,
-            dns: self.engine.dns_addr().to_string(),
+            prefix6: self.cfg.prefix6.to_string(),
+            dns: vec![
+                self.engine.dns_addr().to_string(),
+                self.engine.dns_addr6().to_string(),
+            ],
             zone: self.cfg.zone.clone(),
             counters,
         }

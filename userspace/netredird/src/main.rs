@@ -21,7 +21,7 @@ use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::DEFAULT_CONTROL_PATH;
 use netredir_shared::pairing::PairStore;
 use netredir_shared::session::Compression;
-use netredir_shared::subnet::{DEFAULT_SUBNET, Ipv4Subnet};
+use netredir_shared::subnet::{DEFAULT_PREFIX6, DEFAULT_SUBNET, Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::Identity;
 use netredir_uring::Waker;
 use std::net::{SocketAddr, TcpListener};
@@ -43,11 +43,16 @@ struct Args {
     /// The virtual subnet that resources get addresses in.
     #[arg(long, value_name = "CIDR", default_value = DEFAULT_SUBNET)]
     subnet: Ipv4Subnet,
+    /// The virtual IPv6 /64 beside the subnet (a ULA): each resource gets
+    /// an IPv6 vIP in it too.
+    #[arg(long, value_name = "PREFIX/64", default_value = DEFAULT_PREFIX6)]
+    prefix6: Ipv6Prefix,
     /// Unix socket of the control API (netredirctl --control).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
     /// The VM's NIC carries only netredir traffic: answer its DHCP requests
-    /// (address, DNS server, route for the subnet).
+    /// (address, DNS server, route for the subnet) and send IPv6 router
+    /// advertisements (SLAAC in the prefix, DNS server, no default route).
     #[arg(long)]
     dedicated: bool,
     /// DNS zone the VM resolves resources in (NAME.ZONE).
@@ -165,6 +170,7 @@ fn run(args: Args) -> Result<()> {
     steer.configure(
         args.subnet.network(),
         args.subnet.prefix_len(),
+        Some(args.prefix6.network()),
         args.dedicated,
     )?;
     let xsk = Xsk::open(&args.iface, 0)?;
@@ -173,6 +179,7 @@ fn run(args: Args) -> Result<()> {
     tracing::info!(
         iface = %args.iface,
         subnet = %args.subnet,
+        prefix6 = %args.prefix6,
         listen = %args.listen,
         control = %args.control.display(),
         "netredird ready: steer attached, waiting for the agent"
@@ -185,6 +192,7 @@ fn run(args: Args) -> Result<()> {
         iface: args.iface.clone(),
         vm: args.vm.clone().unwrap_or_else(|| args.iface.clone()),
         subnet: args.subnet,
+        prefix6: args.prefix6,
         mac,
         listener,
         identity,

@@ -98,6 +98,8 @@ pub struct MapEntry {
     pub name: String,
     /// Its address inside the VM.
     pub vip: String,
+    /// Its IPv6 address inside the VM.
+    pub vip6: String,
     /// The real address, as the agent reported it.
     pub target: String,
     /// Ports the guest may use.
@@ -119,8 +121,10 @@ pub struct Status {
     pub agent_name: Option<String>,
     /// Open flows.
     pub flows: u64,
-    /// Address of the vDNS in the subnet.
-    pub dns: String,
+    /// The virtual IPv6 /64.
+    pub prefix6: String,
+    /// Addresses of the vDNS: IPv4 in the subnet, IPv6 in the prefix.
+    pub dns: Vec<String>,
     /// The DNS zone resources are named in.
     pub zone: String,
     /// Named counters (frames, bytes, refusals, errors).
@@ -217,6 +221,7 @@ mod tests {
             entries: vec![MapEntry {
                 name: "p".into(),
                 vip: "100.77.1.2".into(),
+                vip6: "fd6e:7264::644d:102".into(),
                 target: "10.0.0.5:9100".into(),
                 ports: vec![9100],
                 state: "online".into(),

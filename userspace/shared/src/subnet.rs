@@ -1,12 +1,17 @@
-//! IPv4 prefixes, as `--subnet 100.77.0.0/16` takes them.
+//! The virtual subnet's prefixes, as `--subnet 100.77.0.0/16` and
+//! `--prefix6 fd6e:7264::/64` take them.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// The virtual subnet's default: shared address space (RFC 6598), rarely
 /// used on client LANs.
 pub const DEFAULT_SUBNET: &str = "100.77.0.0/16";
+
+/// The IPv6 prefix's default: a ULA /64, the same on every host so that
+/// IPv6 vIPs are as stable as IPv4 ones.
+pub const DEFAULT_PREFIX6: &str = "fd6e:7264::/64";
 
 /// An IPv4 prefix with its host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,6 +32,43 @@ pub enum SubnetError {
     /// Host bits are set (a typo more often than intent).
     #[error("{0} has host bits set; did you mean {1}?")]
     HostBits(String, String),
+    /// Not an IPv6 /64 (SLAAC needs exactly 64 bits of prefix).
+    #[error("{0:?} is not an IPv6 /64 like fd6e:7264::/64 (SLAAC needs a /64)")]
+    Not64(String),
+}
+
+/// An IPv6 /64 with its host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv6Prefix(Ipv6Addr);
+
+impl Ipv6Prefix {
+    /// The prefix as an address (host bits zero).
+    pub fn network(&self) -> Ipv6Addr {
+        self.0
+    }
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/64", self.0)
+    }
+}
+
+impl FromStr for Ipv6Prefix {
+    type Err = SubnetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SubnetError::Not64(s.into());
+        let (a, n) = s.split_once('/').ok_or_else(bad)?;
+        let ip: Ipv6Addr = a.parse().map_err(|_| bad())?;
+        if n != "64" {
+            return Err(bad());
+        }
+        let masked = Ipv6Addr::from(u128::from(ip) & !u128::from(u64::MAX));
+        if masked != ip {
+            return Err(SubnetError::HostBits(s.into(), format!("{masked}/64")));
+        }
+        Ok(Self(ip))
+    }
 }
 
 impl Ipv4Subnet {
@@ -125,6 +167,24 @@ mod tests {
         assert!(matches!(
             "1.2.3.4/99".parse::<Ipv4Subnet>(),
             Err(SubnetError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn ipv6_prefixes_must_be_a_clean_64() {
+        let p: Ipv6Prefix = DEFAULT_PREFIX6.parse().unwrap();
+        assert_eq!(p.to_string(), DEFAULT_PREFIX6);
+        assert!(matches!(
+            "fd00::/48".parse::<Ipv6Prefix>(),
+            Err(SubnetError::Not64(_))
+        ));
+        assert!(matches!(
+            "fd00::1/64".parse::<Ipv6Prefix>(),
+            Err(SubnetError::HostBits(..))
+        ));
+        assert!(matches!(
+            "100.77.0.0/64".parse::<Ipv6Prefix>(),
+            Err(SubnetError::Not64(_))
         ));
     }
 }
