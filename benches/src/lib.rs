@@ -180,6 +180,16 @@ impl Redir {
         Ok(e.vip.parse()?)
     }
 
+    /// The IPv6 vIP of resource `name`.
+    pub fn vip6(&self, name: &str) -> Result<std::net::Ipv6Addr> {
+        let m = self.map()?;
+        let e = m
+            .iter()
+            .find(|e| e.name == name)
+            .with_context(|| format!("no resource {name} in {m:?}"))?;
+        Ok(e.vip6.parse()?)
+    }
+
     /// Waits until something in the lan namespace listens on TCP `port`.
     pub fn wait_listening(&self, port: u16) -> Result<()> {
         let filter = format!("sport = :{port}");

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //!  vm ── eth0 10.200.0.2 ═══ vm0 10.200.0.1 ── host ── wan0 10.201.0.1
-//!                                                           ║
+//!          fd00:200::2         fd00:200::1                  ║
 //!  lan ── eth0 10.202.0.2 ═══ lan0 10.202.0.1 ── client ── wan0 10.201.0.2
 //! ```
 //!
-//! The VM reaches the virtual subnet on-link through eth0 (netredird's
-//! `steer` sits on vm0), and everything else through 10.200.0.1. Names
+//! The VM reaches the virtual subnet and the IPv6 prefix on-link through
+//! eth0 (netredird's `steer` sits on vm0), and everything else through
+//! 10.200.0.1. Names
 //! carry the creating process id and a counter, so tests run in parallel;
 //! a namespace left by a process that no longer exists is removed by the
 //! next testbed. Everything is removed on drop, also on panic; processes
@@ -28,6 +29,12 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Address of the VM.
 pub const VM_IP: &str = "10.200.0.2";
+/// The VM's IPv6 address (outside the virtual prefix).
+pub const VM_IP6: &str = "fd00:200::2";
+/// netredird's IPv6 address on the VM link.
+pub const HOST_VM_IP6: &str = "fd00:200::1";
+/// The virtual IPv6 prefix netredird uses by default.
+pub const PREFIX6: &str = "fd6e:7264::/64";
 /// netredird's address on the VM link (outside the virtual subnet).
 pub const HOST_VM_IP: &str = "10.200.0.1";
 /// netredird's address on the WAN link: where the agent dials.
@@ -285,6 +292,16 @@ impl Testbed {
             "via",
             HOST_VM_IP,
         ])?;
+        // IPv6 on the VM link, ready at once (no duplicate detection), and
+        // the virtual prefix on-link like the subnet.
+        for (ns, dev, addr) in [
+            (&self.vm, "eth0", VM_IP6),
+            (&self.host, HOST_VM_IFACE, HOST_VM_IP6),
+        ] {
+            let cidr = format!("{addr}/64");
+            ip(&["-n", ns.name(), "addr", "add", &cidr, "dev", dev, "nodad"])?;
+        }
+        ip(&["-n", self.vm.name(), "route", "add", PREFIX6, "dev", "eth0"])?;
         ip(&[
             "-n",
             self.lan.name(),

@@ -1,10 +1,13 @@
 //! What a stock guest does, with real tools in the VM namespace: SNMP over
-//! UDP, ping, DNS (dig, getent) and DHCP (udhcpc) against netredir, and
-//! real servers (snmpd, socat) on the client LAN. Needs root and the
+//! UDP, ping, DNS (dig, getent), DHCP (udhcpc), SLAAC and IPv6 against
+//! netredir, and real servers (snmpd, socat) on the client LAN. Needs root and the
 //! Debian packages scripts/setup installs.
 
-use netredir_benches::Redir;
-use netredir_benches::testbed::LAN_IP;
+use netredir_benches::testbed::{HOST_VM_IP6, LAN_IP, wait_until};
+use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::Duration;
 
 fn vm_run(r: &Redir, prog: &str, args: &[&str]) -> (bool, String) {
     let out =
@@ -129,9 +132,19 @@ fn the_vdns_names_printers_and_their_services() {
         "nameserver 100.77.0.53\nsearch netredir.internal\n",
     )
     .unwrap();
+    // `hosts` asks for IPv6 first (the guest has IPv6), `ahosts` for both.
+    let vip6 = r.vip6("printer").unwrap().to_string();
     let (ok, out) = vm_run(&r, "getent", &["hosts", "printer.netredir.internal"]);
-    assert!(ok && out.starts_with(&vip), "getent: {out}");
-    let (ok, out) = vm_run(&r, "getent", &["hosts", "files"]);
+    assert!(
+        ok && out.starts_with(&format!("{vip6} ")),
+        "getent hosts: {out}"
+    );
+    let (ok, out) = vm_run(&r, "getent", &["ahosts", "printer.netredir.internal"]);
+    assert!(
+        ok && out.contains(&vip) && out.contains(&vip6),
+        "getent ahosts: {out}"
+    );
+    let (ok, out) = vm_run(&r, "getent", &["ahostsv4", "files"]);
     assert!(
         ok && out.contains(&r.vip("files").unwrap().to_string()),
         "getent via search: {out}"
@@ -185,6 +198,110 @@ fn a_dedicated_nic_gets_its_address_by_dhcp() {
         r.counter("engine.dhcp_replies").unwrap() >= 2,
         "offer and ack"
     );
+    // IPv6: the kernel's own SLAAC takes an address in the prefix from
+    // netredird's router advertisement, and no default route.
+    let mut addrs = String::new();
+    wait_until(
+        "a SLAAC address in fd6e:7264::/64",
+        Duration::from_secs(10),
+        || {
+            addrs = vm_run(&r, "ip", &["-6", "addr", "show", "dev", "eth0"]).1;
+            addrs.lines().any(|l| {
+                l.contains("inet6 fd6e:7264::")
+                    && l.contains("scope global")
+                    && !l.contains("tentative")
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {addrs}"));
+    let (_, routes) = vm_run(&r, "ip", &["-6", "route", "show", "default"]);
+    assert!(
+        routes.trim().is_empty(),
+        "netredird is no default router: {routes}"
+    );
+    assert!(r.counter("engine.router_adverts").unwrap() >= 1);
+    // With that address alone, the guest reaches the printer's IPv6 vIP.
+    let vip6 = r.vip6("printer").unwrap().to_string();
+    let (ok, out) = vm_run(&r, "ping", &["-6", "-c", "1", "-W", "3", &vip6]);
+    assert!(ok, "ping -6 from the SLAAC address: {out}");
+}
+
+#[test]
+fn ipv6_works_as_ipv4_does() {
+    let r = Redir::new("ipv6").unwrap();
+    let received = r.tb.dir().join("received.prn");
+    r.printer_once("printer", 9100, &received).unwrap();
+    r.start_agent("agent", &[&format!("printer={LAN_IP}:9100")])
+        .unwrap();
+    let vip = r.vip("printer").unwrap();
+    let vip6 = r.vip6("printer").unwrap();
+    assert_eq!(
+        vip6.octets()[12..],
+        vip.octets(),
+        "the IPv6 vIP ends in the IPv4 one"
+    );
+    assert!(vip6.to_string().starts_with("fd6e:7264::"), "{vip6}");
+
+    // dig AAAA, over both vDNS addresses.
+    for server in ["@100.77.0.53", "@fd6e:7264::53"] {
+        let (ok, out) = vm_run(
+            &r,
+            "dig",
+            &[
+                server,
+                "+short",
+                "+tries=2",
+                "+time=2",
+                "printer.netredir.internal",
+                "AAAA",
+            ],
+        );
+        assert!(ok, "dig {server}: {out}");
+        assert_eq!(out.trim(), vip6.to_string(), "dig {server}");
+    }
+    let (ok, out) = vm_run(
+        &r,
+        "dig",
+        &["@fd6e:7264::53", "+short", "-x", &vip6.to_string()],
+    );
+    assert!(
+        ok && out.trim() == "printer.netredir.internal.",
+        "reverse: {out}"
+    );
+
+    // ping -6 the vIP; and IPv6 outside the prefix still goes by the kernel.
+    let (ok, out) = vm_run(&r, "ping", &["-6", "-c", "2", "-W", "3", &vip6.to_string()]);
+    assert!(ok, "ping -6 of the printer: {out}");
+    let (ok, out) = vm_run(&r, "ping", &["-6", "-c", "1", "-W", "3", HOST_VM_IP6]);
+    assert!(ok, "ping -6 outside the prefix: {out}");
+
+    // 64 MiB over IPv6, byte-identical.
+    let job = job_bytes(64 << 20, 66);
+    let leftover =
+        r.tb.vm
+            .enter(|| {
+                let mut s = connect((vip6, 9100).into())?;
+                s.write_all(&job)?;
+                s.shutdown(Shutdown::Write)?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest)?;
+                std::io::Result::Ok(rest)
+            })
+            .unwrap()
+            .unwrap();
+    assert!(leftover.is_empty());
+    assert!(
+        r.tb.wait_exit("printer", Duration::from_secs(60))
+            .unwrap()
+            .success()
+    );
+    let got = std::fs::read(&received).unwrap();
+    assert_eq!(got.len(), job.len(), "length");
+    assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
+    assert!(r.counter("steer.redirect_ndp").unwrap() >= 1);
+    assert!(r.counter("steer.redirect_ipv6").unwrap() >= 1);
+    assert!(r.counter("steer.pass_ipv6").unwrap() >= 1);
+    assert!(r.counter("engine.ndp_replies").unwrap() >= 1);
 }
 
 /// A raw IPv4 TCP SYN from the VM's address to `dst:dport`.
