@@ -1,5 +1,5 @@
-//! Frames from a hostile guest into the engine (ARP, IPv4, TCP, UDP, ICMP,
-//! DHCP, DNS), with a resource exported and the agent online: never a
+//! Frames from a hostile guest into the engine (ARP, NDP, IPv4, IPv6, TCP, UDP,
+//! ICMP, DHCP, RA, DNS), with a resource exported and the agent online: never a
 //! panic, and the engine's state stays bounded.
 #![no_main]
 
