@@ -6,9 +6,10 @@
 //!  lan ── eth0 10.202.0.2 ═══ lan0 10.202.0.1 ── client ── wan0 10.201.0.2
 //! ```
 //!
-//! The VM reaches the virtual subnet and the IPv6 prefix on-link through
-//! eth0 (netredird's `steer` sits on vm0), and everything else through
-//! 10.200.0.1. Names
+//! The VM's one NIC is shared, as on most VDI hosts: it reaches the
+//! virtual subnet through its gateway 10.200.0.1 (vm0, where netredird's
+//! classifier sits), the IPv6 prefix on-link (so NDP for vIPs is
+//! exercised too), and everything else through 10.200.0.1 as well. Names
 //! carry the creating process id and a counter, so tests run in parallel;
 //! a namespace left by a process that no longer exists is removed by the
 //! next testbed. Everything is removed on drop, also on panic; processes
@@ -280,8 +281,8 @@ impl Testbed {
             "route",
             "add",
             "100.77.0.0/16",
-            "dev",
-            "eth0",
+            "via",
+            HOST_VM_IP,
         ])?;
         ip(&[
             "-n",

@@ -320,22 +320,57 @@ fn netredird_says_why_it_cannot_start() {
     let _ = Ipv4Addr::LOCALHOST;
 }
 
+/// `ip -d link show dev IFACE` in the host namespace, or None if absent.
+fn host_link(r: &Redir, iface: &str) -> Option<String> {
+    let out =
+        r.tb.host
+            .run("ip", &["-d", "link", "show", "dev", iface])
+            .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether the VM's NIC still offers TCP segmentation offload.
+fn vm_tso(r: &Redir) -> bool {
+    let out = r.tb.vm.run("ethtool", &["-k", "eth0"]).expect("ethtool");
+    String::from_utf8_lossy(&out.stdout).contains("tcp-segmentation-offload: on")
+}
+
 #[test]
 fn netredird_detaches_and_cleans_up_on_sigterm() {
+    // Shared NIC (the default): a TC classifier on vm0, XDP only on
+    // netredird's own veth pair, so the VM keeps TSO on everything else.
     let r = Redir::new("sigterm").unwrap();
-    let attached = || {
-        r.tb.host
-            .run("ip", &["-d", "link", "show", "dev", HOST_VM_IFACE])
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("xdp"))
-            .unwrap()
-    };
-    assert!(attached(), "steer attached while running");
+    let vm0 = host_link(&r, HOST_VM_IFACE).expect("vm0");
+    let idx: String = vm0.chars().take_while(char::is_ascii_digit).collect();
+    let (outer, inner) = (format!("nr{idx}o"), format!("nr{idx}i"));
+    assert!(!vm0.contains("xdp"), "no XDP on a shared NIC: {vm0}");
+    let inner_link = host_link(&r, &inner).expect("netredird's veth pair while running");
+    assert!(inner_link.contains("xdp"), "{inner_link}");
+    assert!(host_link(&r, &outer).is_some());
+    assert!(vm_tso(&r), "the VM's NIC lost TSO with netredir attached");
     assert!(r.control.exists());
     r.tb.signal("netredird", libc::SIGTERM).unwrap();
     let st = r.tb.wait_exit("netredird", TIMEOUT).unwrap();
     assert!(st.success(), "exit status {st:?}");
-    assert!(!attached(), "XDP still attached after exit");
+    assert!(host_link(&r, &outer).is_none(), "veth pair left behind");
     assert!(!r.control.exists(), "control socket left behind");
+
+    // Dedicated NIC: XDP right on vm0, and gone after exit.
+    let r = Redir::with_args("sigterm-dedicated", &["--dedicated"]).unwrap();
+    let attached = || host_link(&r, HOST_VM_IFACE).expect("vm0").contains("xdp");
+    assert!(attached(), "steer attached while running");
+    let links = r.tb.host.run("ip", &["-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links.contains(": nr"),
+        "no pair on a dedicated NIC: {links}"
+    );
+    r.tb.signal("netredird", libc::SIGTERM).unwrap();
+    let st = r.tb.wait_exit("netredird", TIMEOUT).unwrap();
+    assert!(st.success(), "exit status {st:?}");
+    assert!(!attached(), "XDP still attached after exit");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The host side of netredir's packet path.
 //!
-//! A frame from the VM takes this path: the `steer` XDP program ([`steer`])
-//! on the VM's NIC sees its destination is in the virtual subnet and
+//! A frame from the VM takes this path: the `steer` program ([`steer`];
+//! XDP on a dedicated NIC, a TC classifier and netredir's own veth pair on
+//! a shared one) sees its destination is in the virtual subnet and
 //! redirects it to an AF_XDP socket ([`xsk`]); the daemon's io_uring loop
 //! wakes on that socket and hands the frame to the VM's [`engine`], a
 //! sans-IO smoltcp stack that answers ARP, terminates TCP and turns each
@@ -11,6 +12,8 @@
 
 pub mod dns;
 pub mod engine;
+#[cfg(feature = "kernel")]
+pub mod netlink;
 #[cfg(feature = "kernel")]
 pub mod steer;
 #[cfg(feature = "kernel")]

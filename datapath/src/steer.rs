@@ -1,7 +1,17 @@
 //! Loading `steer`, attaching it to the VM's NIC, and talking to its maps.
+//!
+//! Two modes. Dedicated NIC ([`Steer::attach`]): the XDP program `steer`
+//! on the host end of the VM's NIC, AF_XDP on that NIC. Shared NIC
+//! ([`Steer::make_pair`], then [`Steer::attach_shared`]): a TC classifier
+//! on the NIC picks the frames for the virtual subnet and moves them into
+//! a veth pair netredird makes for itself, where XDP hands them to AF_XDP;
+//! the engine's answers go back out of the NIC through a TC program on the
+//! pair. The VM's other traffic never meets XDP (which on a veth would
+//! turn off TSO for all of it).
 
+use crate::netlink;
 use aya::maps::{Array, MapData, PerCpuArray, XskMap};
-use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 use netredir_ebpf_common::{SteerConfig, reason};
 use std::io;
@@ -32,6 +42,26 @@ pub enum SteerError {
         /// What aya said.
         source: ProgramError,
     },
+    /// A TC program could not be attached.
+    #[error("cannot attach the TC program {prog} to {iface}: {source}")]
+    AttachTc {
+        /// Program.
+        prog: &'static str,
+        /// Interface.
+        iface: String,
+        /// What aya said.
+        source: ProgramError,
+    },
+    /// netredir's own veth pair could not be made.
+    #[error("cannot set up netredir's veth pair {pair} for {iface}: {source}")]
+    Pair {
+        /// The pair's names.
+        pair: String,
+        /// The VM's NIC.
+        iface: String,
+        /// What the kernel said.
+        source: io::Error,
+    },
     /// The object or its maps are not what this build expects.
     #[error("steer object: {0}")]
     Object(String),
@@ -45,13 +75,22 @@ pub enum SteerError {
     },
 }
 
-/// A loaded (and maybe attached) `steer`. Dropping it detaches the program.
+/// A loaded (and maybe attached) `steer`. Dropping it detaches the
+/// programs and removes the veth pair it made.
 pub struct Steer {
     ebpf: Ebpf,
     config: Array<MapData, SteerConfig>,
     xsks: XskMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// What was last written to `CONFIG`.
+    cfg: SteerConfig,
+    /// Shared NIC: netredir's veth pair (outer end, inner end).
+    pair: Option<(String, String)>,
 }
+
+/// The programs in the object, and their kinds.
+const XDP_PROGRAMS: [&str; 2] = ["steer", "steer_pair"];
+const TC_PROGRAMS: [&str; 2] = ["steer_tc", "reflect"];
 
 fn is_perm(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -87,19 +126,30 @@ impl Steer {
         let counters = take(&mut ebpf, "COUNTERS")?
             .try_into()
             .map_err(|e: aya::maps::MapError| SteerError::Object(e.to_string()))?;
-        let prog: &mut Xdp = program(&mut ebpf)?;
-        prog.load().map_err(|e| {
+        let refused = |name: &str, e: ProgramError| {
             if is_perm(&e) {
                 SteerError::Permission
             } else {
-                SteerError::Object(format!("verifier refused steer: {e}"))
+                SteerError::Object(format!("verifier refused {name}: {e}"))
             }
-        })?;
+        };
+        for name in XDP_PROGRAMS {
+            xdp_program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| refused(name, e))?;
+        }
+        for name in TC_PROGRAMS {
+            tc_program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| refused(name, e))?;
+        }
         Ok(Self {
             ebpf,
             config,
             xsks,
             counters,
+            cfg: SteerConfig::default(),
+            pair: None,
         })
     }
 
@@ -108,7 +158,7 @@ impl Steer {
         if !interface_exists(iface) {
             return Err(SteerError::NoSuchInterface(iface.into()));
         }
-        let prog = program(&mut self.ebpf)?;
+        let prog = xdp_program(&mut self.ebpf, "steer")?;
         prog.attach(iface, XdpMode::Driver)
             .map_err(|source| match &source {
                 e if is_perm(e) => SteerError::Permission,
@@ -120,9 +170,95 @@ impl Steer {
         Ok(())
     }
 
-    /// The program, for `BPF_PROG_TEST_RUN` in tests.
+    /// Shared NIC, first step: makes netredir's veth pair for `nic` (the
+    /// same MTU, no addresses, IPv6 off, up) and returns the name of the
+    /// end the AF_XDP socket binds to. A pair left by an earlier run is
+    /// replaced; this one is removed on drop.
+    pub fn make_pair(&mut self, nic: &str) -> Result<String, SteerError> {
+        let idx = netlink::ifindex(nic).map_err(|_| SteerError::NoSuchInterface(nic.into()))?;
+        let (outer, inner) = (format!("nr{idx}o"), format!("nr{idx}i"));
+        let fail = |source: io::Error| SteerError::Pair {
+            pair: format!("{outer}/{inner}"),
+            iface: nic.into(),
+            source,
+        };
+        if interface_exists(&outer) {
+            netlink::delete_link(&outer).map_err(fail)?;
+        }
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{nic}/mtu"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1500);
+        netlink::create_veth(&outer, &inner, mtu).map_err(fail)?;
+        self.pair = Some((outer.clone(), inner.clone()));
+        for end in [&outer, &inner] {
+            // No addresses, so no IPv6 autoconfiguration chatter either.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6"), "1");
+            netlink::set_up(end).map_err(fail)?;
+        }
+        Ok(inner)
+    }
+
+    /// Shared NIC, second step (after the AF_XDP socket is registered):
+    /// `steer_pair` on the pair's inner end, `reflect` on its outer end,
+    /// and last `steer_tc` on the VM's NIC. Detached on drop.
+    pub fn attach_shared(&mut self, nic: &str) -> Result<(), SteerError> {
+        let Some((outer, inner)) = self.pair.clone() else {
+            return Err(SteerError::Object("attach_shared before make_pair".into()));
+        };
+        let index = |name: &str| {
+            netlink::ifindex(name).map_err(|_| SteerError::NoSuchInterface(name.into()))
+        };
+        self.cfg.pair_ifindex = index(&outer)?;
+        self.cfg.nic_ifindex = index(nic)?;
+        self.write_config()?;
+        xdp_program(&mut self.ebpf, "steer_pair")?
+            .attach(&inner, XdpMode::Driver)
+            .map_err(|source| SteerError::Attach {
+                iface: inner.clone(),
+                source,
+            })?;
+        for (prog, iface) in [("reflect", outer.as_str()), ("steer_tc", nic)] {
+            tc_program(&mut self.ebpf, prog)?
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(|source| match &source {
+                    e if is_perm(e) => SteerError::Permission,
+                    _ => SteerError::AttachTc {
+                        prog,
+                        iface: iface.into(),
+                        source,
+                    },
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes netredir's veth pair now (also done on drop), taking the
+    /// programs on it along: the VM's NIC keeps only the classifier, which
+    /// then has nowhere to send frames and passes them all.
+    pub fn remove_pair(&mut self) {
+        if let Some((outer, _)) = self.pair.take() {
+            self.cfg.pair_ifindex = 0;
+            let _ = self.write_config();
+            if let Err(e) = netlink::delete_link(&outer) {
+                tracing::warn!("cannot remove netredir's veth pair {outer}: {e}");
+            }
+        }
+    }
+
+    /// The names of netredir's veth pair (outer, inner), in shared mode.
+    pub fn pair(&self) -> Option<(&str, &str)> {
+        self.pair.as_ref().map(|(o, i)| (o.as_str(), i.as_str()))
+    }
+
+    /// The dedicated-NIC program, for `BPF_PROG_TEST_RUN` in tests.
     pub fn program(&mut self) -> Result<&mut Xdp, SteerError> {
-        program(&mut self.ebpf)
+        xdp_program(&mut self.ebpf, "steer")
+    }
+
+    /// The shared-NIC classifier, for `BPF_PROG_TEST_RUN` in tests.
+    pub fn tc_classifier(&mut self) -> Result<&mut SchedClassifier, SteerError> {
+        tc_program(&mut self.ebpf, "steer_tc")
     }
 
     /// Tells `steer` which IPv4 subnet to take (and no IPv6).
@@ -145,7 +281,7 @@ impl Steer {
         } else {
             u32::MAX << (32 - prefix_len)
         };
-        let cfg = SteerConfig {
+        self.cfg = SteerConfig {
             subnet_v4: u32::from_ne_bytes((u32::from(network) & mask).to_be_bytes()),
             mask_v4: u32::from_ne_bytes(mask.to_be_bytes()),
             flags: if dhcp {
@@ -158,9 +294,14 @@ impl Steer {
                 let o = p.octets();
                 [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
             }),
+            ..self.cfg
         };
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), SteerError> {
         self.config
-            .set(0, cfg, 0)
+            .set(0, self.cfg, 0)
             .map_err(|source| SteerError::Map {
                 map: "CONFIG",
                 source,
@@ -192,9 +333,23 @@ impl Steer {
     }
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, SteerError> {
-    ebpf.program_mut("steer")
-        .ok_or_else(|| SteerError::Object("program steer missing".into()))?
+impl Drop for Steer {
+    fn drop(&mut self) {
+        // The programs detach as the object goes; the pair goes first.
+        self.remove_pair();
+    }
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, SteerError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| SteerError::Object(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e: ProgramError| SteerError::Object(e.to_string()))
+}
+
+fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, SteerError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| SteerError::Object(format!("program {name} missing")))?
         .try_into()
         .map_err(|e: ProgramError| SteerError::Object(e.to_string()))
 }

@@ -49,6 +49,16 @@ fn run(steer: &mut Steer, frame: &[u8]) -> u32 {
     .return_value
 }
 
+fn run_tc(steer: &mut Steer, frame: &[u8]) -> u32 {
+    let prog = steer.tc_classifier().expect("steer_tc");
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ..Default::default()
+    })
+    .expect("BPF_PROG_TEST_RUN")
+    .return_value
+}
+
 fn counter(steer: &Steer, why: u32) -> u64 {
     let name = reason::NAMES[why as usize];
     steer
@@ -61,6 +71,22 @@ fn counter(steer: &Steer, why: u32) -> u64 {
 
 /// Runs `frame`, checks the verdict and that exactly counter `why` moved by one.
 fn expect(steer: &mut Steer, what: &str, frame: &[u8], verdict: u32, why: u32) {
+    expect_with(run, steer, what, frame, verdict, why);
+}
+
+/// [`expect`] for the shared-NIC classifier (TC verdicts).
+fn expect_tc(steer: &mut Steer, what: &str, frame: &[u8], verdict: u32, why: u32) {
+    expect_with(run_tc, steer, what, frame, verdict, why);
+}
+
+fn expect_with(
+    run: fn(&mut Steer, &[u8]) -> u32,
+    steer: &mut Steer,
+    what: &str,
+    frame: &[u8],
+    verdict: u32,
+    why: u32,
+) {
     let before: Vec<u64> = (0..reason::COUNT).map(|r| counter(steer, r)).collect();
     let got = run(steer, frame);
     assert_eq!(got, verdict, "{what}: verdict");
@@ -487,4 +513,123 @@ fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
         XDP_REDIRECT,
         reason::REDIRECT_RS,
     );
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The shared-NIC classifier makes the same choices as `steer` and sends
+/// ours into netredird's veth pair. In a private network namespace (this
+/// test's thread only), so the pair it makes touches nothing else.
+#[test]
+fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
+    std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let mut steer = Steer::load().expect("load steer (needs root)");
+        let vip = Ipv4Addr::new(100, 77, 4, 181);
+        let vip6: Ipv6Addr = "fd6e:7264::644d:4b5".parse().unwrap();
+        let prefix: Ipv6Addr = "fd6e:7264::".parse().unwrap();
+        steer
+            .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), false)
+            .expect("config");
+        // BPF_PROG_TEST_RUN of an skb program runs on this namespace's lo.
+        netredir_datapath::netlink::set_up("lo").expect("lo up");
+        // A VM's NIC stand-in in this namespace.
+        netredir_datapath::netlink::create_veth("vm0", "guest0", 1500).expect("veth");
+        netredir_datapath::netlink::set_up("vm0").expect("up");
+        let inner = steer.make_pair("vm0").expect("veth pair");
+        let xsk = unbound_xsk();
+        use std::os::fd::AsRawFd;
+        steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+        steer.attach_shared("vm0").expect("attach TC and XDP");
+        assert!(inner.ends_with('i'), "{inner}");
+
+        expect_tc(
+            &mut steer,
+            "subnet TCP",
+            &ipv4_tcp(vip),
+            TC_ACT_REDIRECT,
+            reason::REDIRECT_IPV4,
+        );
+        expect_tc(
+            &mut steer,
+            "ARP for a vIP",
+            &arp(1, vip),
+            TC_ACT_REDIRECT,
+            reason::REDIRECT_ARP,
+        );
+        expect_tc(
+            &mut steer,
+            "NS for an IPv6 vIP",
+            &ns(vip6),
+            TC_ACT_REDIRECT,
+            reason::REDIRECT_NDP,
+        );
+        let tcp6 = [
+            0x9c, 0x40, 0x23, 0x8c, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+        ];
+        expect_tc(
+            &mut steer,
+            "TCP to an IPv6 vIP",
+            &ipv6(vip6, 6, 64, &tcp6),
+            TC_ACT_REDIRECT,
+            reason::REDIRECT_IPV6,
+        );
+        expect_tc(
+            &mut steer,
+            "IPv4 outside",
+            &ipv4_tcp(Ipv4Addr::new(10, 200, 0, 1)),
+            TC_ACT_OK,
+            reason::PASS_IPV4_OTHER,
+        );
+        expect_tc(
+            &mut steer,
+            "ARP outside",
+            &arp(1, Ipv4Addr::new(10, 200, 0, 1)),
+            TC_ACT_OK,
+            reason::PASS_ARP_OTHER,
+        );
+        expect_tc(
+            &mut steer,
+            "IPv6 outside",
+            &ipv6("fd00:200::1".parse().unwrap(), 6, 64, &tcp6),
+            TC_ACT_OK,
+            reason::PASS_IPV6,
+        );
+        expect_tc(
+            &mut steer,
+            "DHCP on a shared NIC",
+            &dhcp_discover(),
+            TC_ACT_OK,
+            reason::PASS_IPV4_OTHER,
+        );
+        expect_tc(
+            &mut steer,
+            "other ethertype",
+            &eth(0x88cc, &[0u8; 46]),
+            TC_ACT_OK,
+            reason::PASS_OTHER,
+        );
+        expect_tc(
+            &mut steer,
+            // (The kernel refuses to test-run an skb with a cut IPv4 header.)
+            "ARP cut off",
+            &eth(0x0806, &[0, 1, 8, 0]),
+            TC_ACT_OK,
+            reason::PASS_SHORT,
+        );
+
+        // Without the pair, nothing is taken: the VM's traffic passes.
+        steer.remove_pair();
+        expect_tc(
+            &mut steer,
+            "subnet TCP, pair gone",
+            &ipv4_tcp(vip),
+            TC_ACT_OK,
+            reason::NO_SOCKET,
+        );
+    })
+    .join()
+    .expect("the test thread");
 }

@@ -2,7 +2,9 @@
 //! every map value and the meaning of every counter index, defined once.
 #![no_std]
 
-/// Value of the one-entry `CONFIG` array: which frames `steer` takes.
+/// Value of the one-entry `CONFIG` array: which frames `steer` (or
+/// `steer_tc`, on a shared NIC) takes, and where the shared-NIC programs
+/// send them.
 ///
 /// Written by netredird before it registers its AF_XDP socket; read by
 /// `steer` on every frame. Addresses are in network byte order as they
@@ -21,6 +23,12 @@ pub struct SteerConfig {
     /// The IPv6 /64 prefix of the virtual subnet (its first 8 bytes as on
     /// the wire); all zero means "steer no IPv6".
     pub prefix_v6: [u8; 8],
+    /// Shared NIC: the ifindex of netredir's own veth end that `steer_tc`
+    /// sends the VM's frames for us into (0: not in shared mode).
+    pub pair_ifindex: u32,
+    /// Shared NIC: the ifindex of the VM's NIC, where `reflect` sends the
+    /// engine's frames out.
+    pub nic_ifindex: u32,
 }
 
 #[cfg(feature = "user")]

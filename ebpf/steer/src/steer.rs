@@ -1,9 +1,20 @@
-//! The program itself; see the crate docs.
+//! The programs themselves; see the crate docs.
+//!
+//! Two attach modes (DESIGN.md, "Attach points"):
+//! - dedicated NIC: `steer` (XDP, driver mode) on the host end of the VM's
+//!   NIC classifies each frame and redirects ours into the AF_XDP socket;
+//! - shared NIC: `steer_tc` (TC ingress) on the VM's NIC classifies the
+//!   same way and `bpf_redirect`s ours into netredir's own veth pair, where
+//!   `steer_pair` (XDP) hands every frame to the AF_XDP socket; what the
+//!   engine sends back comes out of the pair's other end, where `reflect`
+//!   (TC ingress) sends it out of the VM's NIC. The VM's other traffic
+//!   never meets XDP and keeps the kernel's fast path (GRO/TSO).
 
-use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
+use aya_ebpf::helpers::bpf_redirect;
+use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::{Array, PerCpuArray, XskMap};
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use netredir_ebpf_common::{FLAG_DHCP, MAX_QUEUES, SteerConfig, reason};
 
 /// Written by netredird (one entry); read here on every frame.
@@ -31,13 +42,110 @@ const IPV6_HLEN: usize = 40;
 const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_ROUTER_SOLICIT: u8 = 133;
 const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+/// The most header bytes classification reads: Ethernet, IPv6, and a
+/// neighbour solicitation up to its target. (IPv4 with options and UDP
+/// ports is less: 14 + 60 + 4.)
+const CLASSIFY_LEN: u32 = (ETH_HLEN + IPV6_HLEN + 24) as u32;
 
+/// What classification decided for a frame.
+enum Class {
+    /// Ours: to the engine.
+    Steer(u32),
+    /// Not ours: the kernel keeps it.
+    Pass(u32),
+}
+
+/// Raw packet bounds, for XDP and TC alike.
+trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// Dedicated NIC: classify, and ours straight into AF_XDP.
 #[xdp]
 pub fn steer(ctx: XdpContext) -> u32 {
-    let (verdict, why) = classify(&ctx);
+    let (verdict, why) = match classify(&ctx) {
+        Class::Steer(why) => to_xsk(&ctx, why),
+        Class::Pass(why) => (xdp_action::XDP_PASS, why),
+    };
     count(why);
     verdict
 }
+
+/// Shared NIC, on the VM's NIC (TC ingress): classify, and ours into
+/// netredir's veth pair.
+#[classifier]
+pub fn steer_tc(ctx: TcContext) -> i32 {
+    // Direct access needs the headers in the linear part of the skb.
+    let len = ctx.len().min(CLASSIFY_LEN);
+    if ctx.pull_data(len).is_err() {
+        count(reason::PASS_SHORT);
+        return TC_ACT_OK as i32;
+    }
+    match classify(&ctx) {
+        Class::Steer(why) => {
+            let pair = CONFIG.get(0).map_or(0, |c| c.pair_ifindex);
+            if pair == 0 {
+                count(reason::NO_SOCKET);
+                return TC_ACT_OK as i32;
+            }
+            count(why);
+            // SAFETY: a helper call with plain integers.
+            unsafe { bpf_redirect(pair, 0) as i32 }
+        }
+        Class::Pass(why) => {
+            count(why);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
+/// Shared NIC, on netredir's end of the pair (XDP): everything that
+/// arrives was classified already; into AF_XDP.
+#[xdp]
+pub fn steer_pair(ctx: XdpContext) -> u32 {
+    let (verdict, why) = to_xsk(&ctx, reason::COUNT);
+    if why == reason::NO_SOCKET {
+        count(why);
+    }
+    verdict
+}
+
+/// Shared NIC, on the pair's other end (TC ingress): what the engine sent
+/// goes out of the VM's NIC, to the VM.
+#[classifier]
+pub fn reflect(_ctx: TcContext) -> i32 {
+    match CONFIG.get(0).map_or(0, |c| c.nic_ifindex) {
+        0 => TC_ACT_SHOT as i32,
+        // SAFETY: a helper call with plain integers.
+        nic => unsafe { bpf_redirect(nic, 0) as i32 },
+    }
+}
+
+// TC_ACT_REDIRECT is what bpf_redirect returns on success.
+const _: () = assert!(TC_ACT_REDIRECT == 7);
 
 #[inline(always)]
 fn count(why: u32) {
@@ -49,9 +157,9 @@ fn count(why: u32) {
 
 /// Bounds-checked pointer to a `T` at `off` bytes into the frame.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<T, F: Frame>(ctx: &F, off: usize) -> Option<*const T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -59,116 +167,114 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+fn read_be16<F: Frame>(ctx: &F, off: usize) -> Option<u16> {
     // SAFETY: ptr_at checked the two bytes are inside the frame.
-    ptr_at::<[u8; 2]>(ctx, off).map(|p| u16::from_be_bytes(unsafe { *p }))
+    ptr_at::<[u8; 2], F>(ctx, off).map(|p| u16::from_be_bytes(unsafe { *p }))
 }
 
 #[inline(always)]
-fn read_addr(ctx: &XdpContext, off: usize) -> Option<u32> {
+fn read_addr<F: Frame>(ctx: &F, off: usize) -> Option<u32> {
     // Network order kept: compare against the config as stored.
     // SAFETY: ptr_at checked the four bytes are inside the frame.
-    ptr_at::<[u8; 4]>(ctx, off).map(|p| u32::from_ne_bytes(unsafe { *p }))
+    ptr_at::<[u8; 4], F>(ctx, off).map(|p| u32::from_ne_bytes(unsafe { *p }))
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> (u32, u32) {
-    let pass = xdp_action::XDP_PASS;
+fn classify<F: Frame>(ctx: &F) -> Class {
     let Some(ethertype) = read_be16(ctx, 12) else {
-        return (pass, reason::PASS_SHORT);
+        return Class::Pass(reason::PASS_SHORT);
     };
     let cfg = match CONFIG.get(0) {
         Some(c) if c.mask_v4 != 0 => *c,
-        _ => return (pass, reason::PASS_UNCONFIGURED),
+        _ => return Class::Pass(reason::PASS_UNCONFIGURED),
     };
     let in_subnet = |a: u32| a & cfg.mask_v4 == cfg.subnet_v4;
     match ethertype {
         ETH_P_IP => {
             // Version/IHL byte, then destination at offset 16 of the header.
-            let Some(vihl) = ptr_at::<u8>(ctx, ETH_HLEN) else {
-                return (pass, reason::PASS_SHORT);
+            let Some(vihl) = ptr_at::<u8, F>(ctx, ETH_HLEN) else {
+                return Class::Pass(reason::PASS_SHORT);
             };
             // SAFETY: ptr_at checked the byte is inside the frame.
             let vihl = unsafe { *vihl };
             if vihl >> 4 != 4 || ((vihl & 0xf) as usize) * 4 < IPV4_MIN_HLEN {
-                return (pass, reason::PASS_SHORT);
+                return Class::Pass(reason::PASS_SHORT);
             }
             let Some(dst) = read_addr(ctx, ETH_HLEN + 16) else {
-                return (pass, reason::PASS_SHORT);
+                return Class::Pass(reason::PASS_SHORT);
             };
             if in_subnet(dst) {
-                return redirect(ctx, reason::REDIRECT_IPV4);
+                return Class::Steer(reason::REDIRECT_IPV4);
             }
             if cfg.flags & FLAG_DHCP != 0 && is_dhcp_request(ctx, (vihl & 0xf) as usize * 4) {
-                return redirect(ctx, reason::REDIRECT_DHCP);
+                return Class::Steer(reason::REDIRECT_DHCP);
             }
-            (pass, reason::PASS_IPV4_OTHER)
+            Class::Pass(reason::PASS_IPV4_OTHER)
         }
         ETH_P_ARP => {
-            if ptr_at::<[u8; ARP_LEN]>(ctx, ETH_HLEN).is_none() {
-                return (pass, reason::PASS_SHORT);
+            if ptr_at::<[u8; ARP_LEN], F>(ctx, ETH_HLEN).is_none() {
+                return Class::Pass(reason::PASS_SHORT);
             }
             let op = read_be16(ctx, ETH_HLEN + 6);
             let tpa = read_addr(ctx, ETH_HLEN + 24);
             match (op, tpa) {
                 (Some(ARP_OP_REQUEST), Some(tpa)) if in_subnet(tpa) => {
-                    redirect(ctx, reason::REDIRECT_ARP)
+                    Class::Steer(reason::REDIRECT_ARP)
                 }
-                _ => (pass, reason::PASS_ARP_OTHER),
+                _ => Class::Pass(reason::PASS_ARP_OTHER),
             }
         }
         ETH_P_IPV6 => classify_ipv6(ctx, &cfg),
-        _ => (pass, reason::PASS_OTHER),
+        _ => Class::Pass(reason::PASS_OTHER),
     }
 }
 
 /// IPv6: to the prefix, a neighbour solicitation for an address in it, or
 /// (dedicated NIC) a router solicitation; the rest passes.
 #[inline(always)]
-fn classify_ipv6(ctx: &XdpContext, cfg: &SteerConfig) -> (u32, u32) {
-    let pass = xdp_action::XDP_PASS;
-    let Some(hdr) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
-        return (pass, reason::PASS_SHORT);
+fn classify_ipv6<F: Frame>(ctx: &F, cfg: &SteerConfig) -> Class {
+    let Some(hdr) = ptr_at::<[u8; IPV6_HLEN], F>(ctx, ETH_HLEN) else {
+        return Class::Pass(reason::PASS_SHORT);
     };
     // SAFETY: ptr_at checked the header is inside the frame.
     let (version, next) = unsafe { ((*hdr)[0] >> 4, (*hdr)[6]) };
     if version != 6 {
-        return (pass, reason::PASS_SHORT);
+        return Class::Pass(reason::PASS_SHORT);
     }
     let prefix = u64::from_ne_bytes(cfg.prefix_v6);
     if prefix == 0 {
-        return (pass, reason::PASS_IPV6);
+        return Class::Pass(reason::PASS_IPV6);
     }
     let in_prefix = |off: usize| {
         // SAFETY: ptr_at checks the eight bytes are inside the frame.
-        ptr_at::<[u8; 8]>(ctx, off).is_some_and(|p| u64::from_ne_bytes(unsafe { *p }) == prefix)
+        ptr_at::<[u8; 8], F>(ctx, off).is_some_and(|p| u64::from_ne_bytes(unsafe { *p }) == prefix)
     };
     // Destination address at offset 24 of the header.
     if in_prefix(ETH_HLEN + 24) {
-        return redirect(ctx, reason::REDIRECT_IPV6);
+        return Class::Steer(reason::REDIRECT_IPV6);
     }
     if next == IPPROTO_ICMPV6
-        && let Some(t) = ptr_at::<u8>(ctx, ETH_HLEN + IPV6_HLEN)
+        && let Some(t) = ptr_at::<u8, F>(ctx, ETH_HLEN + IPV6_HLEN)
     {
         // SAFETY: ptr_at checked the byte is inside the frame.
         let icmp_type = unsafe { *t };
         // The solicitation's target follows type, code, checksum, reserved.
         if icmp_type == ICMPV6_NEIGHBOR_SOLICIT && in_prefix(ETH_HLEN + IPV6_HLEN + 8) {
-            return redirect(ctx, reason::REDIRECT_NDP);
+            return Class::Steer(reason::REDIRECT_NDP);
         }
         if icmp_type == ICMPV6_ROUTER_SOLICIT && cfg.flags & FLAG_DHCP != 0 {
-            return redirect(ctx, reason::REDIRECT_RS);
+            return Class::Steer(reason::REDIRECT_RS);
         }
     }
-    (pass, reason::PASS_IPV6)
+    Class::Pass(reason::PASS_IPV6)
 }
 
 /// UDP to port 67 (a DHCP client's request), IPv4 header of `ihl` bytes.
 #[inline(always)]
-fn is_dhcp_request(ctx: &XdpContext, ihl: usize) -> bool {
+fn is_dhcp_request<F: Frame>(ctx: &F, ihl: usize) -> bool {
     const IPPROTO_UDP: u8 = 17;
     const DHCP_SERVER_PORT: u16 = 67;
-    let Some(proto) = ptr_at::<u8>(ctx, ETH_HLEN + 9) else {
+    let Some(proto) = ptr_at::<u8, F>(ctx, ETH_HLEN + 9) else {
         return false;
     };
     // SAFETY: ptr_at checked the byte is inside the frame.
@@ -178,8 +284,10 @@ fn is_dhcp_request(ctx: &XdpContext, ihl: usize) -> bool {
     read_be16(ctx, ETH_HLEN + ihl + 2) == Some(DHCP_SERVER_PORT)
 }
 
+/// Into this queue's AF_XDP socket, counted as `why`; passed (and counted
+/// as `NO_SOCKET`) if the queue has none.
 #[inline(always)]
-fn redirect(ctx: &XdpContext, why: u32) -> (u32, u32) {
+fn to_xsk(ctx: &XdpContext, why: u32) -> (u32, u32) {
     let queue = ctx.rx_queue_index();
     // The low bits of the flags are the action when the slot is empty:
     // no socket on this queue means the kernel keeps the frame.

@@ -1,9 +1,12 @@
 //! netredird: the host daemon for one VM's network redirection.
 //!
 //! Theory of operation. At start it loads `steer`, points it at the
-//! virtual subnet, attaches it (native XDP) to the host end of the VM's
-//! NIC and registers an AF_XDP socket for the NIC's queue 0. Then three
-//! threads run:
+//! virtual subnet and attaches it to the host end of the VM's NIC: with
+//! `--dedicated` as native XDP with the AF_XDP socket on that NIC; else (a
+//! shared NIC) as a TC classifier that moves only the subnet's frames into
+//! a veth pair of netredird's own, where XDP and the AF_XDP socket sit, so
+//! the VM's other traffic keeps the kernel's fast path. Then three threads
+//! run:
 //! - the data path ([`datapath`]): one io_uring loop that owns the AF_XDP
 //!   socket, the tunnel listener and connection, and the VM's engine;
 //! - the control server ([`control`]): answers `netredirctl` on a unix
@@ -50,9 +53,11 @@ struct Args {
     /// Unix socket of the control API (netredirctl --control).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
-    /// The VM's NIC carries only netredir traffic: answer its DHCP requests
-    /// (address, DNS server, route for the subnet) and send IPv6 router
-    /// advertisements (SLAAC in the prefix, DNS server, no default route).
+    /// The VM's NIC carries only netredir traffic: steer by XDP right on
+    /// it, answer its DHCP requests (address, DNS server, route for the
+    /// subnet) and send IPv6 router advertisements (SLAAC in the prefix,
+    /// DNS server, no default route). Without it the NIC is shared: a TC
+    /// classifier takes only the subnet's frames.
     #[arg(long)]
     dedicated: bool,
     /// DNS zone the VM resolves resources in (NAME.ZONE).
@@ -173,11 +178,21 @@ fn run(args: Args) -> Result<()> {
         Some(args.prefix6.network()),
         args.dedicated,
     )?;
-    let xsk = Xsk::open(&args.iface, 0)?;
-    steer.register_xsk(0, xsk.fd())?;
-    steer.attach(&args.iface)?;
+    let xsk = if args.dedicated {
+        let xsk = Xsk::open(&args.iface, 0)?;
+        steer.register_xsk(0, xsk.fd())?;
+        steer.attach(&args.iface)?;
+        xsk
+    } else {
+        let inner = steer.make_pair(&args.iface)?;
+        let xsk = Xsk::open(&inner, 0)?;
+        steer.register_xsk(0, xsk.fd())?;
+        steer.attach_shared(&args.iface)?;
+        xsk
+    };
     tracing::info!(
         iface = %args.iface,
+        mode = if args.dedicated { "dedicated NIC (XDP)" } else { "shared NIC (TC + own veth pair)" },
         subnet = %args.subnet,
         prefix6 = %args.prefix6,
         listen = %args.listen,
@@ -225,10 +240,15 @@ fn run(args: Args) -> Result<()> {
         }
     };
     control.remove();
+    // The control thread may still hold a reference: remove the pair now
+    // (the programs detach when the process's links close).
+    if let Ok(mut s) = steer.lock() {
+        s.remove_pair();
+    }
     drop(steer);
     match outcome {
         Ok(Ok(())) => {
-            tracing::info!("stopped; XDP detached");
+            tracing::info!("stopped; steer detached");
             Ok(())
         }
         Ok(Err(e)) => Err(e.context("data path failed")),
