@@ -28,7 +28,12 @@ impl Redir {
 
     /// The same, with extra arguments for netredird.
     pub fn with_args(tag: &str, daemon_args: &[&str]) -> Result<Self> {
-        let tb = Testbed::new(tag)?;
+        Self::with_testbed(Testbed::new(tag)?, daemon_args)
+    }
+
+    /// netredird with `daemon_args` on a testbed built by the caller (one
+    /// with an emulated WAN, for example).
+    pub fn with_testbed(tb: Testbed, daemon_args: &[&str]) -> Result<Self> {
         let control = tb.dir().join("control.sock");
         let r = Self { tb, control };
         r.start_daemon(daemon_args)?;

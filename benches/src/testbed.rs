@@ -142,6 +142,17 @@ impl Proc {
     }
 }
 
+/// An emulated WAN between host and client (see `netredir-wan`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WanLink {
+    /// Rate in each direction, Mbit/s.
+    pub rate_mbit: f64,
+    /// Round-trip time added (half each way), milliseconds.
+    pub rtt_ms: f64,
+    /// Frames lost in each direction, percent.
+    pub loss_pct: f64,
+}
+
 /// The namespaces, their processes and a scratch directory.
 pub struct Testbed {
     /// The guest.
@@ -152,6 +163,12 @@ pub struct Testbed {
     pub client: Netns,
     /// The user's LAN: printers and servers.
     pub lan: Netns,
+    /// With an emulated WAN: the namespace its emulator runs in, joining
+    /// host and client at layer 2.
+    pub wan: Option<Netns>,
+    link: Option<WanLink>,
+    /// Namespaces added later ([`Testbed::add_netns`]).
+    extra: Mutex<Vec<Netns>>,
     dir: PathBuf,
     procs: Mutex<Vec<Proc>>,
     done: Mutex<bool>,
@@ -185,6 +202,12 @@ impl Testbed {
     /// Builds the four namespaces and their links. `tag` names the test in
     /// the scratch directory.
     pub fn new(tag: &str) -> Result<Self> {
+        Self::with_wan(tag, None)
+    }
+
+    /// Like [`Testbed::new`], with host and client joined through the WAN
+    /// emulator (offloads off on that path, so frames are MTU-sized).
+    pub fn with_wan(tag: &str, link: Option<WanLink>) -> Result<Self> {
         sweep_stale();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("nr{}x{}", std::process::id(), n);
@@ -199,6 +222,9 @@ impl Testbed {
             host: mk("host"),
             client: mk("client"),
             lan: mk("lan"),
+            wan: link.map(|_| mk("wan")),
+            link,
+            extra: Mutex::new(Vec::new()),
             dir,
             procs: Mutex::new(Vec::new()),
             done: Mutex::new(false),
@@ -210,7 +236,7 @@ impl Testbed {
     }
 
     fn build(&self) -> Result<()> {
-        for ns in [&self.vm, &self.host, &self.client, &self.lan] {
+        for ns in self.namespaces() {
             ip(&["netns", "add", ns.name()])?;
             ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
         }
@@ -259,14 +285,17 @@ impl Testbed {
             HOST_VM_IFACE,
             HOST_VM_IP,
         )?;
-        link(
-            &self.host,
-            "wan0",
-            HOST_WAN_IP,
-            &self.client,
-            "wan0",
-            CLIENT_WAN_IP,
-        )?;
+        match (&self.wan, self.link) {
+            (Some(wan), Some(l)) => self.build_wan(wan, l)?,
+            _ => link(
+                &self.host,
+                "wan0",
+                HOST_WAN_IP,
+                &self.client,
+                "wan0",
+                CLIENT_WAN_IP,
+            )?,
+        }
         link(
             &self.client,
             "lan0",
@@ -317,6 +346,123 @@ impl Testbed {
         self.client
             .run("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"])?;
         Ok(())
+    }
+
+    /// host wan0 ═══ h0 [netredir-wan] c0 ═══ wan0 client, same addresses
+    /// as without the emulator.
+    fn build_wan(&self, wan: &Netns, l: WanLink) -> Result<()> {
+        for (ns, end, other, addr) in [
+            (&self.host, "wan0", "h0", HOST_WAN_IP),
+            (&self.client, "wan0", "c0", CLIENT_WAN_IP),
+        ] {
+            ip(&[
+                "-n",
+                ns.name(),
+                "link",
+                "add",
+                end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                other,
+                "netns",
+                wan.name(),
+            ])?;
+            ip(&[
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                end,
+            ])?;
+            // Full checksums and MTU-sized frames: the emulator copies
+            // frames as they are, and a wire has no offloads.
+            ns.run(
+                "ethtool",
+                &[
+                    "-K", end, "tso", "off", "gso", "off", "gro", "off", "tx", "off",
+                ],
+            )?;
+            wan.run(
+                "ethtool",
+                &[
+                    "-K", other, "tso", "off", "gso", "off", "gro", "off", "tx", "off",
+                ],
+            )?;
+            wan.run(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{other}.disable_ipv6=1")],
+            )?;
+            ip(&["-n", ns.name(), "link", "set", end, "up"])?;
+            ip(&["-n", wan.name(), "link", "set", other, "up"])?;
+        }
+        let emulator = bin("netredir-wan")?;
+        let (rate, delay, loss) = (
+            format!("{}", l.rate_mbit),
+            format!("{}", l.rtt_ms / 2.0),
+            format!("{}", l.loss_pct),
+        );
+        self.spawn(
+            wan,
+            "wan",
+            emulator,
+            &[
+                "--a",
+                "h0",
+                "--b",
+                "c0",
+                "--rate-mbit",
+                &rate,
+                "--delay-ms",
+                &delay,
+                "--loss",
+                &loss,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The emulated WAN, if this testbed has one.
+    pub fn wan_link(&self) -> Option<WanLink> {
+        self.link
+    }
+
+    fn namespaces(&self) -> Vec<Netns> {
+        let mut v = vec![
+            self.vm.clone(),
+            self.host.clone(),
+            self.client.clone(),
+            self.lan.clone(),
+        ];
+        v.extend(self.wan.clone());
+        v.extend(
+            self.extra
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        v
+    }
+
+    /// A further empty namespace (only `lo`, up), named after `role`,
+    /// removed with the testbed: where a peer such as slirp4netns or pasta
+    /// gives a guest its network.
+    pub fn add_netns(&self, role: &str) -> Result<Netns> {
+        let prefix = self.vm.name().trim_end_matches("-vm");
+        let ns = Netns {
+            name: format!("{prefix}-{role}"),
+        };
+        self.extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ns.clone());
+        ip(&["netns", "add", ns.name()])?;
+        ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
     /// Gives namespace `ns` its own /etc/resolv.conf (for programs started
@@ -483,7 +629,7 @@ impl Testbed {
                 );
             }
         }
-        for ns in [&self.vm, &self.host, &self.client, &self.lan] {
+        for ns in self.namespaces() {
             let _ = ip(&["netns", "del", ns.name()]);
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns.name()));
         }

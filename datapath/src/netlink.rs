@@ -28,6 +28,14 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     }
 }
 
+/// The MTU of `name`.
+pub fn mtu(name: &str) -> io::Result<u32> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))?;
+    s.trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("MTU of {name}: {s:?}")))
+}
+
 /// Creates the veth pair `a` ⇄ `b` with MTU `mtu`, both down.
 pub fn create_veth(a: &str, b: &str, mtu: u32) -> io::Result<()> {
     let mut peer = ifinfomsg(0, 0, 0);

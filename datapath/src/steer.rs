@@ -42,6 +42,17 @@ pub enum SteerError {
         /// What aya said.
         source: ProgramError,
     },
+    /// Native XDP on a veth takes no frame larger than a page.
+    #[error(
+        "{iface} has MTU {mtu}: XDP on a dedicated NIC needs an MTU of at most {max} (or run without --dedicated: the shared-NIC mode takes any MTU)",
+        max = MAX_XDP_MTU
+    )]
+    Mtu {
+        /// Interface.
+        iface: String,
+        /// Its MTU.
+        mtu: u32,
+    },
     /// A TC program could not be attached.
     #[error("cannot attach the TC program {prog} to {iface}: {source}")]
     AttachTc {
@@ -87,6 +98,12 @@ pub struct Steer {
     /// Shared NIC: netredir's veth pair (outer end, inner end).
     pair: Option<(String, String)>,
 }
+
+/// The largest MTU native XDP takes on a veth without multi-buffer
+/// support (a page, less headroom and the skb's shared info). The pair
+/// gets at most this; the engine's TCP MSS follows from it, so a VM NIC
+/// with jumbo frames still works (its segments to vIPs are this small).
+pub const MAX_XDP_MTU: u32 = 3500;
 
 /// The programs in the object, and their kinds.
 const XDP_PROGRAMS: [&str; 2] = ["steer", "steer_pair"];
@@ -158,6 +175,14 @@ impl Steer {
         if !interface_exists(iface) {
             return Err(SteerError::NoSuchInterface(iface.into()));
         }
+        if let Ok(mtu) = netlink::mtu(iface)
+            && mtu > MAX_XDP_MTU
+        {
+            return Err(SteerError::Mtu {
+                iface: iface.into(),
+                mtu,
+            });
+        }
         let prog = xdp_program(&mut self.ebpf, "steer")?;
         prog.attach(iface, XdpMode::Driver)
             .map_err(|source| match &source {
@@ -170,8 +195,8 @@ impl Steer {
         Ok(())
     }
 
-    /// Shared NIC, first step: makes netredir's veth pair for `nic` (the
-    /// same MTU, no addresses, IPv6 off, up) and returns the name of the
+    /// Shared NIC, first step: makes netredir's veth pair for `nic` (its
+    /// MTU up to [`MAX_XDP_MTU`], no addresses, IPv6 off, up) and returns the name of the
     /// end the AF_XDP socket binds to. A pair left by an earlier run is
     /// replaced; this one is removed on drop.
     pub fn make_pair(&mut self, nic: &str) -> Result<String, SteerError> {
@@ -185,10 +210,7 @@ impl Steer {
         if interface_exists(&outer) {
             netlink::delete_link(&outer).map_err(fail)?;
         }
-        let mtu = std::fs::read_to_string(format!("/sys/class/net/{nic}/mtu"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1500);
+        let mtu = netlink::mtu(nic).unwrap_or(1500).min(MAX_XDP_MTU);
         netlink::create_veth(&outer, &inner, mtu).map_err(fail)?;
         self.pair = Some((outer.clone(), inner.clone()));
         for end in [&outer, &inner] {

@@ -59,6 +59,8 @@ pub struct Config {
     pub subnet: Ipv4Subnet,
     /// The virtual IPv6 /64.
     pub prefix6: Ipv6Prefix,
+    /// IP MTU toward the guest.
+    pub mtu: usize,
     /// MAC the engine answers from.
     pub mac: [u8; 6],
     /// Where agents connect.
@@ -159,6 +161,7 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
     let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
     ecfg.prefix6 = cfg.prefix6.network();
+    ecfg.mtu = cfg.mtu;
     ecfg.seed = random_u64();
     ecfg.dhcp = cfg.dedicated;
     ecfg.zone = cfg.zone.clone();

@@ -190,8 +190,13 @@ fn run(args: Args) -> Result<()> {
         steer.attach_shared(&args.iface)?;
         xsk
     };
+    // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
+    let mtu = netredir_datapath::netlink::mtu(&args.iface)
+        .unwrap_or(1500)
+        .min(netredir_datapath::steer::MAX_XDP_MTU);
     tracing::info!(
         iface = %args.iface,
+        mtu,
         mode = if args.dedicated { "dedicated NIC (XDP)" } else { "shared NIC (TC + own veth pair)" },
         subnet = %args.subnet,
         prefix6 = %args.prefix6,
@@ -208,6 +213,7 @@ fn run(args: Args) -> Result<()> {
         vm: args.vm.clone().unwrap_or_else(|| args.iface.clone()),
         subnet: args.subnet,
         prefix6: args.prefix6,
+        mtu: mtu as usize,
         mac,
         listener,
         identity,

@@ -1,0 +1,532 @@
+//! netredir-bench: system benchmarks, each next to its reference in the
+//! same run, because these machines are noisy.
+//!
+//! `lan`: TCP throughput guest → LAN server (iperf3), 1 and 8 streams,
+//! through netredir and through the kernel routing the same namespaces
+//! (the limit; it crosses the VM's NIC with `steer` attached, so it also
+//! shows what the XDP program costs traffic it passes). Reports Gbit/s,
+//! the ratio to the kernel path, and netredir's CPU seconds per GB.
+//!
+//! `latency`: small request/response round trips (1 byte and 1 KiB) on
+//! one connection, and connection set-up (connect to first echoed byte),
+//! p50 and p99, through netredir and through the kernel path.
+//!
+//! `wan`: Ghostscript-rendered print jobs over the project's WAN emulator
+//! at three link profiles, through netredir (compression off and auto),
+//! `ssh -C` and sshuttle, next to the floor (see `wan.rs`).
+//!
+//! Writes a Markdown report (`--out DIR`, default `results/`). `--quick`
+//! runs short measurements (CI's smoke run; no thresholds are asserted).
+
+mod wan;
+
+use anyhow::{Context, Result, bail};
+use netredir_benches::Redir;
+use netredir_benches::testbed::{
+    CLIENT_LAN_IP, CLIENT_WAN_IP, HOST_WAN_IP, LAN_IP, Netns, Testbed, wait_until,
+};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const USAGE: &str = "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency|wan]   (run as root; see README)";
+const BENCHES: [&str; 3] = ["lan", "latency", "wan"];
+
+pub(crate) struct Opts {
+    pub(crate) quick: bool,
+    out: PathBuf,
+    only: Option<String>,
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        quick: false,
+        out: PathBuf::from("results"),
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--out" => o.out = args.next().context("--out takes a directory")?.into(),
+            "--only" => o.only = Some(args.next().context("--only takes a benchmark name")?),
+            "-h" | "--help" => {
+                println!(
+                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up), each through\nnetredir next to the kernel path; wan (print jobs over an emulated WAN, next to ssh -C,\nsshuttle and the floor)."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if let Some(b) = &o.only
+        && !BENCHES.contains(&b.as_str())
+    {
+        bail!("no benchmark {b:?}; there are: {}", BENCHES.join(", "));
+    }
+    Ok(o)
+}
+
+fn main() {
+    let opts = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("netredir-bench: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&opts) {
+        eprintln!("netredir-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn run(o: &Opts) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root (it creates network namespaces and attaches XDP)");
+    }
+    let mut report = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    writeln!(report, "# netredir benchmarks\n")?;
+    writeln!(
+        report,
+        "- date: {}",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    )?;
+    writeln!(report, "- machine: {cpu}, {} CPUs", sh("nproc", &[]))?;
+    writeln!(report, "- kernel: {}", sh("uname", &["-r"]))?;
+    writeln!(report, "- netredir: {}", env!("CARGO_PKG_VERSION"))?;
+    writeln!(
+        report,
+        "- iperf3: {}",
+        sh("iperf3", &["--version"]).lines().next().unwrap_or("")
+    )?;
+    writeln!(
+        report,
+        "- mode: {}\n",
+        if o.quick { "quick" } else { "full" }
+    )?;
+    let want = |b: &str| o.only.as_deref().is_none_or(|x| x == b);
+    if want("lan") {
+        lan(o, &mut report)?;
+    }
+    if want("latency") {
+        latency(o, &mut report)?;
+    }
+    if want("wan") {
+        wan::run(o, &mut report)?;
+    }
+    std::fs::create_dir_all(&o.out)?;
+    let path = o.out.join("REPORT.md");
+    std::fs::write(&path, &report)?;
+    println!("{report}");
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
+/// Lets the kernel route vm ↔ lan directly through host and client.
+pub(crate) fn kernel_routes(tb: &Testbed) -> Result<()> {
+    for ns in [&tb.host, &tb.client] {
+        ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    tb.host.run(
+        "ip",
+        &["route", "add", "10.202.0.0/24", "via", CLIENT_WAN_IP],
+    )?;
+    tb.client
+        .run("ip", &["route", "add", "10.200.0.0/24", "via", HOST_WAN_IP])?;
+    let _ = CLIENT_LAN_IP;
+    Ok(())
+}
+
+/// One iperf3 run from namespace `from` to `dst`; Gbit/s received.
+fn iperf(
+    tb: &Testbed,
+    from: &Netns,
+    name: &str,
+    dst: &str,
+    streams: u32,
+    secs: u32,
+) -> Result<f64> {
+    tb.spawn(&tb.lan, name, "iperf3", &["-s", "-1", "-B", LAN_IP])?;
+    wait_until("iperf3 to listen", Duration::from_secs(10), || {
+        tb.lan
+            .run("ss", &["-Hltn", "sport = :5201"])
+            .is_ok_and(|o| !o.stdout.is_empty())
+    })?;
+    let out = from
+        .command("iperf3")
+        .args([
+            "-c",
+            dst,
+            "-J",
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-O",
+            "1",
+        ])
+        .output()
+        .context("cannot run iperf3")?;
+    tb.wait_exit(name, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "iperf3 said: {}",
+            text.chars().take(400).collect::<String>()
+        )
+    })?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no throughput in iperf3's answer: {}", v["error"]))?;
+    Ok(bps / 1e9)
+}
+
+/// Busy CPU seconds of the whole machine so far (all CPUs, /proc/stat):
+/// every path is charged everything it makes the machine do.
+fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle, iowait.
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// slirp4netns giving namespace `ns` its network (NAT into the host's
+/// sockets), with a tap of MTU `mtu`.
+fn slirp4netns(tb: &Testbed, ns: &Netns, mtu: u32) -> Result<()> {
+    let path = format!("/run/netns/{}", ns.name());
+    tb.spawn(
+        &tb.host,
+        &format!("slirp4netns-{mtu}"),
+        "slirp4netns",
+        &[
+            "--configure",
+            &format!("--mtu={mtu}"),
+            "--disable-host-loopback",
+            "--netns-type=path",
+            &path,
+            "tap0",
+        ],
+    )?;
+    wait_until(
+        "slirp4netns to configure tap0",
+        Duration::from_secs(10),
+        || {
+            ns.run("ip", &["-4", "addr", "show", "dev", "tap0"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("10.0.2.100"))
+        },
+    )
+}
+
+/// pasta giving namespace `ns` its network (L4 translation into the
+/// host's sockets), with MTU `mtu`, addresses copied from the host's wan0.
+fn pasta(tb: &Testbed, ns: &Netns, mtu: u32) -> Result<()> {
+    let path = format!("/run/netns/{}", ns.name());
+    let mtu_s = mtu.to_string();
+    tb.spawn(
+        &tb.host,
+        &format!("pasta-{mtu}"),
+        "pasta",
+        &[
+            // As root pasta would drop to nobody, who cannot enter the
+            // namespace; the testbed is root's anyway.
+            "--runas",
+            "0:0",
+            "-f",
+            "-q",
+            "--config-net",
+            "-4",
+            "-m",
+            &mtu_s,
+            "-i",
+            "wan0",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &path,
+        ],
+    )?;
+    wait_until(
+        "pasta to configure the namespace",
+        Duration::from_secs(10),
+        || {
+            ns.run("ip", &["-4", "route", "show", "default"])
+                .is_ok_and(|o| !o.stdout.is_empty())
+        },
+    )
+}
+
+/// One row of the LAN table.
+struct LanResult {
+    gbit: f64,
+    cpu_per_gb: f64,
+}
+
+fn measure(
+    tb: &Testbed,
+    from: &Netns,
+    name: &str,
+    dst: &str,
+    streams: u32,
+    secs: u32,
+) -> Result<LanResult> {
+    let before = machine_cpu();
+    let gbit = iperf(tb, from, name, dst, streams, secs)?;
+    let cpu = machine_cpu() - before;
+    let gb = gbit * f64::from(secs) / 8.0;
+    Ok(LanResult {
+        gbit,
+        cpu_per_gb: if gb > 0.0 { cpu / gb } else { 0.0 },
+    })
+}
+
+fn lan(o: &Opts, report: &mut String) -> Result<()> {
+    let secs = if o.quick { 2 } else { 10 };
+    let streams: &[u32] = if o.quick { &[1] } else { &[1, 8] };
+    writeln!(
+        report,
+        "## LAN throughput, guest → LAN server (iperf3, {secs} s)\n"
+    )?;
+    writeln!(
+        report,
+        "Gbit/s (machine CPU seconds per GB). Ratios are netredir's throughput over the kernel path's and over the best peer's.\n"
+    )?;
+    writeln!(
+        report,
+        "| MTU | streams | kernel path | netredir | slirp4netns | pasta | netredir / kernel | netredir / best peer |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|")?;
+    let mut behind = Vec::new();
+    for mtu in [1500u32, 9000] {
+        eprintln!("[lan] MTU {mtu}: building the testbed");
+        let tb = Testbed::new("bench-lan")?;
+        for (ns, dev) in [(&tb.vm, "eth0"), (&tb.host, "vm0")] {
+            ns.run("ip", &["link", "set", "dev", dev, "mtu", &mtu.to_string()])?;
+        }
+        let r = Redir::with_testbed(tb, &[])?;
+        r.start_agent("agent", &[&format!("iperf={LAN_IP}:5201")])?;
+        kernel_routes(&r.tb)?;
+        // The peers open their sockets in the host namespace; pasta copies
+        // its addresses and default route from there.
+        r.tb.host
+            .run("ip", &["route", "add", "default", "via", CLIENT_WAN_IP])?;
+        let slirp_ns = r.tb.add_netns(&format!("slirp{mtu}"))?;
+        slirp4netns(&r.tb, &slirp_ns, mtu)?;
+        let pasta_ns = r.tb.add_netns(&format!("pasta{mtu}"))?;
+        pasta(&r.tb, &pasta_ns, mtu)?;
+        let vip = r.vip("iperf")?.to_string();
+        for &n in streams {
+            let tag = format!("{mtu}-{n}");
+            eprintln!("[lan] MTU {mtu}, {n} stream(s): kernel path");
+            let kernel = measure(&r.tb, &r.tb.vm, &format!("iperf-k{tag}"), LAN_IP, n, secs)?;
+            eprintln!("[lan] MTU {mtu}, {n} stream(s): netredir");
+            let ours = measure(&r.tb, &r.tb.vm, &format!("iperf-n{tag}"), &vip, n, secs)?;
+            eprintln!("[lan] MTU {mtu}, {n} stream(s): slirp4netns");
+            let slirp = measure(&r.tb, &slirp_ns, &format!("iperf-s{tag}"), LAN_IP, n, secs)?;
+            eprintln!("[lan] MTU {mtu}, {n} stream(s): pasta");
+            let pst = measure(&r.tb, &pasta_ns, &format!("iperf-p{tag}"), LAN_IP, n, secs)?;
+            let cell = |x: &LanResult| format!("{:.2} ({:.1})", x.gbit, x.cpu_per_gb);
+            let (peer, best) = if slirp.gbit >= pst.gbit {
+                ("slirp4netns", slirp.gbit)
+            } else {
+                ("pasta", pst.gbit)
+            };
+            writeln!(
+                report,
+                "| {mtu} | {n} | {} | {} | {} | {} | {:.2} | {:.2} |",
+                cell(&kernel),
+                cell(&ours),
+                cell(&slirp),
+                cell(&pst),
+                ours.gbit / kernel.gbit,
+                ours.gbit / best
+            )?;
+            if ours.gbit < best * 0.95 {
+                behind.push(format!(
+                    "MTU {mtu}, {n} stream(s): netredir {:.2} Gbit/s, {peer} {best:.2} Gbit/s",
+                    ours.gbit
+                ));
+            }
+            eprintln!(
+                "[lan] MTU {mtu}, {n} stream(s): kernel {:.2}, netredir {:.2}, slirp4netns {:.2}, pasta {:.2} Gbit/s",
+                kernel.gbit, ours.gbit, slirp.gbit, pst.gbit
+            );
+        }
+        wait_until("flows to drain", Duration::from_secs(10), || {
+            r.status().is_ok_and(|s| s.flows == 0)
+        })
+        .ok();
+    }
+    writeln!(
+        report,
+        "\nThe kernel path is the VM's own NIC routed by host and client straight to the LAN \
+         (netredir's classifier sits on that NIC and passes those frames). slirp4netns and pasta \
+         each give an equivalent namespace its network from the host namespace. The MTU is the \
+         VM's NIC's (the peers' tap); the links beyond stay at 1500. netredir's binaries run in \
+         the profile this benchmark was built in (`scripts/bench` uses release).\n"
+    )?;
+    if behind.is_empty() {
+        writeln!(report, "netredir was ahead of both peers everywhere.\n")?;
+    } else {
+        writeln!(report, "Where netredir is behind a peer (more than 5%):\n")?;
+        for b in behind {
+            writeln!(report, "- {b}")?;
+        }
+        writeln!(report)?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Round trips of `size` bytes on one connection; sorted durations.
+fn round_trips(
+    addr: std::net::SocketAddr,
+    size: usize,
+    n: usize,
+) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    let mut s = netredir_benches::connect(addr)?;
+    s.set_nodelay(true)?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        out.push(t.elapsed());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Connect, send one byte, get it back: the set-up a client sees.
+fn setups(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let mut s = netredir_benches::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        out.push(t.elapsed());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn latency(o: &Opts, report: &mut String) -> Result<()> {
+    eprintln!("[latency] building the testbed");
+    let r = Redir::new("bench-latency")?;
+    r.echo("echo", 7007)?;
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])?;
+    kernel_routes(&r.tb)?;
+    r.tb.host
+        .run("ip", &["route", "add", "default", "via", CLIENT_WAN_IP])?;
+    let slirp_ns = r.tb.add_netns("slirp")?;
+    slirp4netns(&r.tb, &slirp_ns, 1500)?;
+    let pasta_ns = r.tb.add_netns("pasta")?;
+    pasta(&r.tb, &pasta_ns, 1500)?;
+    let vip = r.vip("echo")?;
+    let direct: std::net::SocketAddr = format!("{LAN_IP}:7007").parse()?;
+    let ours: std::net::SocketAddr = (vip, 7007).into();
+    let paths: [(&str, &Netns, std::net::SocketAddr); 4] = [
+        ("kernel", &r.tb.vm, direct),
+        ("netredir", &r.tb.vm, ours),
+        ("slirp4netns", &slirp_ns, direct),
+        ("pasta", &pasta_ns, direct),
+    ];
+    let (n, m) = if o.quick { (200, 30) } else { (5000, 500) };
+    writeln!(report, "## Latency (p50 / p99, microseconds)\n")?;
+    let mut head = String::from("| measurement |");
+    let mut rule = String::from("|---|");
+    for (name, _, _) in &paths {
+        let _ = write!(head, " {name} |");
+        rule.push_str("---|");
+    }
+    head.push_str(" netredir / kernel (p50) | netredir / best peer (p50) |");
+    rule.push_str("---|---|");
+    writeln!(report, "{head}\n{rule}")?;
+    for (i, what) in [
+        "1 B request/response",
+        "1 KiB request/response",
+        "connect to first byte",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        eprintln!("[latency] {what}");
+        let mut row = format!("| {what} |");
+        let mut p50 = Vec::new();
+        for (name, ns, addr) in &paths {
+            let d = ns
+                .enter(|| match i {
+                    0 => round_trips(*addr, 1, n),
+                    1 => round_trips(*addr, 1024, n),
+                    _ => setups(*addr, m),
+                })?
+                .with_context(|| format!("{what} via {name} to {addr}"))?;
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            let _ = write!(
+                row,
+                " {:.0} / {:.0} |",
+                us(percentile(&d, 0.5)),
+                us(percentile(&d, 0.99))
+            );
+            p50.push(us(percentile(&d, 0.5)).max(1.0));
+        }
+        let _ = write!(
+            row,
+            " {:.2} | {:.2} |",
+            p50[1] / p50[0],
+            p50[1] / p50[2].min(p50[3])
+        );
+        writeln!(report, "{row}")?;
+    }
+    writeln!(
+        report,
+        "\n{n} round trips per size on one connection; {m} connections for set-up (netredir holds \
+         the guest's SYN until the agent has connected the real one, so set-up includes a tunnel \
+         round trip; the peers answer the guest's SYN at once).\n"
+    )?;
+    Ok(())
+}
