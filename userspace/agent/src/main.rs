@@ -102,9 +102,23 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    raise_fd_limit();
     if let Err(e) = run(args) {
         eprintln!("netredir-agent: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Every flow is a real socket here: take all the descriptors the hard
+/// limit allows (the soft default, often 1024, is far below a busy VM).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
     }
 }
 

@@ -83,6 +83,14 @@ pub struct Config {
     pub dedicated: bool,
     /// DNS zone of the vDNS.
     pub zone: String,
+    /// Most concurrent flows.
+    pub max_flows: usize,
+    /// New flows per second (bursts of twice as many).
+    pub new_flows_per_sec: u32,
+    /// Bytes of buffer per TCP flow and direction.
+    pub flow_buffer: usize,
+    /// Most bytes all TCP flows' buffers may take.
+    pub max_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +170,12 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
     let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
     ecfg.prefix6 = cfg.prefix6.network();
     ecfg.mtu = cfg.mtu;
+    ecfg.max_flows = cfg.max_flows;
+    ecfg.new_flow_rate = cfg.new_flows_per_sec;
+    ecfg.new_flow_burst = cfg.new_flows_per_sec.saturating_mul(2);
+    ecfg.socket_buffer = cfg.flow_buffer;
+    ecfg.window = cfg.flow_buffer as u32;
+    ecfg.max_memory = cfg.max_buffer;
     ecfg.seed = random_u64();
     ecfg.dhcp = cfg.dedicated;
     ecfg.zone = cfg.zone.clone();

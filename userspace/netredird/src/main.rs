@@ -84,6 +84,19 @@ struct Args {
     /// Seconds between heartbeats; three missed ones drop the connection.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     heartbeat: u64,
+    /// Most concurrent flows (TCP and UDP) the VM may have.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_flows: usize,
+    /// New flows per second the VM may open (bursts of twice as many).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    new_flows_per_sec: u32,
+    /// Buffer per TCP flow and direction, KiB (the socket buffers and the
+    /// agent's window): less takes more flows in the same memory.
+    #[arg(long, value_name = "KIB", default_value_t = 256)]
+    flow_buffer_kib: usize,
+    /// Most memory all of the VM's TCP flows may hold in buffers, MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 96)]
+    max_buffer_mib: usize,
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log: String,
@@ -167,6 +180,15 @@ fn run(args: Args) -> Result<()> {
     if args.heartbeat == 0 {
         bail!("--heartbeat must be at least 1 second");
     }
+    if !(4..=4096).contains(&args.flow_buffer_kib) {
+        bail!("--flow-buffer-kib must be 4 to 4096");
+    }
+    if args.new_flows_per_sec == 0 || args.max_flows == 0 {
+        bail!("--new-flows-per-sec and --max-flows must be at least 1");
+    }
+    if args.max_buffer_mib * 1024 < 3 * args.flow_buffer_kib {
+        bail!("--max-buffer-mib is too small for even one flow of --flow-buffer-kib");
+    }
     if let Err(e) = netredir_datapath::dns::VDns::new(&args.zone) {
         bail!("--zone {}: {e}", args.zone);
     }
@@ -225,6 +247,10 @@ fn run(args: Args) -> Result<()> {
         replay_limit: 8 * 1024 * 1024,
         dedicated: args.dedicated,
         zone: args.zone.clone(),
+        max_flows: args.max_flows,
+        new_flows_per_sec: args.new_flows_per_sec,
+        flow_buffer: args.flow_buffer_kib * 1024,
+        max_buffer: args.max_buffer_mib << 20,
     };
     let dp_waker = waker.clone();
     let datapath = std::thread::Builder::new()

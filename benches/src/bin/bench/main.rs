@@ -18,6 +18,8 @@
 //! Writes a Markdown report (`--out DIR`, default `results/`). `--quick`
 //! runs short measurements (CI's smoke run; no thresholds are asserted).
 
+mod density;
+mod plot;
 mod wan;
 
 use anyhow::{Context, Result, bail};
@@ -29,12 +31,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const USAGE: &str = "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency|wan]   (run as root; see README)";
-const BENCHES: [&str; 3] = ["lan", "latency", "wan"];
+const USAGE: &str = "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency|wan|density]   (run as root; see README)";
+const BENCHES: [&str; 4] = ["lan", "latency", "wan", "density"];
 
 pub(crate) struct Opts {
     pub(crate) quick: bool,
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     only: Option<String>,
 }
 
@@ -52,7 +54,7 @@ fn parse() -> Result<Opts> {
             "--only" => o.only = Some(args.next().context("--only takes a benchmark name")?),
             "-h" | "--help" => {
                 println!(
-                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up), each through\nnetredir next to the kernel path; wan (print jobs over an emulated WAN, next to ssh -C,\nsshuttle and the floor)."
+                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up), each through\nnetredir next to the kernel path; wan (print jobs over an emulated WAN, next to ssh -C,\nsshuttle and the floor); density (idle sessions, flow set-up rate, concurrent flows)."
                 );
                 std::process::exit(0);
             }
@@ -68,6 +70,17 @@ fn parse() -> Result<Opts> {
 }
 
 fn main() {
+    // Hidden: the density benchmark's holding server, run in the LAN.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--serve-hold") {
+        let addr = argv.get(2).map_or("0.0.0.0:7100", String::as_str);
+        if let Err(e) = density::serve_hold(addr) {
+            eprintln!("netredir-bench --serve-hold: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    raise_fd_limit();
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {
@@ -122,6 +135,7 @@ fn run(o: &Opts) -> Result<()> {
         "- mode: {}\n",
         if o.quick { "quick" } else { "full" }
     )?;
+    std::fs::create_dir_all(&o.out)?;
     let want = |b: &str| o.only.as_deref().is_none_or(|x| x == b);
     if want("lan") {
         lan(o, &mut report)?;
@@ -132,12 +146,27 @@ fn run(o: &Opts) -> Result<()> {
     if want("wan") {
         wan::run(o, &mut report)?;
     }
-    std::fs::create_dir_all(&o.out)?;
+    if want("density") {
+        density::run(o, &mut report)?;
+    }
+    plot::finish();
     let path = o.out.join("REPORT.md");
     std::fs::write(&path, &report)?;
     println!("{report}");
     eprintln!("report written to {}", path.display());
     Ok(())
+}
+
+/// Takes every file descriptor the hard limit allows (many flows).
+pub(crate) fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 /// Lets the kernel route vm ↔ lan directly through host and client.
@@ -327,8 +356,13 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
     )?;
     writeln!(report, "|---|---|---|---|---|---|---|---|")?;
     let mut behind = Vec::new();
+    let mut groups = Vec::new();
+    let mut series: Vec<(String, Vec<f64>)> = ["kernel path", "netredir", "slirp4netns", "pasta"]
+        .map(|n| (n.to_string(), Vec::new()))
+        .into();
+    plot::stage("lan", 2 * (1 + 4 * streams.len() as u64));
     for mtu in [1500u32, 9000] {
-        eprintln!("[lan] MTU {mtu}: building the testbed");
+        crate::plot::step("lan", &format!("MTU {mtu}: building the testbed"));
         let tb = Testbed::new("bench-lan")?;
         for (ns, dev) in [(&tb.vm, "eth0"), (&tb.host, "vm0")] {
             ns.run("ip", &["link", "set", "dev", dev, "mtu", &mtu.to_string()])?;
@@ -347,13 +381,13 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         let vip = r.vip("iperf")?.to_string();
         for &n in streams {
             let tag = format!("{mtu}-{n}");
-            eprintln!("[lan] MTU {mtu}, {n} stream(s): kernel path");
+            crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): kernel path"));
             let kernel = measure(&r.tb, &r.tb.vm, &format!("iperf-k{tag}"), LAN_IP, n, secs)?;
-            eprintln!("[lan] MTU {mtu}, {n} stream(s): netredir");
+            crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): netredir"));
             let ours = measure(&r.tb, &r.tb.vm, &format!("iperf-n{tag}"), &vip, n, secs)?;
-            eprintln!("[lan] MTU {mtu}, {n} stream(s): slirp4netns");
+            crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): slirp4netns"));
             let slirp = measure(&r.tb, &slirp_ns, &format!("iperf-s{tag}"), LAN_IP, n, secs)?;
-            eprintln!("[lan] MTU {mtu}, {n} stream(s): pasta");
+            crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): pasta"));
             let pst = measure(&r.tb, &pasta_ns, &format!("iperf-p{tag}"), LAN_IP, n, secs)?;
             let cell = |x: &LanResult| format!("{:.2} ({:.1})", x.gbit, x.cpu_per_gb);
             let (peer, best) = if slirp.gbit >= pst.gbit {
@@ -377,10 +411,13 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
                     ours.gbit
                 ));
             }
-            eprintln!(
-                "[lan] MTU {mtu}, {n} stream(s): kernel {:.2}, netredir {:.2}, slirp4netns {:.2}, pasta {:.2} Gbit/s",
-                kernel.gbit, ours.gbit, slirp.gbit, pst.gbit
-            );
+            groups.push(format!(
+                "MTU {mtu}, {n} stream{}",
+                if n == 1 { "" } else { "s" }
+            ));
+            for (i, x) in [&kernel, &ours, &slirp, &pst].into_iter().enumerate() {
+                series[i].1.push(x.gbit);
+            }
         }
         wait_until("flows to drain", Duration::from_secs(10), || {
             r.status().is_ok_and(|s| s.flows == 0)
@@ -395,6 +432,16 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
          VM's NIC's (the peers' tap); the links beyond stay at 1500. netredir's binaries run in \
          the profile this benchmark was built in (`scripts/bench` uses release).\n"
     )?;
+    plot::bars(
+        &o.out.join("lan.png"),
+        &plot::Bars {
+            title: "LAN throughput, guest to LAN server (iperf3)".into(),
+            y_label: "Gbit/s".into(),
+            groups,
+            series,
+        },
+    )?;
+    writeln!(report, "![LAN throughput per path](lan.png)\n")?;
     if behind.is_empty() {
         writeln!(report, "netredir was ahead of both peers everywhere.\n")?;
     } else {
@@ -455,7 +502,8 @@ fn setups(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Duration>
 }
 
 fn latency(o: &Opts, report: &mut String) -> Result<()> {
-    eprintln!("[latency] building the testbed");
+    plot::stage("latency", 4);
+    crate::plot::step("latency", "building the testbed");
     let r = Redir::new("bench-latency")?;
     r.echo("echo", 7007)?;
     r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])?;
@@ -486,6 +534,11 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
     head.push_str(" netredir / kernel (p50) | netredir / best peer (p50) |");
     rule.push_str("---|---|");
     writeln!(report, "{head}\n{rule}")?;
+    let mut groups = Vec::new();
+    let mut series: Vec<(String, Vec<f64>)> = paths
+        .iter()
+        .map(|(n, _, _)| (n.to_string(), Vec::new()))
+        .collect();
     for (i, what) in [
         "1 B request/response",
         "1 KiB request/response",
@@ -494,7 +547,7 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
     .into_iter()
     .enumerate()
     {
-        eprintln!("[latency] {what}");
+        crate::plot::step("latency", what);
         let mut row = format!("| {what} |");
         let mut p50 = Vec::new();
         for (name, ns, addr) in &paths {
@@ -514,6 +567,10 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
             );
             p50.push(us(percentile(&d, 0.5)).max(1.0));
         }
+        groups.push(what.to_string());
+        for (s, v) in series.iter_mut().zip(&p50) {
+            s.1.push(*v);
+        }
         let _ = write!(
             row,
             " {:.2} | {:.2} |",
@@ -522,6 +579,16 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         );
         writeln!(report, "{row}")?;
     }
+    plot::bars(
+        &o.out.join("latency.png"),
+        &plot::Bars {
+            title: "Latency, p50".into(),
+            y_label: "microseconds".into(),
+            groups,
+            series,
+        },
+    )?;
+    writeln!(report, "\n![Latency p50 per path](latency.png)")?;
     writeln!(
         report,
         "\n{n} round trips per size on one connection; {m} connections for set-up (netredir holds \

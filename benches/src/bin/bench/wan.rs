@@ -326,7 +326,9 @@ fn floor(job: &[u8], link: &WanLink) -> Result<f64> {
 pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("netredir-wan-jobs-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    eprintln!("[wan] rendering the print jobs with Ghostscript");
+    let n_profiles: u64 = if o.quick { 1 } else { PROFILES.len() as u64 };
+    crate::plot::stage("wan", 1 + n_profiles * (1 + 4 * 4));
+    crate::plot::step("wan", "rendering the print jobs with Ghostscript");
     let jobs = jobs(&scratch, if o.quick { 2 } else { 12 });
     let _ = std::fs::remove_dir_all(&scratch);
     let jobs = jobs?;
@@ -342,14 +344,14 @@ pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
             .join(", ")
     )?;
     let mut behind = Vec::new();
-    for &(rate, rtt, loss) in profiles {
+    for (profile_no, &(rate, rtt, loss)) in profiles.iter().enumerate() {
         let link = WanLink {
             rate_mbit: rate,
             rtt_ms: rtt,
             loss_pct: loss,
         };
         let title = format!("{rate} Mbit/s, {rtt} ms round trip, {loss}% loss");
-        eprintln!("[wan] {title}: building the testbed");
+        crate::plot::step("wan", &format!("{title}: building the testbed"));
         let tb = Testbed::with_wan("bench-wan", Some(link))?;
         let r = Redir::with_testbed(tb, &["--resource-compression", "raw=off"])?;
         r.tb.spawn(
@@ -385,8 +387,14 @@ pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
         head.push_str(" netredir auto / best peer |");
         rule.push_str("---|");
         writeln!(report, "{head}\n{rule}")?;
+        let mut series: Vec<(String, Vec<f64>)> = std::iter::once("floor")
+            .chain(Carrier::ALL.iter().map(|c| c.label()))
+            .map(|n| (n.to_string(), Vec::new()))
+            .collect();
         for job in &jobs {
-            let mut row = format!("| {} | {:.2} |", job.name, floor(&job.bytes, &link)?);
+            let fl = floor(&job.bytes, &link)?;
+            series[0].1.push(fl);
+            let mut row = format!("| {} | {fl:.2} |", job.name);
             let mut times = Vec::new();
             for p in Carrier::ALL {
                 let addr = match p {
@@ -395,10 +403,11 @@ pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
                     Carrier::SshC => ssh_addr,
                     Carrier::Sshuttle => direct,
                 };
-                eprintln!("[wan] {title}: {} via {}", job.name, p.label());
+                crate::plot::step("wan", &format!("{title}: {} via {}", job.name, p.label()));
                 let (secs, wire) = send_job(&r.tb, addr, &job.bytes)?;
                 let _ = write!(row, " {secs:.2} ({:.1}) |", wire as f64 / 1e6);
                 times.push((p, secs));
+                series[times.len()].1.push(secs);
             }
             let ours = times
                 .iter()
@@ -421,7 +430,17 @@ pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
             }
             writeln!(report, "{row}")?;
         }
-        writeln!(report)?;
+        let png = format!("wan-{}.png", profile_no);
+        crate::plot::bars(
+            &o.out.join(&png),
+            &crate::plot::Bars {
+                title: format!("Print job time, {title}"),
+                y_label: "seconds".into(),
+                groups: jobs.iter().map(|j| j.name.to_string()).collect(),
+                series,
+            },
+        )?;
+        writeln!(report, "\n![Job time per path, {title}]({png})\n")?;
     }
     if behind.is_empty() {
         writeln!(

@@ -1,0 +1,387 @@
+//! `density`: what many VMs and many flows cost.
+//!
+//! - Idle sessions: N VMs, each with its NIC, its netredird and its agent
+//!   (one daemon per VM today; [`Sessions`] is the one place that starts
+//!   them, so the many-VMs-per-daemon form slots in there), paired and
+//!   connected, then left idle: resident memory and CPU per session.
+//! - Flow set-up rate: connections a second one VM opens through netredir
+//!   (connect, one byte each way, close) with the new-flow limit raised.
+//! - 10k concurrent flows in one VM: time to open them, and the memory of
+//!   netredird and the agent while they are open. The server holding them
+//!   is this benchmark itself, in the LAN (`--serve-hold`).
+
+use crate::Opts;
+use anyhow::{Context, Result, bail};
+use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, Testbed, bin, wait_until};
+use netredir_benches::{Redir, connect};
+use netredir_shared::control::{Request, Response, request};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Resident set size of `pid` in bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU seconds (user + system) `pid` has used so far.
+fn cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    (t(11) + t(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// N VM sessions on one testbed: a NIC, a daemon and an agent each.
+struct Sessions {
+    tb: Testbed,
+    daemons: Vec<u32>,
+    agents: Vec<u32>,
+}
+
+impl Sessions {
+    fn start(n: usize) -> Result<Self> {
+        let tb = Testbed::new("bench-density")?;
+        let mut s = Self {
+            tb,
+            daemons: Vec::new(),
+            agents: Vec::new(),
+        };
+        let netredird = bin("netredird")?;
+        let agent = bin("netredir-agent")?;
+        let dir = s.tb.dir().to_path_buf();
+        let control = |i: usize| dir.join(format!("c{i}.sock"));
+        for i in 0..n {
+            let (v, e) = (format!("v{i}"), format!("e{i}"));
+            s.tb.host.run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &v,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &e,
+                    "netns",
+                    s.tb.vm.name(),
+                ],
+            )?;
+            s.tb.host.run("ip", &["link", "set", &v, "up"])?;
+            s.tb.vm.run("ip", &["link", "set", &e, "up"])?;
+            let listen = format!("{HOST_WAN_IP}:{}", 8000 + i);
+            let c = control(i).display().to_string();
+            let state = dir.join(format!("h{i}")).display().to_string();
+            let vm = format!("vm{i}");
+            let pid = s.tb.spawn(
+                &s.tb.host,
+                &format!("netredird-{i}"),
+                &netredird,
+                &[
+                    "--iface",
+                    &v,
+                    "--listen",
+                    &listen,
+                    "--control",
+                    &c,
+                    "--state-dir",
+                    &state,
+                    "--vm",
+                    &vm,
+                    "--log",
+                    "warn",
+                ],
+            )?;
+            s.daemons.push(pid);
+        }
+        for i in 0..n {
+            wait_until("netredird to answer", Duration::from_secs(60), || {
+                request(&control(i), &Request::Status, Duration::from_secs(2)).is_ok()
+            })
+            .with_context(|| s.tb.log_tail(&format!("netredird-{i}")))?;
+            let code = match request(
+                &control(i),
+                &Request::Pair { vm: None },
+                Duration::from_secs(5),
+            )? {
+                Response::Pair { code, .. } => code,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            let connect = format!("{HOST_WAN_IP}:{}", 8000 + i);
+            let state = dir.join(format!("a{i}")).display().to_string();
+            let export = format!("printer={LAN_IP}:9100");
+            let pid = s.tb.spawn(
+                &s.tb.client,
+                &format!("agent-{i}"),
+                &agent,
+                &[
+                    "--connect",
+                    &connect,
+                    "--pair",
+                    &code,
+                    "--state-dir",
+                    &state,
+                    "--export",
+                    &export,
+                    "--log",
+                    "warn",
+                ],
+            )?;
+            s.agents.push(pid);
+        }
+        for i in 0..n {
+            wait_until("the agent to connect", Duration::from_secs(60), || {
+                matches!(
+                    request(&control(i), &Request::Status, Duration::from_secs(2)),
+                    Ok(Response::Status(st)) if st.agent_connected
+                )
+            })
+            .with_context(|| s.tb.log_tail(&format!("agent-{i}")))?;
+        }
+        Ok(s)
+    }
+}
+
+fn mib(b: f64) -> f64 {
+    b / (1024.0 * 1024.0)
+}
+
+fn idle_sessions(o: &Opts, report: &mut String) -> Result<()> {
+    let sizes: &[usize] = if o.quick { &[4] } else { &[10, 100, 500] };
+    let window = Duration::from_secs(if o.quick { 3 } else { 10 });
+    writeln!(report, "### Idle sessions\n")?;
+    writeln!(
+        report,
+        "One netredird and one agent per VM, paired, connected and idle ({}s window; heartbeats every 5 s).\n",
+        window.as_secs()
+    )?;
+    writeln!(
+        report,
+        "| sessions | netredird RSS per session MiB | agent RSS per session MiB | CPU per session, % of a core (both) | start-up s |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|")?;
+    let mut series: Vec<(String, Vec<f64>)> = vec![
+        ("netredird".into(), Vec::new()),
+        ("agent".into(), Vec::new()),
+    ];
+    for &n in sizes {
+        crate::plot::step("density", &format!("{n} idle sessions: starting"));
+        let t = Instant::now();
+        let s = Sessions::start(n)?;
+        let startup = t.elapsed().as_secs_f64();
+        let all: Vec<u32> = s.daemons.iter().chain(&s.agents).copied().collect();
+        let before: f64 = all.iter().map(|&p| cpu(p)).sum();
+        std::thread::sleep(window);
+        let used: f64 = all.iter().map(|&p| cpu(p)).sum::<f64>() - before;
+        let d_rss: u64 = s.daemons.iter().map(|&p| rss(p)).sum();
+        let a_rss: u64 = s.agents.iter().map(|&p| rss(p)).sum();
+        let nf = n as f64;
+        writeln!(
+            report,
+            "| {n} | {:.1} | {:.1} | {:.3} | {startup:.1} |",
+            mib(d_rss as f64) / nf,
+            mib(a_rss as f64) / nf,
+            used / window.as_secs_f64() / nf * 100.0
+        )?;
+        series[0].1.push(mib(d_rss as f64) / nf);
+        series[1].1.push(mib(a_rss as f64) / nf);
+        drop(s);
+    }
+    crate::plot::bars(
+        &o.out.join("density.png"),
+        &crate::plot::Bars {
+            title: "Resident memory per idle VM session".into(),
+            y_label: "MiB".into(),
+            groups: sizes.iter().map(|n| format!("{n} sessions")).collect(),
+            series,
+        },
+    )?;
+    writeln!(report, "\n![Memory per session](density.png)\n")?;
+    Ok(())
+}
+
+/// Hidden mode: accept connections on `addr` and hold them, answering
+/// one byte for one byte, until stdin closes. Prints "ready" when bound.
+pub(crate) fn serve_hold(addr: &str) -> Result<()> {
+    crate::raise_fd_limit();
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut held = Vec::new();
+    std::thread::spawn(|| {
+        let mut b = [0u8; 1];
+        let _ = std::io::stdin().read(&mut b);
+        std::process::exit(0);
+    });
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
+            held.push(s);
+        }
+    }
+    Ok(())
+}
+
+/// Opens a connection, sends a byte, reads it back.
+fn touch(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = connect(addr)?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(s)
+}
+
+fn flows(o: &Opts, report: &mut String) -> Result<()> {
+    let target: usize = if o.quick { 500 } else { 10_000 };
+    crate::plot::step("density", "flows: building the testbed");
+    let r = Redir::with_args(
+        "bench-flows",
+        &[
+            "--max-flows",
+            "20000",
+            "--new-flows-per-sec",
+            "100000",
+            "--flow-buffer-kib",
+            "16",
+            "--max-buffer-mib",
+            "1024",
+        ],
+    )?;
+    // The holding server, a process of its own in the LAN.
+    let me = std::env::current_exe()?;
+    let hold_addr = format!("{LAN_IP}:7100");
+    let mut server =
+        r.tb.lan
+            .command(&me)
+            .args(["--serve-hold", &hold_addr])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start the holding server")?;
+    let mut line = [0u8; 6];
+    server
+        .stdout
+        .as_mut()
+        .context("no stdout")?
+        .read_exact(&mut line)?;
+    r.echo("echo", 7007)?;
+    r.start_agent(
+        "agent",
+        &[
+            &format!("hold={LAN_IP}:7100"),
+            &format!("echo={LAN_IP}:7007"),
+        ],
+    )?;
+    let hold: SocketAddr = (r.vip("hold")?, 7100).into();
+    let echo: SocketAddr = (r.vip("echo")?, 7007).into();
+    let daemon = r.tb.pid("netredird")?;
+    let agent = r.tb.pid("agent")?;
+
+    // Set-up rate: 8 connectors, connect / byte each way / close.
+    let secs = if o.quick { 2.0 } else { 5.0 };
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    r.tb.vm.enter(|| {
+        std::thread::scope(|sc| {
+            let stop = Instant::now() + Duration::from_secs_f64(secs);
+            for _ in 0..8 {
+                let (done, failed) = (&done, &failed);
+                sc.spawn(move || {
+                    while Instant::now() < stop {
+                        match touch(echo) {
+                            Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                });
+            }
+        })
+    })?;
+    let rate = done.load(Ordering::Relaxed) as f64 / secs;
+    crate::plot::step("density", &format!("set-up rate {rate:.0}/s"));
+
+    // Many concurrent flows, opened by 32 connectors.
+    let base = (rss(daemon), rss(agent));
+    let t = Instant::now();
+    let open_fail = AtomicU64::new(0);
+    let held: Vec<TcpStream> = r.tb.vm.enter(|| {
+        crate::raise_fd_limit();
+        let per = target.div_ceil(32);
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..32)
+                .map(|_| {
+                    let open_fail = &open_fail;
+                    sc.spawn(move || {
+                        let mut v = Vec::with_capacity(per);
+                        for _ in 0..per {
+                            match touch(hold) {
+                                Ok(s) => v.push(s),
+                                Err(_) => {
+                                    open_fail.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        v
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    })?;
+    let open_secs = t.elapsed().as_secs_f64();
+    let open = held.len();
+    let flows_now = r.status()?.flows;
+    let with = (rss(daemon), rss(agent));
+    crate::plot::step("density", &format!("{open} flows open in {open_secs:.1}s"));
+    writeln!(report, "### Flows in one VM\n")?;
+    writeln!(
+        report,
+        "| measurement | value |\n|---|---|\n\
+         | flow set-up rate (connect, 1 byte each way, close; 8 connectors) | {rate:.0} /s ({} failed) |\n\
+         | concurrent flows opened (32 connectors) | {open} of {target} in {open_secs:.1} s ({} failed), {flows_now} in netredird's table |\n\
+         | netredird RSS idle → with them | {:.1} → {:.1} MiB ({:.1} KiB per flow) |\n\
+         | agent RSS idle → with them | {:.1} → {:.1} MiB ({:.1} KiB per flow) |\n",
+        failed.load(Ordering::Relaxed),
+        open_fail.load(Ordering::Relaxed),
+        mib(base.0 as f64),
+        mib(with.0 as f64),
+        (with.0.saturating_sub(base.0)) as f64 / 1024.0 / open.max(1) as f64,
+        mib(base.1 as f64),
+        mib(with.1 as f64),
+        (with.1.saturating_sub(base.1)) as f64 / 1024.0 / open.max(1) as f64,
+    )?;
+    writeln!(
+        report,
+        "netredird runs here with `--flow-buffer-kib 16 --max-buffer-mib 1024 --max-flows 20000 \
+         --new-flows-per-sec 100000` (the defaults, 256 KiB and 96 MiB, hold 128 busy flows; 200 new flows a second).\n"
+    )?;
+    drop(held);
+    drop(server.stdin.take());
+    let _ = server.wait();
+    Ok(())
+}
+
+pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
+    let sizes = if o.quick { 1 } else { 3 };
+    crate::plot::stage("density", sizes + 3);
+    writeln!(report, "## Density\n")?;
+    idle_sessions(o, report)?;
+    flows(o, report)?;
+    Ok(())
+}
