@@ -253,6 +253,10 @@ fn run(args: Args) -> Result<()> {
         max_buffer: args.max_buffer_mib << 20,
     };
     let dp_waker = waker.clone();
+    // Loading the programs parsed the kernel's BTF (megabytes, now free):
+    // give that heap back, since one daemon runs per VM.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     let datapath = std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || datapath::run(cfg, xsk, rx, dp_waker))
