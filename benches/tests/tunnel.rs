@@ -355,3 +355,43 @@ fn a_stalled_printer_does_not_hold_up_another_flow_and_memory_stays_bounded() {
         agent_rss >> 10
     );
 }
+
+/// A guest that does not read yet while a server pushes megabytes at it:
+/// the agent sends only what the host's window takes, the rest waits on
+/// the client side, and once the guest reads everything arrives, with no
+/// flow reset (the agent once assumed a larger window than the host gave).
+#[test]
+fn a_download_to_a_guest_that_reads_late_arrives_whole() {
+    let r = Redir::new("download").unwrap();
+    let data = random_bytes(4 << 20, 9);
+    let file = r.tb.dir().join("download.bin");
+    std::fs::write(&file, &data).unwrap();
+    let source = format!("OPEN:{}", file.display());
+    r.tb.spawn(
+        &r.tb.lan,
+        "server",
+        "socat",
+        &["-u", &source, "TCP-LISTEN:9200,reuseaddr"],
+    )
+    .unwrap();
+    r.wait_listening(9200).unwrap();
+    r.start_agent("agent", &[&format!("files={LAN_IP}:9200")])
+        .unwrap();
+    let vip = r.vip("files").unwrap();
+    let mut s =
+        r.tb.vm
+            .enter(|| connect((vip, 9200).into()))
+            .unwrap()
+            .unwrap();
+    // Not reading: the socket toward the guest fills, and more waits.
+    wait_until("bytes for the guest to pile up", TIMEOUT, || {
+        r.counter("engine.bytes_to_guest").unwrap_or(0) >= 128 * 1024
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), data.len(), "length");
+    assert_eq!(sha256_hex(&got), sha256_hex(&data), "content");
+    assert_eq!(r.counter("engine.flow_errors").unwrap(), 0);
+    assert_eq!(r.counter("engine.resets").unwrap(), 0);
+}

@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub mtu: usize,
     /// Bytes the agent may send on a new flow before we grant more.
     pub window: u32,
+    /// Bytes we may send the agent on a new flow before it grants more.
+    pub peer_window: u32,
     /// Size of each smoltcp socket buffer (receive and send).
     pub socket_buffer: usize,
     /// Most concurrent flows; SYNs beyond get RST.
@@ -95,6 +97,7 @@ impl EngineConfig {
             mac,
             mtu: 1500,
             window: 256 * 1024,
+            peer_window: 1024 * 1024,
             socket_buffer: 256 * 1024,
             max_flows: 4096,
             max_opening: 128,
@@ -859,7 +862,7 @@ impl Engine {
             self.udp_open_ok(flow, now);
             return Ok(());
         }
-        let window = self.cfg.window;
+        let (window, peer_window) = (self.cfg.window, self.cfg.peer_window);
         let f = self
             .flows
             .get_mut(&flow)
@@ -870,7 +873,7 @@ impl Engine {
         }
         f.phase = Phase::Open;
         f.syn_quote = Vec::new();
-        f.credit = window;
+        f.credit = peer_window;
         f.allowed = window;
         self.sockets
             .get_mut::<tcp::Socket>(f.handle)

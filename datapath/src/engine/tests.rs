@@ -75,6 +75,7 @@ impl Pair {
         let epoch = Instant::now();
         let mut cfg = EngineConfig::new(Ipv4Addr::new(100, 77, 0, 0), 16, ENGINE_MAC);
         cfg.window = 64 * 1024;
+        cfg.peer_window = 64 * 1024;
         cfg.socket_buffer = 64 * 1024;
         let mut engine = Engine::new(cfg, epoch);
         engine.set_resource(VIP, RESOURCE, vec![9100]);

@@ -25,7 +25,9 @@ use netredir_shared::session::{Compression, Session, SessionConfig};
 use netredir_shared::tls::{
     Fingerprint, HostCheck, Identity, PairCode, Tls, TlsError, write_private,
 };
-use netredir_shared::wire::{FlowId, INITIAL_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION};
+use netredir_shared::wire::{
+    AGENT_WINDOW, FlowId, HOST_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION,
+};
 use netredir_uring::{Completion, OpId, Reactor};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -748,7 +750,7 @@ impl Agent {
                     return;
                 };
                 let queued: usize = f.to_target.iter().map(Vec::len).sum();
-                if queued + bytes.len() + f.ungranted as usize > INITIAL_WINDOW as usize {
+                if queued + bytes.len() + f.ungranted as usize > AGENT_WINDOW as usize {
                     tracing::warn!(flow, "host overran the flow window; resetting the flow");
                     let s = self.by_id[&flow];
                     self.send_msg(Msg::Reset { flow });
@@ -881,7 +883,7 @@ impl Agent {
                 fd,
                 ops: 1,
                 connected: false,
-                credit: INITIAL_WINDOW,
+                credit: HOST_WINDOW,
                 recv_op: None,
                 eof: false,
                 to_target: VecDeque::new(),
@@ -1073,7 +1075,7 @@ impl Agent {
                     done.push(s);
                 }
             }
-            if f.ungranted > 0 && (f.to_target.is_empty() || f.ungranted >= INITIAL_WINDOW / 4) {
+            if f.ungranted > 0 && (f.to_target.is_empty() || f.ungranted >= AGENT_WINDOW / 4) {
                 grants.push((f.id, f.ungranted));
                 f.ungranted = 0;
             }

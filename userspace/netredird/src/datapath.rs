@@ -174,7 +174,10 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
     ecfg.new_flow_rate = cfg.new_flows_per_sec;
     ecfg.new_flow_burst = cfg.new_flows_per_sec.saturating_mul(2);
     ecfg.socket_buffer = cfg.flow_buffer;
-    ecfg.window = cfg.flow_buffer as u32;
+    // The windows are the protocol's: the agent sends HOST_WINDOW before
+    // our first grant and takes AGENT_WINDOW before its own.
+    ecfg.window = netredir_shared::wire::HOST_WINDOW;
+    ecfg.peer_window = netredir_shared::wire::AGENT_WINDOW;
     ecfg.max_memory = cfg.max_buffer;
     ecfg.seed = random_u64();
     ecfg.dhcp = cfg.dedicated;

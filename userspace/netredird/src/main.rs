@@ -90,8 +90,8 @@ struct Args {
     /// New flows per second the VM may open (bursts of twice as many).
     #[arg(long, value_name = "N", default_value_t = 200)]
     new_flows_per_sec: u32,
-    /// Buffer per TCP flow and direction, KiB (the socket buffers and the
-    /// agent's window): less takes more flows in the same memory.
+    /// Socket buffer per TCP flow and direction, KiB: less takes more
+    /// flows in the same memory.
     #[arg(long, value_name = "KIB", default_value_t = 256)]
     flow_buffer_kib: usize,
     /// Most memory all of the VM's TCP flows may hold in buffers, MiB.

@@ -23,8 +23,13 @@ pub const VERSION: u16 = 1;
 pub const MAX_FRAME_LEN: usize = 256 * 1024;
 /// Largest data payload one [`Msg::Data`] carries (fits in a frame).
 pub const MAX_DATA: usize = 64 * 1024;
-/// Bytes each side may send on a new flow before the peer grants more.
-pub const INITIAL_WINDOW: u32 = 1024 * 1024;
+/// Bytes the agent may send the host on a new flow before the host grants
+/// more (the host buffers them until the guest reads).
+pub const HOST_WINDOW: u32 = 256 * 1024;
+/// Bytes the host may send the agent on a new flow before the agent grants
+/// more: large enough to fill a 100 Mbit/s link with an 80 ms round trip,
+/// as a print job from the VM should.
+pub const AGENT_WINDOW: u32 = 1024 * 1024;
 
 /// Identifies a flow for the lifetime of one session; chosen by the host.
 pub type FlowId = u32;

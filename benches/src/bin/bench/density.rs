@@ -258,7 +258,7 @@ fn flows(o: &Opts, report: &mut String) -> Result<()> {
             "--flow-buffer-kib",
             "16",
             "--max-buffer-mib",
-            "1024",
+            "4096",
         ],
     )?;
     // The holding server, a process of its own in the LAN.
@@ -368,7 +368,7 @@ fn flows(o: &Opts, report: &mut String) -> Result<()> {
     )?;
     writeln!(
         report,
-        "netredird runs here with `--flow-buffer-kib 16 --max-buffer-mib 1024 --max-flows 20000 \
+        "netredird runs here with `--flow-buffer-kib 16 --max-buffer-mib 4096 --max-flows 20000 \
          --new-flows-per-sec 100000` (the defaults, 256 KiB and 96 MiB, hold 128 busy flows; 200 new flows a second).\n"
     )?;
     drop(held);
