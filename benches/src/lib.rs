@@ -175,24 +175,23 @@ impl Redir {
             .map_or(0, |(_, v)| *v))
     }
 
+    /// Resource `name`'s row of the map.
+    fn entry(&self, name: &str) -> Result<MapEntry> {
+        let m = self.map()?;
+        m.iter()
+            .find(|e| e.name == name)
+            .cloned()
+            .with_context(|| format!("no resource {name} in {m:?}"))
+    }
+
     /// The vIP of resource `name`.
     pub fn vip(&self, name: &str) -> Result<Ipv4Addr> {
-        let m = self.map()?;
-        let e = m
-            .iter()
-            .find(|e| e.name == name)
-            .with_context(|| format!("no resource {name} in {m:?}"))?;
-        Ok(e.vip.parse()?)
+        Ok(self.entry(name)?.vip.parse()?)
     }
 
     /// The IPv6 vIP of resource `name`.
     pub fn vip6(&self, name: &str) -> Result<std::net::Ipv6Addr> {
-        let m = self.map()?;
-        let e = m
-            .iter()
-            .find(|e| e.name == name)
-            .with_context(|| format!("no resource {name} in {m:?}"))?;
-        Ok(e.vip6.parse()?)
+        Ok(self.entry(name)?.vip6.parse()?)
     }
 
     /// Waits until something in the lan namespace listens on TCP `port`.
@@ -376,6 +375,18 @@ pub fn connect(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStrea
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_write_timeout(Some(Duration::from_secs(60)))?;
     Ok(s)
+}
+
+/// Sends `job` as a print client does: connect, write it all, half-close,
+/// then read until the server closes; returns what the server sent back.
+pub fn print_job(addr: std::net::SocketAddr, job: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = connect(addr)?;
+    s.write_all(job)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    Ok(rest)
 }
 
 /// Lowercase hex sha256 of `bytes`.

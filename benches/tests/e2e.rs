@@ -6,7 +6,7 @@
 use netredir_benches::testbed::{
     HOST_VM_IFACE, HOST_VM_IP, HOST_WAN_IP, LAN_IP, TUNNEL_PORT, bin, wait_until,
 };
-use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
+use netredir_benches::{Redir, connect, job_bytes, print_job, sha256_hex};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -22,17 +22,10 @@ fn a_64_mib_job_arrives_byte_identical() {
         .unwrap();
     let vip = r.vip("printer").unwrap();
     let job = job_bytes(64 << 20, 64);
+    // The printer closes after the job: the guest sees a clean EOF.
     let leftover =
         r.tb.vm
-            .enter(|| {
-                let mut s = connect((vip, 9100).into())?;
-                s.write_all(&job)?;
-                s.shutdown(Shutdown::Write)?;
-                // The printer closes after the job: the guest sees a clean EOF.
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest)?;
-                std::io::Result::Ok(rest)
-            })
+            .enter(|| print_job((vip, 9100).into(), &job))
             .unwrap()
             .unwrap();
     assert!(leftover.is_empty(), "a printer sink sends nothing back");

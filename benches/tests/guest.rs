@@ -4,9 +4,7 @@
 //! Debian packages scripts/setup installs.
 
 use netredir_benches::testbed::{HOST_VM_IP6, LAN_IP, wait_until};
-use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
-use std::io::{Read, Write};
-use std::net::Shutdown;
+use netredir_benches::{Redir, job_bytes, print_job, sha256_hex};
 use std::time::Duration;
 
 fn vm_run(r: &Redir, prog: &str, args: &[&str]) -> (bool, String) {
@@ -279,14 +277,7 @@ fn ipv6_works_as_ipv4_does() {
     let job = job_bytes(64 << 20, 66);
     let leftover =
         r.tb.vm
-            .enter(|| {
-                let mut s = connect((vip6, 9100).into())?;
-                s.write_all(&job)?;
-                s.shutdown(Shutdown::Write)?;
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest)?;
-                std::io::Result::Ok(rest)
-            })
+            .enter(|| print_job((vip6, 9100).into(), &job))
             .unwrap()
             .unwrap();
     assert!(leftover.is_empty());

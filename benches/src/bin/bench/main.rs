@@ -468,8 +468,17 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         },
     )?;
     writeln!(report, "![LAN throughput per path](lan.png)\n")?;
+    write_behind(
+        report,
+        &behind,
+        "netredir was ahead of both peers everywhere.",
+    )
+}
+
+/// The report's plain list of where netredir is behind a peer, or `ahead`.
+pub(crate) fn write_behind(report: &mut String, behind: &[String], ahead: &str) -> Result<()> {
     if behind.is_empty() {
-        writeln!(report, "netredir was ahead of both peers everywhere.\n")?;
+        writeln!(report, "{ahead}\n")?;
     } else {
         writeln!(report, "Where netredir is behind a peer (more than 5%):\n")?;
         for b in behind {

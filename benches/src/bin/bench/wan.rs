@@ -14,10 +14,9 @@
 use crate::{Opts, kernel_routes};
 use anyhow::{Context, Result, bail};
 use netredir_benches::testbed::{CLIENT_WAN_IP, HOST_VM_IP, LAN_IP, Testbed, WanLink, wait_until};
-use netredir_benches::{Redir, connect};
+use netredir_benches::{Redir, print_job};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -217,11 +216,7 @@ fn send_job(tb: &Testbed, addr: SocketAddr, job: &[u8]) -> Result<(f64, u64)> {
         .vm
         .enter(|| {
             let t = Instant::now();
-            let mut s = connect(addr)?;
-            s.write_all(job)?;
-            s.shutdown(Shutdown::Write)?;
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest)?;
+            print_job(addr, job)?;
             std::io::Result::Ok(t.elapsed().as_secs_f64())
         })?
         .with_context(|| format!("job to {addr}"))?;
@@ -442,17 +437,9 @@ pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
         )?;
         writeln!(report, "\n![Job time per path, {title}]({png})\n")?;
     }
-    if behind.is_empty() {
-        writeln!(
-            report,
-            "netredir with compression auto was as fast as or faster than the best peer on every job and link.\n"
-        )?;
-    } else {
-        writeln!(report, "Where netredir is behind a peer (more than 5%):\n")?;
-        for b in behind {
-            writeln!(report, "- {b}")?;
-        }
-        writeln!(report)?;
-    }
-    Ok(())
+    crate::write_behind(
+        report,
+        &behind,
+        "netredir with compression auto was as fast as or faster than the best peer on every job and link.",
+    )
 }
