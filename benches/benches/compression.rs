@@ -64,7 +64,7 @@ fn transfer(tx: &mut Session, rx: &mut Session, chunks: Vec<Vec<u8>>, now: Insta
         let out = tx.take_output();
         wire += out.len() as u64;
         rx.feed(&out).expect("valid records");
-        while let Some(m) = rx.poll_msg() {
+        while let Some(m) = rx.poll_msg().expect("valid records") {
             match m {
                 Msg::Data { flow: FLOW, bytes } => delivered += black_box(bytes).len(),
                 other => panic!("unexpected {other:?}"),

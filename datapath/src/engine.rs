@@ -68,7 +68,8 @@ pub struct EngineConfig {
     pub socket_buffer: usize,
     /// Most concurrent flows; SYNs beyond get RST.
     pub max_flows: usize,
-    /// Most flows waiting for the agent's answer; SYNs beyond get RST.
+    /// Most flows waiting for the agent's answer; SYNs beyond are dropped
+    /// (the guest sends them again), as by a server whose queue is full.
     pub max_opening: usize,
     /// Seed for TCP initial sequence numbers.
     pub seed: u64,
@@ -186,6 +187,12 @@ pub enum Event {
 
 /// Largest [`Event::Data`] payload.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// Most payload bytes of [`Event::Data`] and [`Event::Datagram`] waiting
+/// for the tunnel. When the tunnel cannot take them (down, or its replay
+/// buffer full), TCP stops reading from the guest (its receive window is
+/// the backpressure) and UDP datagrams are dropped and counted, so what
+/// the agent granted never matters to this engine's memory.
+pub const MAX_QUEUED_OUT: usize = 2 * 1024 * 1024;
 
 /// How the agent failed to open a flow; decides what the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,6 +241,9 @@ pub struct Counters {
     pub refused_limit: u64,
     /// New flows refused by the rate limit.
     pub refused_rate: u64,
+    /// SYNs dropped (not refused) because [`EngineConfig::max_opening`]
+    /// flows already wait for the agent; the guest retries.
+    pub syn_dropped_opening: u64,
     /// Opens the agent refused.
     pub refused_by_agent: u64,
     /// Flows reset (by the guest, the agent, or an error).
@@ -278,6 +288,7 @@ impl Counters {
             ("refused_offline", self.refused_offline),
             ("refused_limit", self.refused_limit),
             ("refused_rate", self.refused_rate),
+            ("syn_dropped_opening", self.syn_dropped_opening),
             ("refused_by_agent", self.refused_by_agent),
             ("resets", self.resets),
             ("closed", self.closed),
@@ -414,6 +425,10 @@ pub struct Engine {
     /// When the next unsolicited router advertisement is due.
     next_ra: Option<Instant>,
     events: VecDeque<Event>,
+    /// Payload bytes in `events` (at most [`MAX_QUEUED_OUT`]).
+    queued_out: usize,
+    /// A flow had bytes to read but the queue was full.
+    throttled: bool,
     frames: VecDeque<Vec<u8>>,
     counters: Counters,
 }
@@ -462,6 +477,8 @@ impl Engine {
             guest_mac: None,
             next_ra: None,
             events: VecDeque::new(),
+            queued_out: 0,
+            throttled: false,
             frames: VecDeque::new(),
             counters: Counters::default(),
         }
@@ -749,14 +766,19 @@ impl Engine {
             Some(&mut self.counters.refused_no_resource)
         } else if !self.online || !self.accepting {
             Some(&mut self.counters.refused_offline)
+        } else if self
+            .flows
+            .values()
+            .filter(|f| f.phase == Phase::Opening)
+            .count()
+            >= self.cfg.max_opening
+        {
+            // As a server with a full accept queue does: the SYN is
+            // dropped, and the guest's stack sends it again in a second.
+            self.counters.syn_dropped_opening += 1;
+            return;
         } else if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows
             || (self.flows.len() + 1) * self.flow_cost() > self.cfg.max_memory
-            || self
-                .flows
-                .values()
-                .filter(|f| f.phase == Phase::Opening)
-                .count()
-                >= self.cfg.max_opening
         {
             Some(&mut self.counters.refused_limit)
         } else if !self.take_token(now) {
@@ -999,6 +1021,7 @@ impl Engine {
             self.router_advert(ip6::ALL_NODES);
         }
         let ts = self.ts(now);
+        self.throttled = false;
         for _ in 0..8 {
             self.iface.poll(ts, &mut self.dev, &mut self.sockets);
             let moved = self.service_flows();
@@ -1061,8 +1084,13 @@ impl Engine {
                 f.allowed += f.ungranted;
                 f.ungranted = 0;
             }
-            // Guest → agent.
+            // Guest → agent, as far as the agent granted and the queue
+            // toward the tunnel has room.
             while f.credit > 0 && s.can_recv() {
+                if self.queued_out >= MAX_QUEUED_OUT {
+                    self.throttled = true;
+                    break;
+                }
                 let want = (f.credit as usize).min(MAX_CHUNK);
                 let Ok(n) = s.recv_slice(&mut buf[..want]) else {
                     break;
@@ -1072,6 +1100,7 @@ impl Engine {
                 }
                 f.credit -= n as u32;
                 self.counters.bytes_from_guest += n as u64;
+                self.queued_out += n;
                 self.events.push_back(Event::Data {
                     flow: id,
                     bytes: buf[..n].to_vec(),
@@ -1155,7 +1184,22 @@ impl Engine {
 
     /// The next message for the tunnel.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let ev = self.events.pop_front()?;
+        if let Event::Data { bytes, .. } | Event::Datagram { bytes, .. } = &ev {
+            self.queued_out -= bytes.len();
+        }
+        Some(ev)
+    }
+
+    /// Payload bytes waiting for the tunnel.
+    pub fn queued_out(&self) -> usize {
+        self.queued_out
+    }
+
+    /// Whether guest bytes were left unread for want of queue room that
+    /// is free now: call [`Engine::poll`] again.
+    pub fn wants_poll(&self) -> bool {
+        self.throttled && self.queued_out < MAX_QUEUED_OUT / 2
     }
 
     /// How long until [`Engine::poll`] has timer work (retransmits,

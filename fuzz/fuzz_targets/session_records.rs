@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
-    while let Some(m) = s.poll_msg() {
+    while let Ok(Some(m)) = s.poll_msg() {
         if let netredir_shared::wire::Msg::Data { bytes, .. } = m {
             assert!(bytes.len() <= MAX_DATA + 1);
         }

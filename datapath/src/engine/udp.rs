@@ -83,11 +83,7 @@ impl Engine {
             let f = self.udp_flows.get_mut(&id).expect("indexed");
             f.last = now;
             if f.open {
-                self.counters.bytes_from_guest += payload.len() as u64;
-                self.events.push_back(Event::Datagram {
-                    flow: id,
-                    bytes: payload.to_vec(),
-                });
+                self.queue_datagram(id, payload.to_vec());
             } else if f.held.len() < MAX_HELD {
                 f.held.push_back(payload.to_vec());
             } else {
@@ -141,11 +137,23 @@ impl Engine {
         if let Some(f) = self.udp_flows.get_mut(&flow) {
             f.open = true;
             f.last = now;
-            for bytes in f.held.drain(..) {
-                self.counters.bytes_from_guest += bytes.len() as u64;
-                self.events.push_back(Event::Datagram { flow, bytes });
+            let held: Vec<Vec<u8>> = f.held.drain(..).collect();
+            for bytes in held {
+                self.queue_datagram(flow, bytes);
             }
         }
+    }
+
+    /// A guest datagram for the tunnel, or dropped and counted when the
+    /// tunnel is not taking them ([`MAX_QUEUED_OUT`]), as a full link would.
+    fn queue_datagram(&mut self, flow: FlowId, bytes: Vec<u8>) {
+        if self.queued_out + bytes.len() > MAX_QUEUED_OUT {
+            self.counters.udp_dropped += 1;
+            return;
+        }
+        self.counters.bytes_from_guest += bytes.len() as u64;
+        self.queued_out += bytes.len();
+        self.events.push_back(Event::Datagram { flow, bytes });
     }
 
     /// A datagram from the resource for the guest.

@@ -186,13 +186,10 @@ impl Agent {
     }
 
     pub(crate) fn echo(&mut self, token: u32, resource: u32, size: u16) {
-        let Some(e) = self.exports.get_mut(resource as usize) else {
+        if self.exports.get(resource as usize).is_none() {
             return self.send_msg(Msg::EchoReply { token, ok: false });
-        };
-        if e.addr.is_none() {
-            e.addr = resolve(&e.spec);
         }
-        let Some(ip) = e.addr else {
+        let Some(ip) = self.names.lookup(resource as usize, Instant::now()) else {
             return self.send_msg(Msg::EchoReply { token, ok: false });
         };
         let addr = SocketAddr::new(ip, 0);

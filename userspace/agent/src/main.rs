@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 mod datagrams;
+mod resolve;
 use netredir_shared::export::ExportSpec;
 use netredir_shared::link::{Link, LinkError};
 use netredir_shared::session::{Compression, Session, SessionConfig};
@@ -30,7 +31,7 @@ use netredir_shared::wire::{
 };
 use netredir_uring::{Completion, OpId, Reactor};
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -104,23 +105,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    raise_fd_limit();
+    // Every flow is a real socket here.
+    netredir_uring::raise_fd_limit();
     if let Err(e) = run(args) {
         eprintln!("netredir-agent: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Every flow is a real socket here: take all the descriptors the hard
-/// limit allows (the soft default, often 1024, is far below a busy VM).
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        let mut l: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
-            l.rlim_cur = l.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        }
     }
 }
 
@@ -142,7 +131,6 @@ enum Tag {
 
 struct Export {
     spec: ExportSpec,
-    addr: Option<IpAddr>,
     compression: Option<Compression>,
 }
 
@@ -196,6 +184,8 @@ struct Agent {
     args: Args,
     server: Vec<SocketAddr>,
     exports: Vec<Export>,
+    /// The exports' addresses, resolved off the loop (same indices).
+    names: resolve::Names,
     identity: Identity,
     pin: Option<Fingerprint>,
     pin_path: PathBuf,
@@ -230,20 +220,22 @@ fn run(args: Args) -> Result<()> {
     let overrides: HashMap<String, Compression> =
         args.resource_compression.iter().cloned().collect();
     let mut exports = Vec::new();
+    let mut initial = Vec::new();
     for spec in &args.export {
         if exports.iter().any(|e: &Export| e.spec.name == spec.name) {
             bail!("--export {} given twice", spec.name);
         }
-        let addr = resolve(spec);
+        let addr = resolve::resolve(&spec.host);
         if addr.is_none() {
             tracing::warn!(name = %spec.name, target = %spec, "cannot resolve yet; will retry on use");
         }
+        initial.push((spec.host.clone(), addr));
         exports.push(Export {
             spec: spec.clone(),
-            addr,
             compression: overrides.get(&spec.name).copied(),
         });
     }
+    let names = resolve::Names::new(initial, Instant::now());
     let identity = Identity::load_or_create(&args.state_dir, "agent", &args.name)
         .context("cannot load or create this agent's identity (--state-dir)")?;
     let pin_path = args.state_dir.join("host.pin");
@@ -265,6 +257,7 @@ fn run(args: Args) -> Result<()> {
         args,
         server,
         exports,
+        names,
         identity,
         pin,
         pin_path,
@@ -303,14 +296,6 @@ fn run(args: Args) -> Result<()> {
         }
         a.pump(now);
     }
-}
-
-fn resolve(spec: &ExportSpec) -> Option<IpAddr> {
-    (spec.host.as_str(), 0)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut i| i.next())
-        .map(|a| a.ip())
 }
 
 fn new_socket(addr: &SocketAddr) -> std::io::Result<OwnedFd> {
@@ -730,8 +715,12 @@ impl Agent {
     }
 
     fn drain_session(&mut self, now: Instant) {
-        while let Some(m) = self.sess.as_mut().and_then(|s| s.session.poll_msg()) {
-            self.on_msg(m, now);
+        loop {
+            match self.sess.as_mut().map(|s| s.session.poll_msg()) {
+                None | Some(Ok(None)) => break,
+                Some(Ok(Some(m))) => self.on_msg(m, now),
+                Some(Err(e)) => return self.tunnel_lost(&format!("protocol error: {e}"), now),
+            }
         }
         if let Some(s) = self.sess.as_mut() {
             s.session.maybe_ack(false);
@@ -757,7 +746,19 @@ impl Agent {
                     self.kill_flow(s, true);
                     return;
                 }
-                f.to_target.push_back(bytes);
+                // Small writes join the last queued buffer, so that a
+                // resource that does not read costs its window and no more
+                // (a buffer per 1-byte message would cost ~50 bytes each).
+                match f.to_target.back_mut() {
+                    Some(last) if last.len() + bytes.len() <= MAX_DATA => {
+                        last.extend_from_slice(&bytes);
+                    }
+                    _ => {
+                        let mut b = Vec::with_capacity(MAX_DATA.min(bytes.len().max(4096)));
+                        b.extend_from_slice(&bytes);
+                        f.to_target.push_back(b);
+                    }
+                }
             }
             Msg::Window { flow, credit } => {
                 if let Some(f) = self.flow_by_id(flow) {
@@ -832,11 +833,8 @@ impl Agent {
             });
             return None;
         }
-        if e.addr.is_none() {
-            e.addr = resolve(&e.spec);
-        }
-        let Some(ip) = e.addr else {
-            tracing::warn!(flow, target = %e.spec, "cannot resolve target");
+        let Some(ip) = self.names.lookup(resource as usize, Instant::now()) else {
+            tracing::warn!(flow, target = %e.spec, "cannot resolve target (yet)");
             self.send_msg(Msg::OpenErr {
                 flow,
                 reason: OpenError::Unreachable,

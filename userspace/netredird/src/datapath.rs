@@ -103,8 +103,19 @@ enum Tag {
 }
 
 const RECV_BUF: usize = 256 * 1024;
+/// Receive buffer of a connection still in its handshake: TLS and the
+/// preamble are a few KiB; the big buffer comes once the agent is known.
+const PREAUTH_RECV_BUF: usize = 16 * 1024;
 /// A connection must finish TLS and its preamble within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections in their handshake at once; more are closed at once
+/// (unauthenticated peers must not hold the daemon's memory or fds).
+const MAX_PREAUTH: usize = 64;
+/// ... and from one address.
+const MAX_PREAUTH_PER_ADDR: usize = 16;
+/// With no descriptor left to accept with, try again after this (not in
+/// a busy loop).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
@@ -125,6 +136,8 @@ struct Conn {
     phase: Phase,
     hello: Option<String>,
     paired_now: bool,
+    /// The peer's address, for the per-address handshake limit.
+    peer: Option<std::net::IpAddr>,
 }
 
 struct HostSession {
@@ -162,6 +175,11 @@ struct Loop {
     last_ping: Instant,
     /// Refusals and malformed frames as of the last warning about them.
     reported: (Instant, [u64; 4]),
+    /// Tunnel connections refused before authentication, as of the last
+    /// warning about them.
+    reported_preauth: u64,
+    /// Accept waits until then (no descriptor was left).
+    accept_paused: Option<Instant>,
 }
 
 /// Runs the loop until `Request::Shutdown` or a fatal error.
@@ -198,6 +216,8 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
         counters: HashMap::new(),
         last_ping: Instant::now(),
         reported: (Instant::now(), [0; 4]),
+        reported_preauth: 0,
+        accept_paused: None,
     };
     let listen_fd = l.cfg.listener.as_raw_fd();
     l.reactor.poll_in(l.xsk.fd(), Tag::Xsk);
@@ -212,6 +232,14 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
             .min(Duration::from_secs(1));
         if !l.pending_frames.is_empty() || l.xsk.tx_pending() {
             delay = delay.min(Duration::from_millis(1));
+        }
+        if let Some(t) = l.accept_paused {
+            delay = delay.min(t.saturating_duration_since(now));
+        }
+        // Guest bytes wait in the sockets for room toward the tunnel, and
+        // there is room now: read them without waiting for a frame.
+        if l.engine.wants_poll() && l.hs.as_ref().is_none_or(|h| h.session.can_send()) {
+            delay = Duration::ZERO;
         }
         l.reactor.wait(Some(delay)).context("io_uring wait")?;
         let now = Instant::now();
@@ -338,23 +366,54 @@ impl Loop {
                 buf.clear();
                 self.reactor.read(wake_fd, buf, Tag::Wake);
             }
-            Tag::Accept => {
-                self.reactor.accept(listen_fd, Tag::Accept);
-                match c.io_result() {
-                    Ok(fd) => {
-                        // SAFETY: accept returned a new fd that we now own.
-                        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-                        self.new_conn(fd, now);
-                    }
-                    Err(e) => tracing::warn!("accept on tunnel listener: {e}"),
+            Tag::Accept => match c.io_result() {
+                Ok(fd) => {
+                    self.reactor.accept(listen_fd, Tag::Accept);
+                    // SAFETY: accept returned a new fd that we now own.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+                    self.new_conn(fd, now);
                 }
-            }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    // The connection waits in the backlog; retrying at once
+                    // would spin. Handshakes time out and give fds back.
+                    if self.counter("tunnel_accept_backoffs") % 100 == 0 {
+                        tracing::warn!(
+                            "accept on tunnel listener: {e}; retrying every {ACCEPT_BACKOFF:?}"
+                        );
+                    }
+                    self.bump("tunnel_accept_backoffs");
+                    self.accept_paused = Some(now + ACCEPT_BACKOFF);
+                }
+                Err(e) => {
+                    self.reactor.accept(listen_fd, Tag::Accept);
+                    tracing::warn!("accept on tunnel listener: {e}");
+                }
+            },
             Tag::Recv(cgen) => self.on_recv(cgen, c, now),
             Tag::Send(cgen) => self.on_send(cgen, c),
         }
     }
 
     fn new_conn(&mut self, fd: OwnedFd, now: Instant) {
+        let sock = std::net::TcpStream::from(fd);
+        let peer = sock.peer_addr().ok().map(|a| a.ip());
+        let fd = OwnedFd::from(sock);
+        let preauth = self.conns.iter().filter(|c| c.phase == Phase::Preamble);
+        let (total, same) = preauth.fold((0, 0), |(t, s), c| {
+            (t + 1, s + usize::from(peer.is_some() && c.peer == peer))
+        });
+        if total >= MAX_PREAUTH || same >= MAX_PREAUTH_PER_ADDR {
+            // Closed at once (fd dropped): the peer sees a reset.
+            tracing::debug!(?peer, total, same, "too many tunnel handshakes; closing");
+            self.bump("tunnel_refused_handshake_limit");
+            self.bump("tunnel_refused");
+            return;
+        }
         let tls = match Tls::server(&self.cfg.identity) {
             Ok(t) => t,
             Err(e) => {
@@ -367,7 +426,7 @@ impl Loop {
         self.next_cgen += 1;
         self.reactor.recv(
             fd.as_raw_fd(),
-            Vec::with_capacity(RECV_BUF),
+            Vec::with_capacity(PREAUTH_RECV_BUF),
             Tag::Recv(cgen),
         );
         self.conns.push(Conn {
@@ -382,6 +441,7 @@ impl Loop {
             phase: Phase::Preamble,
             hello: None,
             paired_now: false,
+            peer,
         });
         self.bump("tunnel_connections");
     }
@@ -514,6 +574,9 @@ impl Loop {
         if let Some(conn) = self.conn(cgen)
             && conn.phase != Phase::Closing
         {
+            if conn.phase == Phase::Up && buf.capacity() < RECV_BUF {
+                buf = Vec::with_capacity(RECV_BUF);
+            }
             buf.clear();
             conn.ops += 1;
             let fd = conn.fd.as_raw_fd();
@@ -716,7 +779,19 @@ impl Loop {
 
     /// Applies the session's messages from the agent.
     fn drain_session(&mut self, now: Instant) {
-        while let Some(m) = self.hs.as_mut().and_then(|h| h.session.poll_msg()) {
+        loop {
+            let m = match self.hs.as_mut().map(|h| h.session.poll_msg()) {
+                None | Some(Ok(None)) => break,
+                Some(Ok(Some(m))) => m,
+                Some(Err(e)) => {
+                    tracing::warn!("tunnel protocol error: {e}; dropping the connection");
+                    self.bump("tunnel_protocol_errors");
+                    if let Some(a) = self.active {
+                        self.drop_conn(a, now);
+                    }
+                    return;
+                }
+            };
             let res = match m {
                 Msg::Export {
                     id,
@@ -833,6 +908,16 @@ impl Loop {
                 );
             }
             self.reported = (now, cur);
+            let limit = self.counter("tunnel_refused_handshake_limit");
+            let slow = self.counter("tunnel_refused_slow_handshake");
+            if limit + slow > self.reported_preauth {
+                tracing::warn!(
+                    handshake_limit = limit,
+                    no_handshake_in_time = slow,
+                    "tunnel connections closed before authentication (totals)"
+                );
+            }
+            self.reported_preauth = limit + slow;
         }
         // Handshakes that take too long (or never start) are dropped.
         let slow: Vec<u64> = self
@@ -845,9 +930,17 @@ impl Loop {
             .map(|c| c.cgen)
             .collect();
         for cgen in slow {
-            tracing::warn!("refused tunnel connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            tracing::debug!(cgen, "no handshake within {HANDSHAKE_TIMEOUT:?}; closing");
+            self.bump("tunnel_refused_slow_handshake");
             self.bump("tunnel_refused");
             self.drop_conn(cgen, now);
+        }
+        if let Some(t) = self.accept_paused
+            && now >= t
+        {
+            self.accept_paused = None;
+            self.reactor
+                .accept(self.cfg.listener.as_raw_fd(), Tag::Accept);
         }
         // Heartbeats, and a dead peer.
         if let Some(a) = self.active {
@@ -1053,6 +1146,12 @@ impl Loop {
         own.sort();
         counters.extend(own);
         counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
+        if let Some(h) = &self.hs {
+            let s = h.session.stats();
+            counters.push(("session.skipped".into(), s.skipped));
+            counters.push(("session.flow_errors".into(), s.flow_errors));
+            counters.push(("session.duplicates".into(), s.duplicates));
+        }
         let connected = self.active.is_some();
         Status {
             iface: self.cfg.iface.clone(),

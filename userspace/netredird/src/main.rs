@@ -150,6 +150,8 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
 
 fn run(args: Args) -> Result<()> {
     let sigs = block_signals();
+    // Every agent connection is a descriptor (and so is every handshake).
+    netredir_uring::raise_fd_limit();
     if !interface_exists(&args.iface) {
         bail!(
             "cannot attach XDP to {}: no such interface (give the host end of the VM's NIC)",

@@ -216,7 +216,7 @@ mod tests {
             let mut agent_session = Session::new(SessionConfig::default());
             agent.enter_records(&mut agent_session).unwrap();
             for flow in 0..3 {
-                match agent_session.poll_msg() {
+                match agent_session.poll_msg().unwrap() {
                     Some(Msg::Data { flow: f, bytes }) => {
                         assert_eq!(f, flow);
                         assert_eq!(bytes, vec![flow as u8; 100]);
@@ -224,7 +224,7 @@ mod tests {
                     other => panic!("piece {piece}: expected flow {flow}, got {other:?}"),
                 }
             }
-            assert!(agent_session.poll_msg().is_none());
+            assert!(agent_session.poll_msg().unwrap().is_none());
         }
     }
 }

@@ -29,9 +29,22 @@
 //! when the flow ends or sits idle; at most [`MAX_CONTEXTS`] exist per
 //! direction, flows beyond that go uncompressed. In `auto` mode payload
 //! that looks incompressible (high byte entropy) is sent raw.
+//!
+//! No silent loss. The contexts follow one rule on both ends: the sender
+//! alone decides when a context ends (Fin, Reset, or [`Msg::ZEnd`] when it
+//! frees one for any other reason), so the receiver holds exactly the
+//! sender's set and never more than [`MAX_CONTEXTS`]. A record is parsed
+//! whole before any of it is applied, and counts as received only once
+//! applied; what goes wrong inside it is a problem of one flow, never of
+//! the link: messages for a flow already reset are skipped and counted,
+//! and a flow whose compressed data cannot be used is reset both ways
+//! (the application sees [`Msg::Reset`]). A record inflates to at most
+//! [`MAX_RECORD_PLAIN`] bytes, and records are unpacked one at a time as
+//! the application polls ([`Session::poll_msg`]), so a hostile peer cannot
+//! make the receiver hold more than one record's worth.
 
 use crate::wire::{Decoder, FlowId, MAX_DATA, MAX_FRAME_LEN, Msg, WireError};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -50,6 +63,13 @@ pub const MAX_CONTEXTS: usize = 64;
 pub const WINDOW_LOG: u32 = 17;
 /// A flow that sent nothing for this long gives its context back.
 pub const IDLE: Duration = Duration::from_secs(10);
+/// Most bytes the compressed data of one record may inflate to: the sender
+/// closes a record before it would exceed it, the receiver resets a flow
+/// whose data would.
+pub const MAX_RECORD_PLAIN: usize = 4 * 1024 * 1024;
+/// How many recently reset flows are remembered, so that messages still
+/// in flight for them are skipped instead of misread.
+pub const MAX_DEAD: usize = 4096;
 
 /// How payload is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,9 +143,6 @@ pub enum SessionError {
         /// The oldest record we can still send, minus one.
         have: u64,
     },
-    /// Compressed data did not decompress (or exceeded its bound).
-    #[error("flow {0}: compressed data is corrupt or too large")]
-    Decompress(FlowId),
 }
 
 /// Counters of one session, kept across reconnects.
@@ -153,6 +170,12 @@ pub struct SessionStats {
     pub resumes: u64,
     /// Duplicate records dropped after a resume.
     pub duplicates: u64,
+    /// Messages skipped because their flow was already reset (in flight
+    /// when the reset crossed them).
+    pub skipped: u64,
+    /// Flows reset because the peer's compressed data for them could not
+    /// be used (corrupt, over a limit, or a stream that never started).
+    pub flow_errors: u64,
 }
 
 /// Per-flow byte counts, for `netredirctl stats`.
@@ -206,9 +229,19 @@ pub struct Session {
     replay: VecDeque<(u64, Vec<u8>)>,
     replay_bytes: usize,
     building: Vec<u8>,
+    /// Bytes the compressed messages in `building` inflate to.
+    building_plain: usize,
     out: Vec<u8>,
     inbuf: Vec<u8>,
+    /// Start of the unprocessed part of `inbuf`.
+    inpos: usize,
     inbox: VecDeque<Msg>,
+    /// Flows reset recently (either way), oldest first; their late
+    /// messages are skipped.
+    dead: HashSet<FlowId>,
+    dead_order: VecDeque<FlowId>,
+    /// Decompression scratch, reused: a message keeps only its own bytes.
+    zscratch: Vec<u8>,
     enc: HashMap<FlowId, Enc>,
     dec: HashMap<FlowId, ZDec<'static>>,
     /// Flows whose next compressed message must start a new stream.
@@ -230,9 +263,14 @@ impl Session {
             replay: VecDeque::new(),
             replay_bytes: 0,
             building: Vec::new(),
+            building_plain: 0,
             out: Vec::new(),
             inbuf: Vec::new(),
+            inpos: 0,
             inbox: VecDeque::new(),
+            dead: HashSet::new(),
+            dead_order: VecDeque::new(),
+            zscratch: Vec::new(),
             enc: HashMap::new(),
             dec: HashMap::new(),
             enc_reset: HashMap::new(),
@@ -281,17 +319,37 @@ impl Session {
     /// Queues a session message; Data is compressed on the way.
     pub fn send(&mut self, msg: Msg, now: Instant) {
         let msg = match msg {
-            Msg::Data { flow, bytes } => self.compress(flow, bytes, now),
+            Msg::Data { flow, bytes } => match self.compress(flow, bytes, now) {
+                Some(m) => m,
+                None => return,
+            },
             Msg::Fin { flow } => {
-                self.drop_enc(flow);
+                // The receiver frees its decompressor on Fin: no ZEnd.
+                self.enc.remove(&flow);
+                self.enc_reset.insert(flow, true);
                 Msg::Fin { flow }
             }
             Msg::Reset { flow } => {
                 self.forget_flow(flow);
+                self.mark_dead(flow);
                 Msg::Reset { flow }
+            }
+            m @ (Msg::Open { flow, .. } | Msg::OpenUdp { flow, .. }) => {
+                // A flow id used again after a reset is a new flow.
+                self.dead.remove(&flow);
+                m
             }
             m => m,
         };
+        self.emit(&msg, 0);
+    }
+
+    /// Appends `msg` to the record being built, closing the record first
+    /// if it would not fit (`plain`: what a compressed message inflates to).
+    fn emit(&mut self, msg: &Msg, plain: usize) {
+        if plain > 0 && self.building_plain + plain > MAX_RECORD_PLAIN {
+            self.flush();
+        }
         let before = self.building.len();
         msg.emit(&mut self.building);
         if self.building.len() > MAX_FRAME_LEN {
@@ -299,6 +357,18 @@ impl Session {
             let tail = self.building.split_off(before);
             self.flush();
             self.building = tail;
+        }
+        self.building_plain += plain;
+    }
+
+    fn mark_dead(&mut self, flow: FlowId) {
+        if self.dead.insert(flow) {
+            self.dead_order.push_back(flow);
+            if self.dead_order.len() > MAX_DEAD
+                && let Some(old) = self.dead_order.pop_front()
+            {
+                self.dead.remove(&old);
+            }
         }
     }
 
@@ -316,6 +386,7 @@ impl Session {
             return;
         }
         let body = std::mem::take(&mut self.building);
+        self.building_plain = 0;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.put_record(seq, &body);
@@ -354,55 +425,64 @@ impl Session {
     }
 
     /// Bytes received from the transport; messages come out of
-    /// [`Session::poll_msg`].
+    /// [`Session::poll_msg`], which unpacks the records one at a time.
+    /// Errors mean the peer broke the protocol: drop the connection.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         self.stats.wire_bytes_in += bytes.len() as u64;
+        if self.inpos > 0 && self.inpos * 2 >= self.inbuf.len() {
+            self.inbuf.drain(..self.inpos);
+            self.inpos = 0;
+        }
         self.inbuf.extend_from_slice(bytes);
-        let mut pos = 0;
-        let res = loop {
-            let avail = &self.inbuf[pos..];
+        self.process()
+    }
+
+    /// Unpacks records until one yields messages (or none is complete).
+    fn process(&mut self) -> Result<(), SessionError> {
+        while self.inbox.is_empty() {
+            let avail = &self.inbuf[self.inpos..];
             if avail.len() < 4 {
-                break Ok(());
+                break;
             }
             let len = u32::from_be_bytes(avail[..4].try_into().expect("4")) as usize;
             if !(16..=MAX_RECORD).contains(&len) {
-                break Err(SessionError::BadLength(len));
+                return Err(SessionError::BadLength(len));
             }
             if avail.len() < 4 + len {
-                break Ok(());
+                break;
             }
             let seq = u64::from_be_bytes(avail[4..12].try_into().expect("8"));
             let ack = u64::from_be_bytes(avail[12..20].try_into().expect("8"));
-            let body = avail[20..4 + len].to_vec();
-            pos += 4 + len;
-            if let Err(e) = self.on_ack(ack) {
-                break Err(e);
-            }
-            if seq == 0 {
-                if let Err(e) = self.unpack(&body) {
-                    break Err(e);
+            // Parsed whole before any of it is applied: a record that is
+            // not valid leaves no trace and is not counted as received.
+            let msgs = parse_body(&avail[20..4 + len])?;
+            self.on_ack(ack)?;
+            if seq != 0 {
+                if seq <= self.received {
+                    self.inpos += 4 + len;
+                    self.stats.duplicates += 1;
+                    continue;
                 }
-                continue;
+                if seq != self.received + 1 {
+                    return Err(SessionError::Gap {
+                        want: self.received + 1,
+                        got: seq,
+                    });
+                }
             }
-            if seq <= self.received {
-                self.stats.duplicates += 1;
-                continue;
+            self.inpos += 4 + len;
+            self.apply(msgs);
+            if seq != 0 {
+                self.received = seq;
+                self.unacked_in += len - 16;
+                self.stats.records_received += 1;
             }
-            if seq != self.received + 1 {
-                break Err(SessionError::Gap {
-                    want: self.received + 1,
-                    got: seq,
-                });
-            }
-            self.received = seq;
-            self.unacked_in += body.len();
-            self.stats.records_received += 1;
-            if let Err(e) = self.unpack(&body) {
-                break Err(e);
-            }
-        };
-        self.inbuf.drain(..pos);
-        res
+        }
+        if self.inpos == self.inbuf.len() {
+            self.inbuf.clear();
+            self.inpos = 0;
+        }
+        Ok(())
     }
 
     fn on_ack(&mut self, ack: u64) -> Result<(), SessionError> {
@@ -419,13 +499,21 @@ impl Session {
         Ok(())
     }
 
-    fn unpack(&mut self, body: &[u8]) -> Result<(), SessionError> {
-        let mut d = Decoder::new();
-        d.feed(body);
-        while let Some(m) = d.next_msg()? {
+    /// Applies one record's messages; whatever fails here fails one flow.
+    fn apply(&mut self, msgs: Vec<Msg>) {
+        let mut budget = MAX_RECORD_PLAIN;
+        for m in msgs {
             let m = match m {
                 Msg::DataZ { flow, reset, bytes } => {
-                    let plain = self.decompress(flow, reset, &bytes)?;
+                    if self.dead.contains(&flow) {
+                        self.stats.skipped += 1;
+                        continue;
+                    }
+                    let Some(plain) = self.decompress(flow, reset, &bytes, budget) else {
+                        self.flow_failed(flow);
+                        continue;
+                    };
+                    budget -= plain.len();
                     let st = self.flow_stats.entry(flow).or_default();
                     st.bytes_in += plain.len() as u64;
                     st.wire_in += bytes.len() as u64;
@@ -434,6 +522,10 @@ impl Session {
                     Msg::Data { flow, bytes: plain }
                 }
                 Msg::Data { flow, bytes } => {
+                    if self.dead.contains(&flow) {
+                        self.stats.skipped += 1;
+                        continue;
+                    }
                     let st = self.flow_stats.entry(flow).or_default();
                     st.bytes_in += bytes.len() as u64;
                     st.wire_in += bytes.len() as u64;
@@ -441,27 +533,59 @@ impl Session {
                     self.stats.data_wire_bytes_in += bytes.len() as u64;
                     Msg::Data { flow, bytes }
                 }
+                Msg::ZEnd { flow } => {
+                    self.dec.remove(&flow);
+                    continue;
+                }
+                Msg::Window { flow, .. }
+                | Msg::Fin { flow }
+                | Msg::Datagram { flow, .. }
+                | Msg::OpenOk { flow }
+                | Msg::OpenErr { flow, .. }
+                    if self.dead.contains(&flow) =>
+                {
+                    self.stats.skipped += 1;
+                    continue;
+                }
                 Msg::Fin { flow } => {
                     self.dec.remove(&flow);
                     Msg::Fin { flow }
                 }
                 Msg::Reset { flow } => {
-                    self.forget_flow(flow);
+                    if !self.dead.contains(&flow) {
+                        self.forget_flow(flow);
+                        self.mark_dead(flow);
+                    }
                     Msg::Reset { flow }
+                }
+                m @ (Msg::Open { flow, .. } | Msg::OpenUdp { flow, .. }) => {
+                    self.dead.remove(&flow);
+                    m
                 }
                 m => m,
             };
             self.inbox.push_back(m);
         }
-        if d.buffered() != 0 {
-            return Err(SessionError::Wire(WireError::BadLength(d.buffered())));
-        }
-        Ok(())
     }
 
-    /// The next message from the peer.
-    pub fn poll_msg(&mut self) -> Option<Msg> {
-        self.inbox.pop_front()
+    /// The peer's compressed data for `flow` cannot be used: the flow is
+    /// reset both ways, the link goes on.
+    fn flow_failed(&mut self, flow: FlowId) {
+        self.stats.flow_errors += 1;
+        self.forget_flow(flow);
+        self.mark_dead(flow);
+        self.inbox.push_back(Msg::Reset { flow });
+        self.emit(&Msg::Reset { flow }, 0);
+    }
+
+    /// The next message from the peer; unpacks the next record when the
+    /// last one is used up. Errors mean the peer broke the protocol: drop
+    /// the connection (the record is not counted as received).
+    pub fn poll_msg(&mut self) -> Result<Option<Msg>, SessionError> {
+        if self.inbox.is_empty() {
+            self.process()?;
+        }
+        Ok(self.inbox.pop_front())
     }
 
     /// The transport broke: what was on its way is lost (the replay buffer
@@ -469,6 +593,7 @@ impl Session {
     pub fn connection_lost(&mut self) {
         self.out.clear();
         self.inbuf.clear();
+        self.inpos = 0;
     }
 
     /// On a new connection, after the peer said it processed `peer_received`:
@@ -507,9 +632,12 @@ impl Session {
         }
     }
 
+    /// Frees `flow`'s compressor and tells the receiver to free its
+    /// decompressor ([`Msg::ZEnd`]); the next compressed data starts anew.
     fn drop_enc(&mut self, flow: FlowId) {
         if self.enc.remove(&flow).is_some() {
             self.enc_reset.insert(flow, true);
+            self.emit(&Msg::ZEnd { flow }, 0);
         }
     }
 
@@ -522,7 +650,9 @@ impl Session {
         self.flow_stats.remove(&flow);
     }
 
-    fn compress(&mut self, flow: FlowId, bytes: Vec<u8>, now: Instant) -> Msg {
+    /// Compresses `bytes` of `flow`: a `DataZ` goes straight into the record
+    /// (None), data sent raw comes back as `Data`.
+    fn compress(&mut self, flow: FlowId, bytes: Vec<u8>, now: Instant) -> Option<Msg> {
         let mode = *self.flow_mode.get(&flow).unwrap_or(&self.cfg.compression);
         let st = self.flow_stats.entry(flow).or_default();
         st.bytes_out += bytes.len() as u64;
@@ -563,11 +693,18 @@ impl Session {
         let msg = match compressed {
             Some(z) if z.len() < bytes.len() => {
                 let reset = self.enc_reset.insert(flow, false).unwrap_or(true);
-                Msg::DataZ {
+                let wire = z.len() as u64;
+                let st = self.flow_stats.entry(flow).or_default();
+                st.wire_out += wire;
+                self.stats.data_wire_bytes_out += wire;
+                let msg = Msg::DataZ {
                     flow,
                     reset,
                     bytes: z,
-                }
+                };
+                // Emitted here: the receiver's inflation budget counts it.
+                self.emit(&msg, bytes.len());
+                return None;
             }
             Some(_) => {
                 // Grew: send raw, and the stream the peer knows is now
@@ -578,58 +715,80 @@ impl Session {
             None => Msg::Data { flow, bytes },
         };
         let wire = match &msg {
-            Msg::DataZ { bytes, .. } | Msg::Data { bytes, .. } => bytes.len() as u64,
+            Msg::Data { bytes, .. } => bytes.len() as u64,
             _ => 0,
         };
         let st = self.flow_stats.entry(flow).or_default();
         st.wire_out += wire;
         self.stats.data_wire_bytes_out += wire;
-        msg
+        Some(msg)
     }
 
-    fn decompress(&mut self, flow: FlowId, reset: bool, z: &[u8]) -> Result<Vec<u8>, SessionError> {
+    /// Inflates one `DataZ` of `flow` to at most `budget` (and
+    /// [`MAX_DATA`]) bytes; None if it cannot be used (the flow fails).
+    fn decompress(
+        &mut self,
+        flow: FlowId,
+        reset: bool,
+        z: &[u8],
+        budget: usize,
+    ) -> Option<Vec<u8>> {
         if reset {
             self.dec.remove(&flow);
         }
         if !self.dec.contains_key(&flow) {
+            // A stream that never started, or one context too many: the
+            // peer broke the one rule both ends follow.
             if self.dec.len() >= MAX_CONTEXTS || !reset {
-                return Err(SessionError::Decompress(flow));
+                return None;
             }
-            let mut d = ZDec::new().map_err(|_| SessionError::Decompress(flow))?;
-            d.set_parameter(DParameter::WindowLogMax(WINDOW_LOG))
-                .map_err(|_| SessionError::Decompress(flow))?;
+            let mut d = ZDec::new().ok()?;
+            d.set_parameter(DParameter::WindowLogMax(WINDOW_LOG)).ok()?;
             self.dec.insert(flow, d);
         }
+        let limit = budget.min(MAX_DATA);
         let d = self.dec.get_mut(&flow).expect("inserted");
-        let mut out = vec![0u8; MAX_DATA + 1];
+        if self.zscratch.len() < MAX_DATA + 1 {
+            self.zscratch.resize(MAX_DATA + 1, 0);
+        }
         let mut inb = InBuffer::around(z);
-        let mut outb = OutBuffer::around(&mut out[..]);
-        while inb.pos() < z.len() {
+        let mut outb = OutBuffer::around(&mut self.zscratch[..limit + 1]);
+        let mut ok = true;
+        while ok && inb.pos() < z.len() {
             let before = (inb.pos(), outb.pos());
-            if d.run(&mut inb, &mut outb).is_err() || outb.pos() > MAX_DATA {
-                self.dec.remove(&flow);
-                return Err(SessionError::Decompress(flow));
-            }
-            if (inb.pos(), outb.pos()) == before {
-                self.dec.remove(&flow);
-                return Err(SessionError::Decompress(flow));
-            }
+            ok = d.run(&mut inb, &mut outb).is_ok()
+                && outb.pos() <= limit
+                && (inb.pos(), outb.pos()) != before;
         }
         // Drain what the decoder still holds for this input.
-        loop {
+        while ok {
             let before = outb.pos();
-            if d.run(&mut InBuffer::around(&[]), &mut outb).is_err() || outb.pos() > MAX_DATA {
-                self.dec.remove(&flow);
-                return Err(SessionError::Decompress(flow));
-            }
+            ok = d.run(&mut InBuffer::around(&[]), &mut outb).is_ok() && outb.pos() <= limit;
             if outb.pos() == before {
                 break;
             }
         }
         let n = outb.pos();
-        out.truncate(n);
-        Ok(out)
+        if !ok {
+            self.dec.remove(&flow);
+            return None;
+        }
+        Some(self.zscratch[..n].to_vec())
     }
+}
+
+/// The messages of one record body, or why it is not valid.
+fn parse_body(body: &[u8]) -> Result<Vec<Msg>, SessionError> {
+    let mut d = Decoder::new();
+    d.feed(body);
+    let mut msgs = Vec::new();
+    while let Some(m) = d.next_msg()? {
+        msgs.push(m);
+    }
+    if d.buffered() != 0 {
+        return Err(SessionError::Wire(WireError::BadLength(d.buffered())));
+    }
+    Ok(msgs)
 }
 
 /// Compresses `data` as one flushed piece of the flow's stream.

@@ -18,7 +18,7 @@
 use std::fmt;
 
 /// Protocol version carried in [`Msg::Hello`]; bumped on incompatible change.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Upper bound of `len`, so that a hostile peer cannot make us buffer more.
 pub const MAX_FRAME_LEN: usize = 256 * 1024;
 /// Largest data payload one [`Msg::Data`] carries (fits in a frame).
@@ -205,6 +205,13 @@ pub enum Msg {
         /// Whether a reply came in time.
         ok: bool,
     },
+    /// The sender freed `flow`'s compression stream (idle, or it had to
+    /// start afresh): the receiver frees its decompressor too, so both ends
+    /// always hold the same set of contexts and neither can exceed the limit.
+    ZEnd {
+        /// The flow.
+        flow: FlowId,
+    },
 }
 
 impl fmt::Debug for Msg {
@@ -253,6 +260,7 @@ impl fmt::Debug for Msg {
                 size,
             } => write!(f, "Echo({token}, res {resource}, {size} bytes)"),
             Msg::EchoReply { token, ok } => write!(f, "EchoReply({token}, ok {ok})"),
+            Msg::ZEnd { flow } => write!(f, "ZEnd({flow})"),
         }
     }
 }
@@ -298,6 +306,7 @@ mod kind {
     pub const DATAGRAM: u8 = 0x12;
     pub const ECHO: u8 = 0x13;
     pub const ECHO_REPLY: u8 = 0x14;
+    pub const Z_END: u8 = 0x15;
 }
 
 const HEADER_LEN: usize = 4;
@@ -347,6 +356,7 @@ impl Msg {
             Msg::Datagram { .. } => kind::DATAGRAM,
             Msg::Echo { .. } => kind::ECHO,
             Msg::EchoReply { .. } => kind::ECHO_REPLY,
+            Msg::ZEnd { .. } => kind::Z_END,
         }
     }
 
@@ -392,7 +402,7 @@ impl Msg {
                 out.extend_from_slice(&resource.to_be_bytes());
                 out.extend_from_slice(&port.to_be_bytes());
             }
-            Msg::OpenOk { flow } | Msg::Fin { flow } | Msg::Reset { flow } => {
+            Msg::OpenOk { flow } | Msg::Fin { flow } | Msg::Reset { flow } | Msg::ZEnd { flow } => {
                 out.extend_from_slice(&flow.to_be_bytes());
             }
             Msg::OpenErr { flow, reason } => {
@@ -523,6 +533,7 @@ impl Msg {
             },
             kind::FIN => Msg::Fin { flow: r.u32()? },
             kind::RESET => Msg::Reset { flow: r.u32()? },
+            kind::Z_END => Msg::ZEnd { flow: r.u32()? },
             kind::DATA_Z => {
                 let flow = r.u32()?;
                 let reset = match r.u8()? {
@@ -911,6 +922,7 @@ mod tests {
                 .prop_map(|(flow, bytes)| Msg::Data { flow, bytes }),
             (any::<u32>(), any::<u32>()).prop_map(|(flow, credit)| Msg::Window { flow, credit }),
             any::<u32>().prop_map(|flow| Msg::Fin { flow }),
+            any::<u32>().prop_map(|flow| Msg::ZEnd { flow }),
             any::<u32>().prop_map(|flow| Msg::Reset { flow }),
             (
                 any::<u32>(),

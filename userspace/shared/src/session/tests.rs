@@ -25,12 +25,19 @@ fn exchange(a: &mut Session, b: &mut Session) {
 }
 
 fn drain(s: &mut Session) -> Vec<Msg> {
-    std::iter::from_fn(|| s.poll_msg()).collect()
+    std::iter::from_fn(|| s.poll_msg().unwrap()).collect()
 }
 
 fn text(n: usize, seed: u8) -> Vec<u8> {
     let line = format!("72 {seed} moveto (Hello from the guest, line {seed}) show\n");
     line.bytes().cycle().take(n).collect()
+}
+
+/// A compressor as a session makes one (window within the receiver's limit).
+fn encoder() -> ZEnc<'static> {
+    let mut e = ZEnc::new(1).unwrap();
+    e.set_parameter(CParameter::WindowLog(WINDOW_LOG)).unwrap();
+    e
 }
 
 fn random(n: usize, seed: u64) -> Vec<u8> {
@@ -258,19 +265,24 @@ fn garbage_and_lies_are_errors_not_panics() {
     rec.extend_from_slice(&1u64.to_be_bytes());
     rec.extend_from_slice(&0u64.to_be_bytes());
     rec.extend_from_slice(&body);
-    assert!(matches!(s.feed(&rec), Err(SessionError::Decompress(1))));
+    // ... fails that flow, both ways, not the link.
+    s.feed(&rec).unwrap();
+    assert_eq!(drain(&mut s), vec![Msg::Reset { flow: 1 }]);
+    assert_eq!(s.stats().flow_errors, 1);
+    assert_eq!(s.received(), 1);
+    s.flush();
+    let mut peer = Session::new(SessionConfig::default());
+    peer.next_seq = 2; // as if it had sent record 1
+    peer.feed(&s.take_output()).unwrap();
+    assert_eq!(drain(&mut peer), vec![Msg::Reset { flow: 1 }]);
 }
 
 #[test]
 fn a_decompression_bomb_is_refused() {
     // 1 MiB of zeros compresses to a few bytes; one message may only expand to MAX_DATA.
-    let mut enc = ZEnc::new(3).unwrap();
-    let z = zcompress(&mut enc, &vec![0u8; 1 << 20]).unwrap();
+    let z = zcompress(&mut encoder(), &vec![0u8; 1 << 20]).unwrap();
     let mut s = Session::new(SessionConfig::default());
-    assert!(matches!(
-        s.decompress(1, true, &z),
-        Err(SessionError::Decompress(1))
-    ));
+    assert!(s.decompress(1, true, &z, MAX_RECORD_PLAIN).is_none());
 }
 
 #[test]
@@ -335,6 +347,261 @@ fn idle_flows_give_their_context_back() {
             }
         ]
     );
+}
+
+/// One record of `msgs` with sequence `seq`, as a peer would send it.
+fn record(seq: u64, msgs: &[Msg]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for m in msgs {
+        m.emit(&mut body);
+    }
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&((16 + body.len()) as u32).to_be_bytes());
+    rec.extend_from_slice(&seq.to_be_bytes());
+    rec.extend_from_slice(&0u64.to_be_bytes());
+    rec.extend_from_slice(&body);
+    rec
+}
+
+#[test]
+fn data_for_a_flow_the_receiver_reset_is_skipped_and_the_rest_of_its_record_applies() {
+    let (mut host, mut agent) = pair();
+    let now = Instant::now();
+    // Flow 1's compressed stream starts and reaches the agent.
+    host.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(5000, 1),
+        },
+        now,
+    );
+    host.flush();
+    exchange(&mut host, &mut agent);
+    assert_eq!(drain(&mut agent).len(), 1);
+    // The agent resets flow 1 (its resource reset) and forgets it; the
+    // host, not knowing yet, sends more of flow 1 and other flows' data.
+    agent.send(Msg::Reset { flow: 1 }, now);
+    host.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(5000, 3),
+        },
+        now,
+    );
+    host.send(
+        Msg::Data {
+            flow: 2,
+            bytes: text(3000, 4),
+        },
+        now,
+    );
+    host.send(Msg::Fin { flow: 2 }, now);
+    host.send(
+        Msg::Window {
+            flow: 1,
+            credit: 10,
+        },
+        now,
+    );
+    host.flush();
+    agent.feed(&host.take_output()).unwrap();
+    assert_eq!(
+        drain(&mut agent),
+        vec![
+            Msg::Data {
+                flow: 2,
+                bytes: text(3000, 4)
+            },
+            Msg::Fin { flow: 2 }
+        ]
+    );
+    assert_eq!(agent.stats().skipped, 2);
+    assert_eq!(agent.received(), 2);
+}
+
+#[test]
+fn an_invalid_record_is_not_counted_as_received() {
+    let mut s = Session::new(SessionConfig::default());
+    let mut rec = record(1, &[Msg::Fin { flow: 1 }]);
+    rec.extend_from_slice(&[0, 0, 0, 17]);
+    rec.extend_from_slice(&2u64.to_be_bytes());
+    rec.extend_from_slice(&0u64.to_be_bytes());
+    rec.push(0x08); // a frame cut short inside the record
+    s.feed(&rec).unwrap();
+    assert_eq!(s.poll_msg().unwrap(), Some(Msg::Fin { flow: 1 }));
+    assert!(s.poll_msg().is_err());
+    assert_eq!(s.received(), 1, "the broken record 2 must be sent again");
+}
+
+#[test]
+fn both_ends_hold_the_same_contexts_however_many_flows_come_and_go() {
+    let (mut a, mut b) = pair();
+    let t0 = Instant::now();
+    let mut t = t0;
+    // Waves of 50 flows, each wave 11 s after the last (so the previous
+    // wave's contexts sit idle past IDLE), 200 flows in all; some flows
+    // also send data that does not compress, which restarts their stream.
+    for wave in 0..4u32 {
+        for f in 0..50u32 {
+            let flow = wave * 50 + f;
+            a.send(
+                Msg::Data {
+                    flow,
+                    bytes: text(2000, flow as u8),
+                },
+                t,
+            );
+            if f % 7 == 0 {
+                a.set_flow_compression(flow, Compression::Level(1));
+                a.send(
+                    Msg::Data {
+                        flow,
+                        bytes: random(300, u64::from(flow) + 1),
+                    },
+                    t,
+                );
+                a.send(
+                    Msg::Data {
+                        flow,
+                        bytes: text(2000, 9),
+                    },
+                    t,
+                );
+            }
+        }
+        a.flush();
+        exchange(&mut a, &mut b);
+        let got = drain(&mut b);
+        assert!(got.iter().all(|m| matches!(m, Msg::Data { .. })), "{got:?}");
+        assert_eq!(b.stats().flow_errors, 0);
+        assert_eq!(a.enc.len(), b.dec.len(), "wave {wave}");
+        t += IDLE + Duration::from_secs(1);
+        a.sweep_idle(t);
+    }
+    a.flush();
+    exchange(&mut a, &mut b);
+    assert_eq!(b.dec.len(), 0, "the receiver frees what the sender freed");
+    assert!(b.contexts() <= MAX_CONTEXTS);
+}
+
+#[test]
+fn a_peer_that_breaks_the_context_limit_fails_one_flow_not_the_link() {
+    let mut s = Session::new(SessionConfig::default());
+    let mut msgs = Vec::new();
+    for flow in 0..(MAX_CONTEXTS as u32 + 1) {
+        let z = zcompress(&mut encoder(), &text(1000, 1)).unwrap();
+        msgs.push(Msg::DataZ {
+            flow,
+            reset: true,
+            bytes: z,
+        });
+    }
+    s.feed(&record(1, &msgs)).unwrap();
+    let got = drain(&mut s);
+    assert_eq!(got.len(), MAX_CONTEXTS + 1);
+    assert_eq!(
+        got[MAX_CONTEXTS],
+        Msg::Reset {
+            flow: MAX_CONTEXTS as u32
+        }
+    );
+    assert_eq!(s.stats().flow_errors, 1);
+}
+
+#[test]
+fn a_decompressed_message_holds_only_its_own_bytes() {
+    let (mut a, mut b) = pair();
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(100, 1),
+        },
+        Instant::now(),
+    );
+    a.flush();
+    exchange(&mut a, &mut b);
+    match b.poll_msg().unwrap() {
+        Some(Msg::Data { bytes, .. }) => assert_eq!(bytes.capacity(), 100),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_record_of_tiny_bombs_inflates_to_at_most_its_cap() {
+    // 64 KiB of zeros compresses to a few bytes: a hostile peer packs
+    // thousands of them (each a new stream) into one 256 KiB record.
+    let z = zcompress(&mut encoder(), &[0u8; MAX_DATA]).unwrap();
+    let bomb = Msg::DataZ {
+        flow: 1,
+        reset: true,
+        bytes: z,
+    };
+    let mut one = Vec::new();
+    bomb.emit(&mut one);
+    let n = (MAX_FRAME_LEN - 64) / one.len();
+    let mut s = Session::new(SessionConfig::default());
+    s.feed(&record(1, &vec![bomb; n])).unwrap();
+    let got = drain(&mut s);
+    let plain: usize = got
+        .iter()
+        .map(|m| match m {
+            Msg::Data { bytes, .. } => bytes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        n * MAX_DATA > 100 * MAX_RECORD_PLAIN,
+        "a real bomb: {n} messages"
+    );
+    assert!(plain <= MAX_RECORD_PLAIN, "{plain} bytes");
+    assert_eq!(
+        plain, MAX_RECORD_PLAIN,
+        "the bombs below the cap were delivered"
+    );
+    assert_eq!(got.last(), Some(&Msg::Reset { flow: 1 }));
+    assert!(s.stats().skipped > 0);
+}
+
+#[test]
+fn records_are_unpacked_one_at_a_time_and_a_sender_never_exceeds_the_cap() {
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    // 64 MiB of zeros: legitimate, and very compressible.
+    for _ in 0..1024 {
+        a.send(
+            Msg::Data {
+                flow: 1,
+                bytes: vec![0u8; MAX_DATA],
+            },
+            now,
+        );
+    }
+    a.flush();
+    let out = a.take_output();
+    assert!(
+        out.len() < MAX_FRAME_LEN,
+        "it all fits in one record's space"
+    );
+    b.feed(&out).unwrap();
+    let held: usize = b
+        .inbox
+        .iter()
+        .map(|m| match m {
+            Msg::Data { bytes, .. } => bytes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(held <= MAX_RECORD_PLAIN, "{held} bytes held at once");
+    let mut total = 0;
+    while let Some(m) = b.poll_msg().unwrap() {
+        let Msg::Data { bytes, .. } = m else {
+            panic!("{m:?}")
+        };
+        assert!(bytes.iter().all(|x| *x == 0));
+        total += bytes.len();
+    }
+    assert_eq!(total, 1024 * MAX_DATA);
+    assert_eq!(b.stats().flow_errors, 0);
 }
 
 proptest! {
