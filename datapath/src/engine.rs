@@ -66,7 +66,7 @@ pub struct EngineConfig {
     pub peer_window: u32,
     /// Size of each smoltcp socket buffer (receive and send).
     pub socket_buffer: usize,
-    /// Most concurrent flows; SYNs beyond get RST.
+    /// Most concurrent flows; SYNs beyond are dropped (the guest retries).
     pub max_flows: usize,
     /// Most flows waiting for the agent's answer; SYNs beyond are dropped
     /// (the guest sends them again), as by a server whose queue is full.
@@ -78,7 +78,7 @@ pub struct EngineConfig {
     /// Serve DHCPv4 (the VM's NIC is only for netredir).
     pub dhcp: bool,
     /// Most bytes of TCP buffers (two socket buffers and a window per flow)
-    /// all flows of this VM may hold; new flows beyond get RST.
+    /// all flows of this VM may hold; SYNs beyond are dropped.
     pub max_memory: usize,
     /// New flows per second a guest may open, sustained.
     pub new_flow_rate: u32,
@@ -766,17 +766,27 @@ impl Engine {
             Some(&mut self.counters.refused_no_resource)
         } else if !self.online || !self.accepting {
             Some(&mut self.counters.refused_offline)
-        } else if self
+        } else {
+            None
+        };
+        if let Some(c) = refused {
+            *c += 1;
+            // No socket matches: smoltcp answers RST|ACK on the next poll.
+            self.dev.rx.push_back(packet);
+            return;
+        }
+        // Over a limit the SYN is dropped, as a busy server with a full
+        // queue drops it: the guest's stack sends it again (after 1, 2,
+        // 4... s) and gets in when flows have ended, as it would on the
+        // real network; a RST would fail a connection that a moment later
+        // would have worked.
+        let opening = self
             .flows
             .values()
             .filter(|f| f.phase == Phase::Opening)
-            .count()
-            >= self.cfg.max_opening
-        {
-            // As a server with a full accept queue does: the SYN is
-            // dropped, and the guest's stack sends it again in a second.
-            self.counters.syn_dropped_opening += 1;
-            return;
+            .count();
+        let over = if opening >= self.cfg.max_opening {
+            Some(&mut self.counters.syn_dropped_opening)
         } else if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows
             || (self.flows.len() + 1) * self.flow_cost() > self.cfg.max_memory
         {
@@ -786,10 +796,8 @@ impl Engine {
         } else {
             None
         };
-        if let Some(c) = refused {
+        if let Some(c) = over {
             *c += 1;
-            // No socket matches: smoltcp answers RST|ACK on the next poll.
-            self.dev.rx.push_back(packet);
             return;
         }
         let resource = resource.expect("checked above");

@@ -484,7 +484,7 @@ proptest! {
 }
 
 #[test]
-fn new_flows_beyond_the_rate_limit_get_rst() {
+fn new_flows_beyond_the_rate_limit_are_dropped_until_the_guest_tries_again() {
     let mut p = Pair::new(true);
     p.engine.cfg.new_flow_burst = 3;
     p.engine.cfg.new_flow_rate = 1;
@@ -494,12 +494,19 @@ fn new_flows_beyond_the_rate_limit_get_rst() {
     }
     assert_eq!(p.take_events().len(), 3, "three opens within the burst");
     let h = p.connect(9100, 41010);
-    assert_eq!(p.sock(h).state(), tcp::State::Closed, "the fourth gets RST");
+    assert_eq!(
+        p.sock(h).state(),
+        tcp::State::SynSent,
+        "the fourth SYN is dropped, not refused"
+    );
+    assert!(p.take_events().is_empty());
     assert_eq!(p.engine.counters().refused_rate, 1);
-    // A second later one more token has come.
-    p.advance(Duration::from_millis(1100));
-    p.connect(9100, 41011);
+    // The guest sends its SYN again; by then one more token has come.
+    for _ in 0..30 {
+        p.advance(Duration::from_millis(100));
+    }
     assert!(matches!(p.take_events().as_slice(), [Event::Open { .. }]));
+    assert_eq!(p.sock(h).state(), tcp::State::SynSent, "held for the agent");
 }
 
 mod datagrams {

@@ -62,8 +62,10 @@ struct Args {
     /// Compression for one resource, NAME=MODE (repeatable).
     #[arg(long, value_name = "NAME=MODE", value_parser = parse_resource_mode)]
     resource_compression: Vec<(String, Compression)>,
-    /// How long to wait for a resource to accept a connection.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    /// How long to wait for a resource to accept a connection: as long as
+    /// a direct client's kernel keeps sending SYNs to a busy server (its
+    /// six retries take about two minutes); the guest may give up sooner.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     connect_timeout: u64,
     /// Seconds to keep flows open while the tunnel is down.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
