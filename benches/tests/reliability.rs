@@ -167,7 +167,7 @@ fn a_reset_at_the_resource_reaches_the_guest_as_a_reset_never_as_a_clean_close()
     let failed = echo_round_trips_to(&r.tb.vm, (vip, 7001), 20);
     assert_eq!(failed.len(), 20, "{failed:#?}");
     for f in &failed {
-        assert!(is_reset(&f), "not a reset: {f}");
+        assert!(is_reset(f), "not a reset: {f}");
     }
     rst.join().unwrap().unwrap();
 }

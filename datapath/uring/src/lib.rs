@@ -428,6 +428,29 @@ impl Drop for Waker {
     }
 }
 
+/// Takes all the file descriptors the hard limit allows: a daemon whose
+/// connections are sockets outgrows the soft default (often 1024) long
+/// before its hard limit. Returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 0;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+        l.rlim_cur
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,28 +525,5 @@ mod tests {
         assert_eq!((c.tag, c.result), (Tag::Connect, -libc::ECONNREFUSED));
         // SAFETY: our socket, nothing in flight.
         unsafe { libc::close(fd) };
-    }
-}
-
-/// Takes all the file descriptors the hard limit allows: a daemon whose
-/// connections are sockets outgrows the soft default (often 1024) long
-/// before its hard limit. Returns the soft limit now in force.
-pub fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
-    unsafe {
-        let mut l: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 0;
-        }
-        if l.rlim_cur < l.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: l.rlim_max,
-                rlim_max: l.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur;
-            }
-        }
-        l.rlim_cur
     }
 }

@@ -381,7 +381,7 @@ impl Loop {
                 {
                     // The connection waits in the backlog; retrying at once
                     // would spin. Handshakes time out and give fds back.
-                    if self.counter("tunnel_accept_backoffs") % 100 == 0 {
+                    if self.counter("tunnel_accept_backoffs").is_multiple_of(100) {
                         tracing::warn!(
                             "accept on tunnel listener: {e}; retrying every {ACCEPT_BACKOFF:?}"
                         );
