@@ -99,7 +99,9 @@ fn run(args: Args) -> Result<()> {
                 println!("subnet     {} {}", st.subnet, st.prefix6);
                 println!("dns        {} (zone {})", st.dns.join(" "), st.zone);
                 match &st.agent_name {
-                    Some(n) if st.agent_connected => println!("agent      {n} (connected)"),
+                    Some(n) if st.agent_connected => {
+                        println!("agent      {} (connected)", printable(n));
+                    }
                     _ => println!("agent      none connected"),
                 }
                 println!("flows      {}", st.flows);
@@ -165,7 +167,7 @@ fn stats_text(st: &netredir_shared::control::Stats) -> String {
             out.push_str(&format!(
                 "session {} with {} ({}), {} reconnects\n",
                 s.id,
-                s.agent,
+                printable(&s.agent),
                 if s.connected {
                     "connected"
                 } else {
@@ -217,6 +219,20 @@ fn stats_text(st: &netredir_shared::control::Stats) -> String {
     out
 }
 
+/// Text the agent chose (names, targets), safe for a terminal: control
+/// characters (escape sequences among them) are shown escaped, not obeyed.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn table(entries: &[MapEntry]) -> String {
     if entries.is_empty() {
         return "no resources (is an agent connected and exporting?)\n".into();
@@ -226,10 +242,10 @@ fn table(entries: &[MapEntry]) -> String {
         .map(|e| {
             let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
             [
-                e.name.clone(),
+                printable(&e.name),
                 e.vip.clone(),
                 e.vip6.clone(),
-                e.target.clone(),
+                printable(&e.target),
                 ports.join(","),
                 e.state.clone(),
             ]
@@ -266,6 +282,24 @@ fn table(entries: &[MapEntry]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_chosen_text_cannot_drive_the_terminal() {
+        assert_eq!(
+            printable("laser\u{1b}]0;pwned\u{7}"),
+            "laser\\u{1b}]0;pwned\\u{7}"
+        );
+        assert_eq!(printable("Büro-Drucker 2"), "Büro-Drucker 2");
+        let t = table(&[MapEntry {
+            name: "evil\u{1b}[2J".into(),
+            vip: "100.77.12.34".into(),
+            vip6: "fd6e:7264::644d:c22".into(),
+            target: "10.0.0.5:9100\r".into(),
+            ports: vec![9100],
+            state: "online".into(),
+        }]);
+        assert!(!t.contains('\u{1b}') && !t.contains('\r'), "{t:?}");
+    }
 
     #[test]
     fn table_lines_up_columns() {

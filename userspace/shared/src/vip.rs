@@ -4,7 +4,8 @@
 //! range, probing forward on collision, so the same name on the same subnet
 //! gets the same address on every run and every host. The low /24-sized
 //! block (`.0.0`-`.0.255` of a /16) is kept for the engine itself (gateway,
-//! DNS, DHCP pool) and never handed out.
+//! DNS, DHCP pool) and never handed out; in smaller subnets the vDNS and
+//! DHCP pool offsets are skipped one by one.
 
 use crate::subnet::Ipv4Subnet;
 use std::net::Ipv4Addr;
@@ -12,6 +13,15 @@ use std::net::Ipv4Addr;
 /// Addresses at the start of the subnet kept for infrastructure.
 pub fn reserved(subnet: &Ipv4Subnet) -> u32 {
     (subnet.size() / 256).clamp(4, 256)
+}
+
+/// Offsets the engine uses whatever the subnet's size: the vDNS (`.53`)
+/// and the DHCP pool (`.100`-`.250`); a vIP there would be shadowed.
+pub const ENGINE_OFFSETS: [std::ops::RangeInclusive<u32>; 2] = [53..=53, 100..=250];
+
+/// Whether offset `n` of `subnet` may be a vIP.
+fn usable(subnet: &Ipv4Subnet, n: u32) -> bool {
+    n >= reserved(subnet) && n < subnet.size() - 1 && !ENGINE_OFFSETS.iter().any(|r| r.contains(&n))
 }
 
 /// The vIP of `name` in `subnet`, skipping addresses `taken` says are used.
@@ -22,12 +32,15 @@ pub fn allocate(
     name: &str,
     taken: impl Fn(Ipv4Addr) -> bool,
 ) -> Option<Ipv4Addr> {
+    // Offsets reserved .. size-1 (the last address is broadcast), less
+    // the engine's own.
     let reserved = reserved(subnet);
-    // Usable offsets: reserved .. size-1 (the last address is broadcast).
-    let usable = subnet.size() - reserved - 1;
-    let start = fnv1a(name.as_bytes()) % usable as u64;
-    (0..usable as u64)
-        .map(|i| subnet.nth(reserved + ((start + i) % usable as u64) as u32))
+    let span = u64::from(subnet.size() - reserved - 1);
+    let start = fnv1a(name.as_bytes()) % span;
+    (0..span)
+        .map(|i| reserved + ((start + i) % span) as u32)
+        .filter(|n| usable(subnet, *n))
+        .map(|n| subnet.nth(n))
         .find(|ip| !taken(*ip))
 }
 
@@ -56,10 +69,17 @@ mod tests {
     fn collisions_probe_and_a_full_subnet_says_so() {
         let s: Ipv4Subnet = "10.9.8.0/24".parse().unwrap();
         let mut taken = HashSet::new();
-        for i in 0..(256 - reserved(&s) - 1) {
+        let n = (0..256).filter(|n| usable(&s, *n)).count();
+        assert_eq!(n, 256 - 4 - 1 - 1 - 151);
+        for i in 0..n {
             let ip = allocate(&s, &format!("r{i}"), |ip| taken.contains(&ip)).unwrap();
             assert!(taken.insert(ip), "{ip} handed out twice");
             assert_ne!(ip, Ipv4Addr::new(10, 9, 8, 255), "broadcast");
+            let off = ip.octets()[3];
+            assert!(
+                off != 53 && !(100..=250).contains(&off),
+                "{ip}: the engine's"
+            );
         }
         assert_eq!(allocate(&s, "one-more", |ip| taken.contains(&ip)), None);
     }
