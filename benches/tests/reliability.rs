@@ -225,3 +225,45 @@ fn four_jobs_to_a_printer_that_takes_one_connection_at_a_time_all_print_whole() 
     want.sort();
     assert_eq!(printed, want, "every job printed whole, each once");
 }
+
+#[test]
+fn a_udp_answer_larger_than_the_mtu_arrives_whole() {
+    // SNMP GETBULK and DNS answers can exceed the guest's MTU; the engine
+    // sends them in IP fragments, as a router would, and never cuts them.
+    let r = Redir::new("bigudp").unwrap();
+    let server =
+        r.tb.lan
+            .enter(|| std::net::UdpSocket::bind((LAN_IP, 7161)))
+            .unwrap()
+            .unwrap();
+    let big: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+    let answer = big.clone();
+    let srv = std::thread::spawn(move || -> std::io::Result<()> {
+        server.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut buf = [0u8; 64];
+        let (_, from) = server.recv_from(&mut buf)?;
+        server.send_to(&answer, from)?;
+        Ok(())
+    });
+    r.start_agent("agent", &[&format!("snmp={LAN_IP}:7161/udp")])
+        .unwrap();
+    let vip = r.vip("snmp").unwrap();
+    let got =
+        r.tb.vm
+            .enter(|| -> std::io::Result<Vec<u8>> {
+                let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                s.send_to(b"getbulk", (vip, 7161))?;
+                let mut buf = vec![0u8; 65536];
+                let n = s.recv(&mut buf)?;
+                buf.truncate(n);
+                Ok(buf)
+            })
+            .unwrap()
+            .unwrap();
+    srv.join().unwrap().unwrap();
+    assert_eq!(got.len(), big.len());
+    assert_eq!(got, big);
+    assert_eq!(r.counter("engine.udp_fragmented").unwrap(), 1);
+    assert_eq!(r.counter("xsk.tx_oversize").unwrap(), 0);
+}

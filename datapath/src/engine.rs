@@ -262,6 +262,8 @@ pub struct Counters {
     pub dns_malformed: u64,
     /// Datagrams dropped (too many held while opening).
     pub udp_dropped: u64,
+    /// Datagrams to the guest larger than its MTU, sent in fragments.
+    pub udp_fragmented: u64,
     /// Echo replies sent to the guest.
     pub echo_replies: u64,
     /// DHCP offers, acks and naks sent.
@@ -298,6 +300,7 @@ impl Counters {
             ("dns_queries", self.dns_queries),
             ("dns_malformed", self.dns_malformed),
             ("udp_dropped", self.udp_dropped),
+            ("udp_fragmented", self.udp_fragmented),
             ("echo_replies", self.echo_replies),
             ("dhcp_replies", self.dhcp_replies),
             ("dhcp_pool_empty", self.dhcp_pool_empty),
@@ -429,6 +432,8 @@ pub struct Engine {
     queued_out: usize,
     /// A flow had bytes to read but the queue was full.
     throttled: bool,
+    /// Identification of the last datagram sent in fragments.
+    frag_ident: u32,
     frames: VecDeque<Vec<u8>>,
     counters: Counters,
 }
@@ -479,6 +484,7 @@ impl Engine {
             events: VecDeque::new(),
             queued_out: 0,
             throttled: false,
+            frag_ident: 0,
             frames: VecDeque::new(),
             counters: Counters::default(),
         }

@@ -69,8 +69,10 @@ pub struct Xsk {
     area: Area,
     tx_free: Vec<u64>,
     rx_done: Vec<u64>,
-    /// Frames dropped because the transmit ring was full.
+    /// Times frames had to wait because the transmit ring was full.
     pub tx_full: u64,
+    /// Frames dropped because they do not fit a UMEM chunk.
+    pub tx_oversize: u64,
 }
 
 // SAFETY: the raw pointers refer to memory this value owns; the rings are
@@ -140,6 +142,7 @@ impl Xsk {
             tx_free,
             rx_done: Vec::new(),
             tx_full: 0,
+            tx_oversize: 0,
         })
     }
 
@@ -194,27 +197,40 @@ impl Xsk {
     pub fn transmit<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
         self.reap();
         let base = self.area.ptr.as_ptr();
-        let mut descs = Vec::new();
+        // One entry per frame taken, in order: its descriptor, or None for
+        // a frame too big for a UMEM chunk (dropped and counted, never cut).
+        let mut plan: Vec<Option<XdpDesc>> = Vec::new();
         for frame in frames {
+            if frame.len() > FRAME_SIZE as usize {
+                self.tx_oversize += 1;
+                plan.push(None);
+                continue;
+            }
             let Some(addr) = self.tx_free.pop() else {
+                self.tx_full += 1;
                 break;
             };
-            let len = frame.len().min(FRAME_SIZE as usize);
             // SAFETY: `addr` is a free transmit frame of FRAME_SIZE bytes
             // in our UMEM; the kernel owns it only once it is on the ring.
-            unsafe { std::ptr::copy_nonoverlapping(frame.as_ptr(), base.add(addr as usize), len) };
-            descs.push(XdpDesc {
+            unsafe {
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), base.add(addr as usize), frame.len())
+            };
+            plan.push(Some(XdpDesc {
                 addr,
-                len: len as u32,
+                len: frame.len() as u32,
                 options: 0,
-            });
+            }));
         }
+        let descs: Vec<XdpDesc> = plan.iter().flatten().copied().collect();
         let mut sent = 0;
         if !descs.is_empty() {
             let mut w = self.tx.transmit(descs.len() as u32);
             sent = w.insert(descs.iter().copied()) as usize;
             w.commit();
             drop(w);
+            if sent < descs.len() {
+                self.tx_full += 1;
+            }
             for d in &descs[sent..] {
                 self.tx_free.push(d.addr);
             }
@@ -222,7 +238,18 @@ impl Xsk {
                 self.tx.wake();
             }
         }
-        sent
+        // Frames taken: the dropped ones, and those up to the last sent.
+        let mut left = sent;
+        plan.iter()
+            .take_while(|d| match d {
+                None => true,
+                Some(_) if left > 0 => {
+                    left -= 1;
+                    true
+                }
+                Some(_) => false,
+            })
+            .count()
     }
 
     /// Whether frames are still on their way out (a kick may be needed).

@@ -622,6 +622,40 @@ mod datagrams {
     }
 
     #[test]
+    fn a_datagram_larger_than_the_mtu_reaches_the_guest_in_fragments() {
+        let mut p = Pair::new(true);
+        p.engine
+            .set_named_resource(VIP, RESOURCE, "printer", vec![9100], vec![161]);
+        let now = p.now();
+        p.engine
+            .handle_frame(&udp_frame(GUEST_IP, VIP, 5000, 161, b"getbulk"), now);
+        let Some(Event::OpenUdp { flow, .. }) = p.engine.poll_event() else {
+            panic!("no open");
+        };
+        p.engine.open_ok(flow, now).unwrap();
+        let big: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+        p.engine.datagram(flow, &big, now).unwrap();
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| p.engine.poll_frame()).collect();
+        assert!(frames.len() >= 7, "{} frames", frames.len());
+        let mut whole = vec![0u8; 8 + big.len()];
+        let mut seen = 0;
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.len() <= 14 + 1500, "frame {i}: {} bytes", f.len());
+            let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+            let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+            assert!(ip.verify_checksum());
+            assert_eq!(ip.more_frags(), i + 1 < frames.len());
+            let off = ip.frag_offset() as usize;
+            whole[off..off + ip.payload().len()].copy_from_slice(ip.payload());
+            seen += ip.payload().len();
+        }
+        assert_eq!(seen, whole.len(), "the fragments cover the datagram");
+        let udp = UdpPacket::new_checked(&whole[..]).unwrap();
+        assert_eq!(udp.payload(), &big[..]);
+        assert_eq!(p.engine.counters().udp_fragmented, 1);
+    }
+
+    #[test]
     fn udp_to_a_port_not_exported_gets_port_unreachable() {
         let mut p = Pair::new(true);
         let now = p.now();

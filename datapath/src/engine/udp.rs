@@ -431,7 +431,54 @@ impl Engine {
             |b| b.copy_from_slice(payload),
             &checksums(),
         );
-        self.dev.tx.push_back(out);
+        if out.len() <= self.cfg.mtu {
+            self.dev.tx.push_back(out);
+        } else {
+            // As a router on the path would: fragments the guest's stack
+            // reassembles (SNMP and DNS answers can exceed the MTU).
+            self.counters.udp_fragmented += 1;
+            self.frag_ident = self.frag_ident.wrapping_add(1);
+            let frags = fragment(&out, hlen, self.cfg.mtu, self.frag_ident);
+            self.dev.tx.extend(frags);
+        }
         self.collect_frames();
     }
+}
+
+/// IP packet `packet` (header `hlen` bytes) cut into fragments of at most
+/// `mtu` bytes: IPv4 by its flags and offset, IPv6 by a fragment header.
+pub(super) fn fragment(packet: &[u8], hlen: usize, mtu: usize, ident: u32) -> Vec<Vec<u8>> {
+    let payload = &packet[hlen..];
+    let v6 = packet[0] >> 4 == 6;
+    let room = if v6 { mtu - hlen - 8 } else { mtu - hlen };
+    let step = room / 8 * 8;
+    let mut out = Vec::new();
+    for (i, chunk) in payload.chunks(step).enumerate() {
+        let offset = i * step;
+        let more = offset + chunk.len() < payload.len();
+        let mut f = Vec::with_capacity(hlen + 8 + chunk.len());
+        f.extend_from_slice(&packet[..hlen]);
+        if v6 {
+            let next = f[6];
+            f[6] = 44; // Fragment header.
+            let plen = (8 + chunk.len()) as u16;
+            f[4..6].copy_from_slice(&plen.to_be_bytes());
+            let off = ((offset / 8) as u16) << 3 | u16::from(more);
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&off.to_be_bytes());
+            f.extend_from_slice(&ident.to_be_bytes());
+            f.extend_from_slice(chunk);
+        } else {
+            f.extend_from_slice(chunk);
+            let mut ip = Ipv4Packet::new_unchecked(&mut f[..]);
+            ip.set_total_len((hlen + chunk.len()) as u16);
+            ip.set_ident(ident as u16);
+            ip.set_dont_frag(false);
+            ip.set_more_frags(more);
+            ip.set_frag_offset(offset as u16);
+            ip.fill_checksum();
+        }
+        out.push(f);
+    }
+    out
 }

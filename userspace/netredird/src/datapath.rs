@@ -1146,6 +1146,7 @@ impl Loop {
         own.sort();
         counters.extend(own);
         counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
+        counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
         if let Some(h) = &self.hs {
             let s = h.session.stats();
             counters.push(("session.skipped".into(), s.skipped));
