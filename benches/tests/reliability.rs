@@ -267,3 +267,28 @@ fn a_udp_answer_larger_than_the_mtu_arrives_whole() {
     assert_eq!(r.counter("engine.udp_fragmented").unwrap(), 1);
     assert_eq!(r.counter("xsk.tx_oversize").unwrap(), 0);
 }
+
+#[test]
+fn a_stalled_or_hostile_control_client_blocks_nobody() {
+    use std::os::unix::net::UnixStream;
+    let r = Redir::new("control").unwrap();
+    // One client connects and says nothing; another sends an endless line.
+    let _silent = UnixStream::connect(&r.control).unwrap();
+    let mut long = UnixStream::connect(&r.control).unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..4 {
+        long.write_all(&chunk).unwrap();
+    }
+    let _ = long.write_all(&chunk);
+    let mut answer = String::new();
+    let _ = long.read_to_string(&mut answer);
+    assert!(
+        answer.contains("longer than"),
+        "an endless line gets an error: {answer:?}"
+    );
+    // Meanwhile the operator's commands are answered.
+    let st = r.status().unwrap();
+    assert_eq!(st.iface, "vm0");
+}

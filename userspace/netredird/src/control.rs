@@ -1,8 +1,11 @@
 //! The control API server: line-delimited JSON on a unix socket.
 //!
-//! It runs on its own thread with blocking I/O (a handful of requests a
-//! minute); whatever it needs from the data path it asks over the crossbeam
-//! channel and waits for the answer with a timeout.
+//! It runs on its own threads with blocking I/O (a handful of requests a
+//! minute): one per client, at most [`MAX_CLIENTS`] at once, so a client
+//! that stalls holds only its own; a request line is at most [`MAX_LINE`]
+//! bytes and each read waits at most 5 s. Whatever it needs from the data
+//! path it asks over the crossbeam channel and waits for the answer with a
+//! timeout.
 
 use crate::datapath::Request as DpRequest;
 use anyhow::{Context, Result, bail};
@@ -10,12 +13,19 @@ use crossbeam_channel::Sender;
 use netredir_datapath::steer::Steer;
 use netredir_shared::control::{Request, Response};
 use netredir_uring::Waker;
+use std::io::Read;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Longest request line; longer ones get an error and the connection ends.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most clients served at once; more get an error at once.
+pub const MAX_CLIENTS: usize = 16;
 
 /// The bound control socket.
 pub struct Server {
@@ -65,14 +75,38 @@ impl Server {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                let busy = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
-                    match conn {
-                        Ok(s) => {
+                    let s = match conn {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("control accept: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                        let _ = reply(
+                            &s,
+                            &Response::Error {
+                                message: format!("busy: {MAX_CLIENTS} clients are being served"),
+                            },
+                        );
+                        continue;
+                    }
+                    let (dp, waker, steer, busy) =
+                        (dp.clone(), waker.clone(), steer.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("control-client".into())
+                        .spawn(move || {
                             if let Err(e) = serve(s, &dp, &waker, &steer) {
                                 tracing::debug!("control client: {e:#}");
                             }
-                        }
-                        Err(e) => tracing::warn!("control accept: {e}"),
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!("cannot start a control client thread: {e}");
                     }
                 }
             })
@@ -88,20 +122,42 @@ impl Server {
 
 fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Steer>) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(&s);
     let mut line = String::new();
-    while reader.read_line(&mut line)? > 0 {
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > MAX_LINE {
+            reply(
+                &s,
+                &Response::Error {
+                    message: format!("request longer than {MAX_LINE} bytes"),
+                },
+            )?;
+            return Ok(());
+        }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => answer(req, dp, waker, steer),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
         };
-        let mut out = serde_json::to_string(&resp)?;
-        out.push('\n');
-        (&s).write_all(out.as_bytes())?;
-        line.clear();
+        reply(&s, &resp)?;
     }
+}
+
+/// One answer line.
+fn reply(s: &UnixStream, resp: &Response) -> Result<()> {
+    let mut out = serde_json::to_string(resp)?;
+    out.push('\n');
+    let mut w = s;
+    w.write_all(out.as_bytes())?;
     Ok(())
 }
 
