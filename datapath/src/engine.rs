@@ -619,8 +619,11 @@ impl Engine {
         }
     }
 
-    /// Whether new flows are taken while online: off while the tunnel is
-    /// down but its session may resume (open flows wait, new SYNs get RST).
+    /// Whether the tunnel is up: off while it is down but its session may
+    /// resume. New flows are still taken (their Open waits in the session
+    /// and goes out on resume, so a guest connecting during a short outage
+    /// gets in, as on a real network that hiccups; if the session ends
+    /// instead, it gets RST); pings go unanswered meanwhile.
     pub fn set_accepting(&mut self, accepting: bool) {
         self.accepting = accepting;
     }
@@ -770,7 +773,7 @@ impl Engine {
             .map(|r| r.id);
         let refused = if resource.is_none() {
             Some(&mut self.counters.refused_no_resource)
-        } else if !self.online || !self.accepting {
+        } else if !self.online {
             Some(&mut self.counters.refused_offline)
         } else {
             None

@@ -100,7 +100,7 @@ impl Engine {
             self.port_unreachable(packet);
             return;
         };
-        if !self.online || !self.accepting {
+        if !self.online {
             self.counters.refused_offline += 1;
             self.port_unreachable(packet);
             return;
