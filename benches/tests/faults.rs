@@ -1,0 +1,289 @@
+//! Faults, measured: print jobs and echo round trips through netredir
+//! while the tunnel is cut again and again (its TCP connection killed on
+//! the agent's side, a reset sent from the host's side, the WAN link
+//! down), then the agent killed outright. Every flow that completes is
+//! byte-identical; a flow that cannot complete ends with a reset in the
+//! guest, never a clean close; both daemons stay under their memory
+//! bounds. Prints the counts.
+//!
+//! `NETREDIR_FAULTS` sets the number of faults (default 120, outages of
+//! 0.2-2 s, for CI); with 500 or more, outages last 2-20 s, as on a real
+//! WAN (`NETREDIR_FAULTS=1000 cargo test --test faults -- --nocapture`).
+
+use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, TUNNEL_PORT};
+use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What the guests saw.
+#[derive(Default)]
+struct Tally {
+    completed: AtomicU64,
+    bytes: AtomicU64,
+    /// Flows that ended with an error (reset, timeout).
+    errors: AtomicU64,
+    /// Flows that completed with wrong bytes, or closed cleanly short:
+    /// silent loss. Must stay 0.
+    lost: AtomicU64,
+}
+
+/// A small xorshift for the fault schedule (deterministic per seed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One flow: a job to the digest sink or a round trip through the echo
+/// server; Err(text) for an error, and `lost` counted for silent loss.
+fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
+    let job = job_bytes(len, i + 1);
+    let res: std::io::Result<bool> = (|| {
+        if i % 2 == 0 {
+            let mut s = connect((sink, 9100).into())?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            s.set_write_timeout(Some(Duration::from_secs(120)))?;
+            s.write_all(&job)?;
+            s.shutdown(Shutdown::Write)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            Ok(answer.split_whitespace().next() == Some(sha256_hex(&job).as_str()))
+        } else {
+            let mut s = connect((echo, 7007).into())?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            s.set_write_timeout(Some(Duration::from_secs(120)))?;
+            let mut w = s.try_clone()?;
+            let out = job.clone();
+            let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                w.write_all(&out)?;
+                w.shutdown(Shutdown::Write)
+            });
+            let mut back = Vec::new();
+            let read = s.read_to_end(&mut back);
+            writer.join().expect("writer")?;
+            read?;
+            Ok(back == job)
+        }
+    })();
+    match res {
+        Ok(true) => {
+            tally.completed.fetch_add(1, Ordering::SeqCst);
+            tally.bytes.fetch_add(len as u64, Ordering::SeqCst);
+        }
+        Ok(false) => {
+            eprintln!("flow {i}: completed with wrong or missing bytes");
+            tally.lost.fetch_add(1, Ordering::SeqCst);
+        }
+        Err(e) => {
+            eprintln!("flow {i}: {e}");
+            if e.kind() == ErrorKind::ConnectionReset {
+                tally.errors.fetch_add(1, Ordering::SeqCst);
+            } else {
+                // Anything but a reset (a timeout, a clean close that the
+                // checks above did not catch) is not what the guest may see.
+                tally.lost.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+#[test]
+fn flows_through_a_thousand_cuts_lose_nothing() {
+    let faults: u64 = std::env::var("NETREDIR_FAULTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    let long = faults >= 500;
+    let (workers, max_len) = if long { (50, 64 << 20) } else { (20, 4 << 20) };
+    let r = Redir::with_args("faults", &["--grace", "60", "--heartbeat", "1"]).unwrap();
+    r.digest_sink("sink", 9100).unwrap();
+    r.echo("echo", 7007).unwrap();
+    r.start_agent_with(
+        "agent",
+        &[
+            &format!("sink={LAN_IP}:9100"),
+            &format!("echo={LAN_IP}:7007"),
+        ],
+        &["--heartbeat", "1", "--grace", "60"],
+    )
+    .unwrap();
+    let sink = r.vip("sink").unwrap();
+    let echo = r.vip("echo").unwrap();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let seq = Arc::new(AtomicU64::new(0));
+    // The guests: `workers` flows at a time, each a new one when done.
+    let guests = {
+        let (tally, stop, seq) = (tally.clone(), stop.clone(), seq.clone());
+        let vm = r.tb.vm.name().to_owned();
+        std::thread::spawn(move || {
+            let path = format!("/run/netns/{vm}");
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (tally, stop, seq, path) =
+                        (tally.clone(), stop.clone(), seq.clone(), path.clone());
+                    std::thread::spawn(move || {
+                        let ns = std::fs::File::open(&path).expect("netns");
+                        // SAFETY: setns on this thread only, with an fd we hold.
+                        let rc = unsafe {
+                            libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                        };
+                        assert_eq!(rc, 0, "setns");
+                        while !stop.load(Ordering::SeqCst) {
+                            let i = seq.fetch_add(1, Ordering::SeqCst);
+                            let len = 1 + (Rng(i * 7919 + 1).below(max_len as u64)) as usize;
+                            one_flow(sink, echo, i, len, &tally);
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("guest thread");
+            }
+        })
+    };
+    // The faults.
+    let mut rng = Rng(0x5eed);
+    let mut counts = [0u64; 3];
+    let (mut rss_host, mut rss_agent) = (0u64, 0u64);
+    let kill = format!("dst {HOST_WAN_IP} and dport = :{TUNNEL_PORT}");
+    for _ in 0..faults {
+        std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        let kind = rng.below(3);
+        counts[kind as usize] += 1;
+        match kind {
+            0 => {
+                // The agent's side of the tunnel dies (ss -K: the kernel
+                // closes the socket and sends RST).
+                let _ = r.tb.client.run("ss", &["-K", &kill]);
+            }
+            1 => {
+                // A reset arrives from the host's side.
+                let _ =
+                    r.tb.host
+                        .run("ss", &["-K", &format!("sport = :{TUNNEL_PORT}")]);
+            }
+            _ => {
+                // The WAN goes down for a while.
+                let ms = if long {
+                    2_000 + rng.below(18_000)
+                } else {
+                    200 + rng.below(1_800)
+                };
+                r.tb.client
+                    .run("ip", &["link", "set", "wan0", "down"])
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(ms));
+                r.tb.client
+                    .run("ip", &["link", "set", "wan0", "up"])
+                    .unwrap();
+            }
+        }
+        rss_host = rss_host.max(r.tb.rss("netredird").unwrap_or(0));
+        rss_agent = rss_agent.max(r.tb.rss("agent").unwrap_or(0));
+    }
+    stop.store(true, Ordering::SeqCst);
+    guests.join().unwrap();
+    let completed = tally.completed.load(Ordering::SeqCst);
+    let errors = tally.errors.load(Ordering::SeqCst);
+    let lost = tally.lost.load(Ordering::SeqCst);
+    let st = r.stats().unwrap().session.unwrap();
+    eprintln!(
+        "faults: {faults} ({} agent-side kills, {} host-side resets, {} WAN outages); flows completed: {completed} ({} MiB), errors: {errors}, silent loss: {lost}; \
+         tunnel reconnects: {}; peak RSS netredird {} MiB, agent {} MiB",
+        counts[0],
+        counts[1],
+        counts[2],
+        tally.bytes.load(Ordering::SeqCst) >> 20,
+        st.reconnects,
+        rss_host >> 20,
+        rss_agent >> 20
+    );
+    if errors + lost > 0 {
+        let st = r.status().unwrap();
+        let nonzero: Vec<_> = st.counters.iter().filter(|(_, v)| *v > 0).collect();
+        eprintln!("counters: {nonzero:?}");
+        for name in ["netredird", "agent"] {
+            let log =
+                std::fs::read_to_string(r.tb.dir().join(format!("{name}.log"))).unwrap_or_default();
+            for l in log.lines().filter(|l| {
+                ["WARN", "ERROR", "reset", "Reset", "failed", "overran"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            }) {
+                eprintln!("{name}: {l}");
+            }
+        }
+    }
+    assert_eq!(lost, 0, "no flow may complete with wrong or missing bytes");
+    // Outages shorter than the grace period should break no flow; a few
+    // are reset today (4-9 of about 1000 a run, by the engine; under
+    // investigation). The guest sees those as resets, never as a clean
+    // close. Bounded here, so that a regression shows.
+    assert!(
+        errors * 50 <= completed,
+        "{errors} flows failed of {completed} completed"
+    );
+    assert!(completed >= workers as u64, "the flows moved: {completed}");
+    assert!(st.reconnects >= faults / 4, "the faults hit: {st:?}");
+    // The stated caps (README, "Memory bounds"): netredird's UMEM 16 MiB,
+    // flow buffers 96 MiB, queue 2 MiB, replay 8 MiB, compression
+    // contexts, code and heap; the agent's windows and buffers per flow,
+    // its replay and contexts.
+    assert!(
+        rss_host < 160 << 20,
+        "netredird peaked at {} MiB",
+        rss_host >> 20
+    );
+    assert!(
+        rss_agent < 96 << 20,
+        "the agent peaked at {} MiB",
+        rss_agent >> 20
+    );
+
+    // The agent killed outright: its flows cannot go on; the guests see a
+    // reset once a new agent comes (a new session), never a clean close.
+    let held: Vec<_> =
+        r.tb.vm
+            .enter(|| {
+                (0..4)
+                    .map(|_| {
+                        let mut s = connect((echo, 7007).into()).unwrap();
+                        s.write_all(b"hello").unwrap();
+                        let mut b = [0u8; 5];
+                        s.read_exact(&mut b).unwrap();
+                        s
+                    })
+                    .collect()
+            })
+            .unwrap();
+    r.tb.signal("agent", libc::SIGKILL).unwrap();
+    r.start_agent_with(
+        "agent2",
+        &[
+            &format!("sink={LAN_IP}:9100"),
+            &format!("echo={LAN_IP}:7007"),
+        ],
+        &["--heartbeat", "1"],
+    )
+    .unwrap();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+        let mut b = [0u8; 16];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("a flow of a killed agent must be reset, got {other:?}"),
+        }
+    }
+}
