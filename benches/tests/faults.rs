@@ -50,7 +50,7 @@ impl Rng {
 fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
     let job = job_bytes(len, i + 1);
     let res: std::io::Result<bool> = (|| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let mut s = connect((sink, 9100).into())?;
             s.set_read_timeout(Some(Duration::from_secs(120)))?;
             s.set_write_timeout(Some(Duration::from_secs(120)))?;
