@@ -292,3 +292,25 @@ fn a_stalled_or_hostile_control_client_blocks_nobody() {
     let st = r.status().unwrap();
     assert_eq!(st.iface, "vm0");
 }
+
+#[test]
+fn without_ping_sockets_the_agent_pings_with_a_raw_socket() {
+    // A client machine that allows no ICMP ping sockets (the kernel's
+    // default range is empty); the agent runs with CAP_NET_RAW (root here).
+    let r = Redir::new("rawping").unwrap();
+    r.tb.client
+        .run("sysctl", &["-qw", "net.ipv4.ping_group_range=1 0"])
+        .unwrap();
+    r.echo("echo", 7007).unwrap();
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
+        .unwrap();
+    let vip = r.vip("echo").unwrap().to_string();
+    let out = r.tb.vm.run("ping", &["-c", "2", "-W", "5", &vip]).unwrap();
+    assert!(
+        out.status.success(),
+        "ping through a raw socket: {}\nagent: {}",
+        String::from_utf8_lossy(&out.stdout),
+        r.tb.log_tail("agent")
+    );
+    assert!(r.counter("engine.echo_replies").unwrap() >= 2);
+}

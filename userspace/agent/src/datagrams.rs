@@ -31,16 +31,24 @@ pub struct EchoOp {
     pub _fd: OwnedFd,
     pub ops: u32,
     pub answered: bool,
+    /// A raw ICMP socket (no ping socket allowed): what it receives must be
+    /// checked to be an echo reply.
+    pub raw: bool,
 }
 
 fn dgram_socket(addr: &SocketAddr, protocol: i32) -> std::io::Result<OwnedFd> {
+    icmp_or_udp_socket(addr, libc::SOCK_DGRAM, protocol)
+}
+
+/// A socket of `kind` connected to `addr` (datagram, or raw for ICMP).
+fn icmp_or_udp_socket(addr: &SocketAddr, kind: i32, protocol: i32) -> std::io::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -198,18 +206,34 @@ impl Agent {
         } else {
             libc::IPPROTO_ICMPV6
         };
-        let fd = match dgram_socket(&addr, proto) {
-            Ok(fd) => fd,
-            Err(err) => {
-                tracing::warn!("cannot open an ICMP socket (net.ipv4.ping_group_range?): {err}");
-                return self.send_msg(Msg::EchoReply { token, ok: false });
-            }
+        // A ping socket if this user may have one (net.ipv4.ping_group_range),
+        // else a raw socket if the agent has CAP_NET_RAW.
+        let (fd, is_raw) = match dgram_socket(&addr, proto) {
+            Ok(fd) => (fd, false),
+            Err(ping_err) => match icmp_or_udp_socket(&addr, libc::SOCK_RAW, proto) {
+                Ok(fd) => (fd, true),
+                Err(raw_err) => {
+                    if !self.icmp_warned {
+                        self.icmp_warned = true;
+                        tracing::warn!(
+                            "cannot ping resources: no ICMP ping socket ({ping_err}; allow this user's group in net.ipv4.ping_group_range) and no raw socket ({raw_err}; give the agent CAP_NET_RAW); pings to vIPs go unanswered"
+                        );
+                    }
+                    return self.send_msg(Msg::EchoReply { token, ok: false });
+                }
+            },
         };
         // Echo request: type 8 (or 128 for v6), code 0; the kernel fills
-        // the identifier and checksum of a ping socket.
+        // the identifier and checksum of a ping socket (and the checksum of
+        // a raw ICMPv6 one); a raw ICMPv4 request carries its own.
         let mut req = vec![0u8; 8 + usize::from(size).min(1024)];
         req[0] = if addr.is_ipv4() { 8 } else { 128 };
+        req[4..6].copy_from_slice(&(std::process::id() as u16).to_be_bytes());
         req[6..8].copy_from_slice(&(token as u16).to_be_bytes());
+        if is_raw && addr.is_ipv4() {
+            let sum = icmp_checksum(&req);
+            req[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
         let serial = self.next_serial;
         self.next_serial += 1;
         let raw = fd.as_raw_fd();
@@ -227,6 +251,7 @@ impl Agent {
                 _fd: fd,
                 ops: 2,
                 answered: false,
+                raw: is_raw,
             },
         );
     }
@@ -239,7 +264,8 @@ impl Agent {
         let token = e.token;
         let reply = if is_recv && !e.answered {
             e.answered = true;
-            Some(c.result > 0)
+            let got = c.buf.as_deref().unwrap_or_default();
+            Some(c.result > 0 && (!e.raw || is_echo_reply(got)))
         } else if !is_recv && c.result < 0 && !e.answered {
             e.answered = true;
             Some(false)
@@ -252,5 +278,55 @@ impl Agent {
         if let Some(ok) = reply {
             self.send_msg(Msg::EchoReply { token, ok });
         }
+    }
+}
+
+/// The Internet checksum of an ICMPv4 message (its checksum field zero).
+fn icmp_checksum(msg: &[u8]) -> u16 {
+    let mut sum: u32 = msg
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether what a raw ICMP socket received is an echo reply: IPv4 comes
+/// with its IP header (type after it, 0), ICMPv6 without (type 129).
+fn is_echo_reply(got: &[u8]) -> bool {
+    match got.first() {
+        Some(b) if b >> 4 == 4 => {
+            let ihl = usize::from(b & 0x0f) * 4;
+            got.get(ihl) == Some(&0)
+        }
+        Some(129) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_echo_request_carries_a_valid_checksum_and_replies_are_recognised() {
+        let mut req = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
+        let sum = icmp_checksum(&req);
+        req[2..4].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(
+            icmp_checksum(&req),
+            0,
+            "a message with its checksum sums to 0"
+        );
+        let mut v4 = vec![0x45u8; 20];
+        v4.extend_from_slice(&[0, 0, 0, 0]);
+        assert!(is_echo_reply(&v4));
+        v4[20] = 3; // destination unreachable
+        assert!(!is_echo_reply(&v4));
+        assert!(is_echo_reply(&[129, 0, 0, 0]));
+        assert!(!is_echo_reply(&[1, 4, 0, 0]));
+        assert!(!is_echo_reply(&[]));
     }
 }

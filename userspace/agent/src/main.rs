@@ -204,6 +204,8 @@ struct Agent {
     ubyid: HashMap<FlowId, u64>,
     echoes: HashMap<u64, datagrams::EchoOp>,
     next_serial: u64,
+    /// The "cannot ping" warning was logged (once is enough).
+    icmp_warned: bool,
     last_ping: Instant,
     fatal: Option<String>,
 }
@@ -276,6 +278,7 @@ fn run(args: Args) -> Result<()> {
         ubyid: HashMap::new(),
         echoes: HashMap::new(),
         next_serial: 1,
+        icmp_warned: false,
         last_ping: Instant::now(),
         fatal: None,
     };
