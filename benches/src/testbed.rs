@@ -629,6 +629,23 @@ impl Testbed {
                 );
             }
         }
+        // Whatever our processes left running in the namespaces (socat's
+        // forked children, a shell's `sleep`) goes too, or it would keep a
+        // deleted namespace alive.
+        for ns in self.namespaces() {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", ns.name()])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) of a process inside our own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         for ns in self.namespaces() {
             let _ = ip(&["netns", "del", ns.name()]);
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns.name()));
