@@ -262,6 +262,10 @@ pub struct Counters {
     pub dns_malformed: u64,
     /// Datagrams dropped (too many held while opening).
     pub udp_dropped: u64,
+    /// Of `resets`: flows whose socket closed or went back to listening
+    /// by itself (a RST from the guest, or smoltcp's timeout), not by an
+    /// abort here.
+    pub resets_socket: u64,
     /// Datagrams to the guest larger than its MTU, sent in fragments.
     pub udp_fragmented: u64,
     /// Echo replies sent to the guest.
@@ -301,6 +305,7 @@ impl Counters {
             ("dns_malformed", self.dns_malformed),
             ("udp_dropped", self.udp_dropped),
             ("udp_fragmented", self.udp_fragmented),
+            ("resets_socket", self.resets_socket),
             ("echo_replies", self.echo_replies),
             ("dhcp_replies", self.dhcp_replies),
             ("dhcp_pool_empty", self.dhcp_pool_empty),
@@ -1154,6 +1159,7 @@ impl Engine {
         for (id, reset) in ended {
             if reset {
                 self.counters.resets += 1;
+                self.counters.resets_socket += 1;
                 self.events.push_back(Event::Reset { flow: id });
             } else {
                 self.counters.closed += 1;
