@@ -319,6 +319,9 @@ impl Session {
     /// Queues a session message; Data is compressed on the way.
     pub fn send(&mut self, msg: Msg, now: Instant) {
         let msg = match msg {
+            // The peer refuses an empty Data, and a refused record would be
+            // replayed on every resume: there is nothing to send anyway.
+            Msg::Data { bytes, .. } if bytes.is_empty() => return,
             Msg::Data { flow, bytes } => match self.compress(flow, bytes, now) {
                 Some(m) => m,
                 None => return,
@@ -335,7 +338,9 @@ impl Session {
                 Msg::Reset { flow }
             }
             m @ (Msg::Open { flow, .. } | Msg::OpenUdp { flow, .. }) => {
-                // A flow id used again after a reset is a new flow.
+                // A flow id used again after a reset is a new flow (safe
+                // because the engine never reuses an id while messages of
+                // its earlier flow may still be in flight).
                 self.dead.remove(&flow);
                 m
             }

@@ -509,6 +509,24 @@ fn a_peer_that_breaks_the_context_limit_fails_one_flow_not_the_link() {
 }
 
 #[test]
+fn empty_data_is_not_sent() {
+    // Found by the session_resume fuzz target: the peer refuses an empty
+    // Data, and the refused record would come back on every resume.
+    let (mut a, mut b) = pair();
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: Vec::new(),
+        },
+        Instant::now(),
+    );
+    a.send(Msg::Fin { flow: 1 }, Instant::now());
+    a.flush();
+    exchange(&mut a, &mut b);
+    assert_eq!(drain(&mut b), vec![Msg::Fin { flow: 1 }]);
+}
+
+#[test]
 fn a_decompressed_message_holds_only_its_own_bytes() {
     let (mut a, mut b) = pair();
     a.send(
