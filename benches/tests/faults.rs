@@ -49,6 +49,7 @@ impl Rng {
 /// server; Err(text) for an error, and `lost` counted for silent loss.
 fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
     let job = job_bytes(len, i + 1);
+    let started = std::time::Instant::now();
     let res: std::io::Result<bool> = (|| {
         if i.is_multiple_of(2) {
             let mut s = connect((sink, 9100).into())?;
@@ -86,7 +87,11 @@ fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
             tally.lost.fetch_add(1, Ordering::SeqCst);
         }
         Err(e) => {
-            eprintln!("flow {i}: {e}");
+            eprintln!(
+                "flow {i} ({len} bytes, {}): {e} after {:?}",
+                if i.is_multiple_of(2) { "job" } else { "echo" },
+                started.elapsed()
+            );
             tally.errors.fetch_add(1, Ordering::SeqCst);
         }
     }
