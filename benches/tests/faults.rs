@@ -6,11 +6,14 @@
 //! guest, never a clean close; both daemons stay under their memory
 //! bounds. Prints the counts.
 //!
-//! `NETREDIR_FAULTS` sets the number of faults (default 120, outages of
-//! 0.2-2 s, for CI); with 500 or more, outages last 2-20 s, as on a real
-//! WAN (`NETREDIR_FAULTS=1000 cargo test --test faults -- --nocapture`).
+//! Each fault waits until the tunnel is back and a flow has completed
+//! since the last one, so every fault hits a working tunnel with flows in
+//! flight; a WAN outage lasts until the host's heartbeat has noticed it.
+//! `NETREDIR_FAULTS` sets the number of faults (default 120, for CI); with
+//! 500 or more, 50 flows of up to 64 MiB run at a time
+//! (`NETREDIR_FAULTS=1000 cargo test --test faults -- --nocapture`).
 
-use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, TUNNEL_PORT};
+use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, TUNNEL_PORT, wait_until};
 use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown};
@@ -172,8 +175,18 @@ fn flows_through_a_thousand_cuts_lose_nothing() {
     let mut counts = [0u64; 3];
     let (mut rss_host, mut rss_agent) = (0u64, 0u64);
     let kill = format!("dst {HOST_WAN_IP} and dport = :{TUNNEL_PORT}");
+    let mut done_before = 0;
     for _ in 0..faults {
-        std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        wait_until(
+            "the tunnel to be back and a flow to complete",
+            Duration::from_secs(60),
+            || {
+                tally.completed.load(Ordering::SeqCst) > done_before
+                    && r.status().is_ok_and(|s| s.agent_connected)
+            },
+        )
+        .unwrap();
+        done_before = tally.completed.load(Ordering::SeqCst);
         let kind = rng.below(3);
         counts[kind as usize] += 1;
         match kind {
@@ -189,16 +202,17 @@ fn flows_through_a_thousand_cuts_lose_nothing() {
                         .run("ss", &["-K", &format!("sport = :{TUNNEL_PORT}")]);
             }
             _ => {
-                // The WAN goes down for a while.
-                let ms = if long {
-                    2_000 + rng.below(18_000)
-                } else {
-                    200 + rng.below(1_800)
-                };
+                // The WAN goes down until the host's heartbeat (1 s, three
+                // missed) has noticed: a silent outage, no RST anywhere.
                 r.tb.client
                     .run("ip", &["link", "set", "wan0", "down"])
                     .unwrap();
-                std::thread::sleep(Duration::from_millis(ms));
+                wait_until(
+                    "the host to notice the outage",
+                    Duration::from_secs(30),
+                    || r.status().is_ok_and(|s| !s.agent_connected),
+                )
+                .unwrap();
                 r.tb.client
                     .run("ip", &["link", "set", "wan0", "up"])
                     .unwrap();
@@ -242,12 +256,13 @@ fn flows_through_a_thousand_cuts_lose_nothing() {
     }
     assert_eq!(lost, 0, "no flow may complete with wrong or missing bytes");
     // Outages shorter than the grace period should break no flow; a few
-    // are reset today (4-9 of about 1000 a run, by the engine; under
-    // investigation). The guest sees those as resets, never as a clean
-    // close. Bounded here, so that a regression shows.
+    // are reset today (1-10 per 120 faults: echo flows that stall until
+    // the 120 s socket timeout; under investigation). The guest sees those
+    // as resets, never as a clean close. Bounded per fault, so that a
+    // regression shows.
     assert!(
-        errors * 50 <= completed,
-        "{errors} flows failed of {completed} completed"
+        errors * 8 <= faults,
+        "{errors} flows failed ({completed} completed) in {faults} faults"
     );
     assert!(completed >= workers as u64, "the flows moved: {completed}");
     assert!(st.reconnects >= faults / 4, "the faults hit: {st:?}");

@@ -519,11 +519,7 @@ impl Session {
                         continue;
                     };
                     budget -= plain.len();
-                    let st = self.flow_stats.entry(flow).or_default();
-                    st.bytes_in += plain.len() as u64;
-                    st.wire_in += bytes.len() as u64;
-                    self.stats.data_bytes_in += plain.len() as u64;
-                    self.stats.data_wire_bytes_in += bytes.len() as u64;
+                    self.count_in(flow, plain.len(), bytes.len());
                     Msg::Data { flow, bytes: plain }
                 }
                 Msg::Data { flow, bytes } => {
@@ -531,11 +527,7 @@ impl Session {
                         self.stats.skipped += 1;
                         continue;
                     }
-                    let st = self.flow_stats.entry(flow).or_default();
-                    st.bytes_in += bytes.len() as u64;
-                    st.wire_in += bytes.len() as u64;
-                    self.stats.data_bytes_in += bytes.len() as u64;
-                    self.stats.data_wire_bytes_in += bytes.len() as u64;
+                    self.count_in(flow, bytes.len(), bytes.len());
                     Msg::Data { flow, bytes }
                 }
                 Msg::ZEnd { flow } => {
@@ -698,10 +690,7 @@ impl Session {
         let msg = match compressed {
             Some(z) if z.len() < bytes.len() => {
                 let reset = self.enc_reset.insert(flow, false).unwrap_or(true);
-                let wire = z.len() as u64;
-                let st = self.flow_stats.entry(flow).or_default();
-                st.wire_out += wire;
-                self.stats.data_wire_bytes_out += wire;
+                self.count_wire_out(flow, z.len());
                 let msg = Msg::DataZ {
                     flow,
                     reset,
@@ -719,14 +708,25 @@ impl Session {
             }
             None => Msg::Data { flow, bytes },
         };
-        let wire = match &msg {
-            Msg::Data { bytes, .. } => bytes.len() as u64,
-            _ => 0,
-        };
-        let st = self.flow_stats.entry(flow).or_default();
-        st.wire_out += wire;
-        self.stats.data_wire_bytes_out += wire;
+        if let Msg::Data { bytes, .. } = &msg {
+            self.count_wire_out(flow, bytes.len());
+        }
         Some(msg)
+    }
+
+    /// Received payload of `flow`: `plain` bytes, `wire` on the wire.
+    fn count_in(&mut self, flow: FlowId, plain: usize, wire: usize) {
+        let st = self.flow_stats.entry(flow).or_default();
+        st.bytes_in += plain as u64;
+        st.wire_in += wire as u64;
+        self.stats.data_bytes_in += plain as u64;
+        self.stats.data_wire_bytes_in += wire as u64;
+    }
+
+    /// Payload of `flow` sent: `wire` bytes on the wire.
+    fn count_wire_out(&mut self, flow: FlowId, wire: usize) {
+        self.flow_stats.entry(flow).or_default().wire_out += wire as u64;
+        self.stats.data_wire_bytes_out += wire as u64;
     }
 
     /// Inflates one `DataZ` of `flow` to at most `budget` (and
