@@ -42,6 +42,11 @@ enum Cmd {
         json: bool,
     },
     /// Tunnel statistics: bytes, compression, records, reconnects, flows.
+    ///
+    /// Per flow: CREDIT is what the agent still takes from the guest (0:
+    /// the resource is not reading), ALLOWED what the agent may still send
+    /// (0: the guest is not reading), HELD IN / HELD OUT the bytes waiting
+    /// here in each direction.
     Stats {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -99,9 +104,10 @@ fn run(args: Args) -> Result<()> {
                 println!("subnet     {} {}", st.subnet, st.prefix6);
                 println!("dns        {} (zone {})", st.dns.join(" "), st.zone);
                 match &st.agent_name {
-                    Some(n) if st.agent_connected => {
-                        println!("agent      {} (connected)", printable(n));
-                    }
+                    Some(n) if st.agent_connected => match &st.agent_addr {
+                        Some(a) => println!("agent      {} (connected from {a})", printable(n)),
+                        None => println!("agent      {} (connected)", printable(n)),
+                    },
                     _ => println!("agent      none connected"),
                 }
                 println!("flows      {}", st.flows);
@@ -204,15 +210,22 @@ fn stats_text(st: &netredir_shared::control::Stats) -> String {
         st.refused_opens, st.refused_connections
     ));
     if !st.flows.is_empty() {
-        out.push_str("FLOW  FROM GUEST  TO GUEST  WIRE OUT  RATIO\n");
+        out.push_str(
+            "FLOW  FROM GUEST  TO GUEST  WIRE OUT  RATIO  STATE        CREDIT   ALLOWED  HELD IN  HELD OUT\n",
+        );
         for f in &st.flows {
             out.push_str(&format!(
-                "{:<4}  {:>10}  {:>8}  {:>8}  {}\n",
+                "{:<4}  {:>10}  {:>8}  {:>8}  {:<5}  {:<11}  {:>7}  {:>7}  {:>7}  {:>8}\n",
                 f.flow,
                 f.bytes_from_guest,
                 f.bytes_to_guest,
                 f.wire_out,
-                ratio(f.bytes_from_guest, f.wire_out)
+                ratio(f.bytes_from_guest, f.wire_out),
+                printable(&f.state),
+                f.credit,
+                f.allowed,
+                f.from_guest_queued,
+                f.to_guest_queued
             ));
         }
     }

@@ -360,6 +360,21 @@ struct Flow {
     syn_quote: Vec<u8>,
 }
 
+/// One TCP flow as the engine holds it (see [`Engine::flow_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowState {
+    /// The guest-side socket's TCP state, or `opening` / `dying`.
+    pub state: String,
+    /// Guest bytes the agent still takes before it grants more.
+    pub credit: u32,
+    /// Resource bytes the agent may still send before the guest reads.
+    pub allowed: u32,
+    /// Resource bytes here that the guest has not acknowledged.
+    pub to_guest: u64,
+    /// Guest bytes here not yet sent toward the agent.
+    pub from_guest: u64,
+}
+
 /// The smoltcp device: two queues of IP packets.
 #[derive(Default)]
 struct Queues {
@@ -502,6 +517,25 @@ impl Engine {
     /// The counters so far.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Where a TCP flow's bytes wait, for `netredirctl stats`: shows
+    /// which side a stalled flow waits for.
+    pub fn flow_state(&self, flow: FlowId) -> Option<FlowState> {
+        let f = self.flows.get(&flow)?;
+        let s = self.sockets.get::<tcp::Socket>(f.handle);
+        let phase = match f.phase {
+            Phase::Opening => "opening".to_owned(),
+            Phase::Dying => "dying".to_owned(),
+            Phase::Open => format!("{}", s.state()),
+        };
+        Some(FlowState {
+            state: phase,
+            credit: f.credit,
+            allowed: f.allowed,
+            to_guest: (f.to_guest.len() + s.send_queue()) as u64,
+            from_guest: s.recv_queue() as u64,
+        })
     }
 
     /// Flows open or opening.

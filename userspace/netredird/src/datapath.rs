@@ -138,6 +138,9 @@ struct Conn {
     paired_now: bool,
     /// The peer's address, for the per-address handshake limit.
     peer: Option<std::net::IpAddr>,
+    /// The peer's address and port as seen here (after any NAT), for
+    /// `netredirctl status`.
+    addr: Option<std::net::SocketAddr>,
 }
 
 struct HostSession {
@@ -401,7 +404,8 @@ impl Loop {
 
     fn new_conn(&mut self, fd: OwnedFd, now: Instant) {
         let sock = std::net::TcpStream::from(fd);
-        let peer = sock.peer_addr().ok().map(|a| a.ip());
+        let addr = sock.peer_addr().ok();
+        let peer = addr.map(|a| a.ip());
         let fd = OwnedFd::from(sock);
         let preauth = self.conns.iter().filter(|c| c.phase == Phase::Preamble);
         let (total, same) = preauth.fold((0, 0), |(t, s), c| {
@@ -442,6 +446,7 @@ impl Loop {
             hello: None,
             paired_now: false,
             peer,
+            addr,
         });
         self.bump("tunnel_connections");
     }
@@ -1107,12 +1112,20 @@ impl Loop {
                 h.session
                     .flow_stats()
                     .iter()
-                    .map(|(f, s)| FlowReport {
-                        flow: *f,
-                        bytes_from_guest: s.bytes_out,
-                        bytes_to_guest: s.bytes_in,
-                        wire_out: s.wire_out,
-                        wire_in: s.wire_in,
+                    .map(|(f, s)| {
+                        let st = self.engine.flow_state(*f);
+                        FlowReport {
+                            flow: *f,
+                            bytes_from_guest: s.bytes_out,
+                            bytes_to_guest: s.bytes_in,
+                            wire_out: s.wire_out,
+                            wire_in: s.wire_in,
+                            state: st.as_ref().map(|s| s.state.clone()).unwrap_or_default(),
+                            credit: st.as_ref().map_or(0, |s| u64::from(s.credit)),
+                            allowed: st.as_ref().map_or(0, |s| u64::from(s.allowed)),
+                            to_guest_queued: st.as_ref().map_or(0, |s| s.to_guest),
+                            from_guest_queued: st.as_ref().map_or(0, |s| s.from_guest),
+                        }
                     })
                     .collect()
             })
@@ -1159,6 +1172,11 @@ impl Loop {
             subnet: self.cfg.subnet.to_string(),
             agent_connected: connected,
             agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
+            agent_addr: self
+                .active
+                .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
+                .and_then(|c| c.addr)
+                .map(|a| a.to_string()),
             flows: self.engine.flow_count() as u64,
             prefix6: self.cfg.prefix6.to_string(),
             dns: vec![

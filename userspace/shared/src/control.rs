@@ -76,6 +76,25 @@ pub struct FlowReport {
     pub wire_out: u64,
     /// Tunnel bytes for the bytes to the guest (before decompression).
     pub wire_in: u64,
+    /// The guest-side TCP state (`Established`, `CloseWait`...), empty
+    /// for UDP: with the fields below, it says which side a slow flow
+    /// waits for.
+    #[serde(default)]
+    pub state: String,
+    /// Guest bytes the agent takes before it grants more (0: the
+    /// resource is not reading).
+    #[serde(default)]
+    pub credit: u64,
+    /// Resource bytes the agent may send before the guest reads more (0:
+    /// the guest is not reading).
+    #[serde(default)]
+    pub allowed: u64,
+    /// Resource bytes held for the guest, not yet acknowledged by it.
+    #[serde(default)]
+    pub to_guest_queued: u64,
+    /// Guest bytes held, not yet sent toward the agent.
+    #[serde(default)]
+    pub from_guest_queued: u64,
 }
 
 /// Answer to [`Request::Stats`].
@@ -119,6 +138,10 @@ pub struct Status {
     pub agent_connected: bool,
     /// Name the agent gave in its Hello.
     pub agent_name: Option<String>,
+    /// Where the connected agent's tunnel comes from (after any NAT): a
+    /// change means the agent's network moved.
+    #[serde(default)]
+    pub agent_addr: Option<String>,
     /// Open flows.
     pub flows: u64,
     /// The virtual IPv6 /64.
