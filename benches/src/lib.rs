@@ -276,11 +276,23 @@ impl Redir {
     /// An echo server for many connections on `port` (socat).
     pub fn echo(&self, name: &str, port: u16) -> Result<()> {
         let listen = format!("TCP-LISTEN:{port},reuseaddr,fork,backlog=512");
-        self.tb
-            .spawn(&self.tb.lan, name, "socat", &[&listen, "PIPE"])?;
+        self.tb.spawn(
+            &self.tb.lan,
+            name,
+            "socat",
+            &["-b", ECHO_BLOCK, &listen, "PIPE"],
+        )?;
         self.wait_listening(port)
     }
 }
+
+/// socat's block size for echo servers (`-b`). socat writes into a pipe
+/// (`PIPE`, `EXEC:cat`) with blocking writes of up to its block size once
+/// poll says the pipe has room, which is one page; with the default 8192
+/// a write can block on a pipe that only socat itself drains, and the
+/// echo stops for good when its output backs up (seen in the fault test
+/// during tunnel outages: socat in `anon_pipe_write`). A page never blocks.
+pub const ECHO_BLOCK: &str = "4096";
 
 /// Deterministic bytes that look like a print job: PJL and PostScript
 /// text interleaved with raster runs, `len` bytes from `seed`.

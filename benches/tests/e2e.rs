@@ -162,7 +162,12 @@ fn traffic_outside_the_subnet_still_works_with_steer_attached() {
         &r.tb.host,
         "host-echo",
         "socat",
-        &["TCP-LISTEN:8000,reuseaddr,fork", "PIPE"],
+        &[
+            "-b",
+            netredir_benches::ECHO_BLOCK,
+            "TCP-LISTEN:8000,reuseaddr,fork",
+            "PIPE",
+        ],
     )
     .unwrap();
     wait_until("host echo to listen", Duration::from_secs(10), || {

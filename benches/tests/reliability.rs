@@ -69,6 +69,8 @@ fn backlog5(tag: &str, cookies: bool) -> (Redir, Ipv4Addr) {
         "echo",
         "socat",
         &[
+            "-b",
+            netredir_benches::ECHO_BLOCK,
             "-t",
             "30",
             "TCP-LISTEN:7000,fork,reuseaddr,backlog=5",
