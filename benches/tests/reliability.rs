@@ -98,8 +98,10 @@ fn a_server_whose_full_queue_drops_syns_loses_nothing() {
     // stack tries again after 1, 2, 4... s. Through netredir the guest's
     // connection completes when the real one does: 50 at once all echo
     // whole. With 200 at once some wait so long that their stack gives up,
-    // as a direct client's does; then the guest sees an error (refused,
-    // timed out, reset), never a clean close with the data missing.
+    // as a direct client's does (measured in the same namespaces under
+    // load: 1-36 of 200 direct clients): the guest's connect times out as
+    // theirs does, never refused or reset, never a clean close with the
+    // data missing.
     let (r, vip) = backlog5("backlog5drop", false);
     let failed = echo_round_trips(&r, vip, 50);
     assert!(
@@ -112,7 +114,10 @@ fn a_server_whose_full_queue_drops_syns_loses_nothing() {
     );
     let failed = echo_round_trips(&r, vip, 200);
     for f in &failed {
-        assert!(!f.contains("silent loss"), "{f}");
+        assert!(
+            f.contains("connect:") && f.to_lowercase().contains("timed out"),
+            "{f}"
+        );
     }
     eprintln!("{} of 200 round trips failed with an error", failed.len());
 }

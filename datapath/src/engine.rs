@@ -202,6 +202,10 @@ pub enum Refusal {
     /// The target could not be reached: ICMP host unreachable, "no route
     /// to host", as the real network would have said.
     Unreachable,
+    /// The target never answered (its SYNs dropped until the agent gave
+    /// up): the guest hears nothing either, so its own stack retries or
+    /// times out (ETIMEDOUT), as a direct client's would.
+    NoAnswer,
 }
 
 /// Why a tunnel input was not applied.
@@ -355,10 +359,20 @@ struct Flow {
     fin_from_agent: bool,
     fin_to_agent: bool,
     closed_socket: bool,
+    /// Whether the socket's idle timeout runs (from the end of the
+    /// guest's handshake on).
+    timeout_set: bool,
+    /// When a guest that has not finished its handshake since the agent
+    /// connected counts as gone.
+    handshake_by: Option<Instant>,
     /// The guest's SYN (IP header and 8 bytes), quoted if the agent cannot
     /// reach the target; dropped once the flow is open.
     syn_quote: Vec<u8>,
 }
+
+/// An open flow whose guest sends nothing (not even an ACK) for this long
+/// is reset.
+const SOCKET_TIMEOUT_SECS: u64 = 120;
 
 /// One TCP flow as the engine holds it (see [`Engine::flow_state`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -856,7 +870,12 @@ impl Engine {
         );
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
-        sock.set_timeout(Some(SmolDuration::from_secs(120)));
+        // No idle timeout while the agent connects: the guest's SYNs do not
+        // count as activity to a socket holding its SYN-ACK, and it would
+        // reset a guest still waiting (Linux tries for 127 s) when the
+        // agent connects after 120 s. Set once the handshake is done
+        // (smoltcp counts from the last segment it took: the first SYN).
+        sock.set_timeout(None);
         sock.pause_synack(true);
         let listen = IpListenEndpoint {
             addr: Some(key.vip.0),
@@ -881,6 +900,8 @@ impl Engine {
                 fin_from_agent: false,
                 fin_to_agent: false,
                 closed_socket: false,
+                timeout_set: false,
+                handshake_by: None,
                 syn_quote: packet[..packet.len().min(quote_len(&packet))].to_vec(),
             },
         );
@@ -953,6 +974,7 @@ impl Engine {
         f.syn_quote = Vec::new();
         f.credit = peer_window;
         f.allowed = window;
+        f.handshake_by = Some(now + Duration::from_secs(SOCKET_TIMEOUT_SECS));
         self.sockets
             .get_mut::<tcp::Socket>(f.handle)
             .pause_synack(false);
@@ -970,11 +992,13 @@ impl Engine {
             return Err(FlowError::UnknownFlow(flow));
         };
         self.counters.refused_by_agent += 1;
-        if why == Refusal::Unreachable && f.phase == Phase::Opening {
+        if why != Refusal::Refused && f.phase == Phase::Opening {
             // No RST: the SYN-ACK never went out, the socket just goes.
             let quote = f.syn_quote.clone();
             self.remove_flow(flow);
-            self.host_unreachable(&quote);
+            if why == Refusal::Unreachable {
+                self.host_unreachable(&quote);
+            }
             return Ok(());
         }
         self.abort(flow, false);
@@ -1080,7 +1104,7 @@ impl Engine {
         self.throttled = false;
         for _ in 0..8 {
             self.iface.poll(ts, &mut self.dev, &mut self.sockets);
-            let moved = self.service_flows();
+            let moved = self.service_flows(now);
             if !moved && self.dev.rx.is_empty() {
                 break;
             }
@@ -1100,7 +1124,7 @@ impl Engine {
 
     /// Moves bytes for every flow; true if anything changed that smoltcp
     /// should act on.
-    fn service_flows(&mut self) -> bool {
+    fn service_flows(&mut self, now: Instant) -> bool {
         let mut moved = false;
         let mut ended = Vec::new();
         let mut buf = [0u8; MAX_CHUNK];
@@ -1119,6 +1143,15 @@ impl Engine {
                     continue;
                 }
                 Phase::Open => {}
+            }
+            if !f.timeout_set {
+                if s.state() != tcp::State::SynReceived {
+                    s.set_timeout(Some(SmolDuration::from_secs(SOCKET_TIMEOUT_SECS)));
+                    f.timeout_set = true;
+                } else if f.handshake_by.is_some_and(|t| now >= t) {
+                    // The guest never finished its handshake: gone.
+                    s.abort();
+                }
             }
             // Agent → guest.
             while !f.to_guest.is_empty() && s.can_send() {

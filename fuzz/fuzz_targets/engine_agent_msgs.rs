@@ -552,10 +552,10 @@ fuzz_target!(|data: &[u8]| {
             }
             11 => {
                 let flow = h.pick_flow(&mut input);
-                let why = if input.u8() & 1 == 0 {
-                    Refusal::Refused
-                } else {
-                    Refusal::Unreachable
+                let why = match input.u8() % 3 {
+                    0 => Refusal::Refused,
+                    1 => Refusal::Unreachable,
+                    _ => Refusal::NoAnswer,
                 };
                 if h.engine.open_err(flow, why, now).is_ok() {
                     h.tcp.remove(&flow);

@@ -843,6 +843,76 @@ fn an_unreachable_target_gives_icmp_host_unreachable_not_rst() {
     );
 }
 
+#[test]
+fn a_guest_waits_for_a_slow_connect_as_long_as_the_agent_does() {
+    // A resource whose queue is full answers after two minutes: the guest
+    // (still trying, as Linux does for 127 s) gets its connection then,
+    // not a reset from the engine's idle timeout at 120 s.
+    let mut p = Pair::new(true);
+    let h = p.connect(9100, 40200);
+    let flow = p.opened_flow();
+    for _ in 0..25 {
+        p.advance(Duration::from_secs(5));
+    }
+    assert_eq!(p.engine.flow_count(), 1, "still waiting for the agent");
+    assert_eq!(
+        p.sock(h).state(),
+        tcp::State::SynSent,
+        "the guest still tries"
+    );
+    assert!(
+        !p.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Reset { .. })),
+        "the agent is not told to give up"
+    );
+    let now = p.now();
+    p.engine.open_ok(flow, now).unwrap();
+    p.drive();
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+}
+
+#[test]
+fn a_guest_gone_before_its_handshake_completes_is_reset_after_the_timeout() {
+    let mut p = Pair::new(true);
+    p.connect(9100, 40250);
+    let flow = p.opened_flow();
+    // The guest disappears: nothing the engine sends reaches it.
+    let now = p.now();
+    p.engine.open_ok(flow, now).unwrap();
+    for s in 1..=30 {
+        p.engine.poll(now + Duration::from_secs(5 * s));
+        while p.engine.poll_frame().is_some() {}
+    }
+    assert_eq!(p.engine.flow_count(), 0, "the half-open flow is freed");
+    let mut reset = false;
+    while let Some(e) = p.engine.poll_event() {
+        reset |= matches!(e, Event::Reset { flow: f } if f == flow);
+    }
+    assert!(reset, "and the agent told");
+}
+
+#[test]
+fn a_target_that_never_answers_leaves_the_guest_to_time_out() {
+    // The agent's connect timed out: the guest hears nothing (no RST, no
+    // ICMP), as from a server that drops SYNs; a SYN it sends again is a
+    // new attempt.
+    let mut p = Pair::new(true);
+    let h = p.connect(9100, 40300);
+    let flow = p.opened_flow();
+    let now = p.now();
+    p.engine.open_err(flow, Refusal::NoAnswer, now).unwrap();
+    assert!(p.engine.poll_frame().is_none(), "nothing to the guest");
+    assert_eq!(p.engine.flow_count(), 0);
+    p.drive();
+    assert_eq!(p.sock(h).state(), tcp::State::SynSent);
+    p.advance(Duration::from_secs(10));
+    assert!(
+        matches!(p.take_events().as_slice(), [Event::Open { .. }]),
+        "the guest's next SYN opens again"
+    );
+}
+
 /// IPv6: the same resources at their IPv6 vIPs.
 mod ipv6 {
     use super::*;

@@ -812,7 +812,8 @@ impl Loop {
                     tracing::debug!(flow, ?reason, "agent refused open");
                     self.bump("refused_opens");
                     let why = match reason {
-                        OpenError::Unreachable | OpenError::TimedOut => Refusal::Unreachable,
+                        OpenError::Unreachable => Refusal::Unreachable,
+                        OpenError::TimedOut => Refusal::NoAnswer,
                         _ => Refusal::Refused,
                     };
                     self.engine.open_err(flow, why, now)
