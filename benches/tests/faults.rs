@@ -75,6 +75,13 @@ impl Rng {
     }
 }
 
+/// Connects as a guest application does, waiting as long as Linux's
+/// connect does (127 s): a connection opened during an outage completes
+/// when the tunnel is back.
+fn guest_connect(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(120))
+}
+
 /// One flow: a job to the digest sink or a round trip through the echo
 /// server; Err(text) for an error, and `lost` counted for silent loss.
 fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
@@ -82,7 +89,7 @@ fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
     let started = std::time::Instant::now();
     let res: std::io::Result<bool> = (|| {
         if i.is_multiple_of(2) {
-            let mut s = connect((sink, 9100).into())?;
+            let mut s = guest_connect((sink, 9100).into())?;
             s.set_read_timeout(Some(Duration::from_secs(120)))?;
             s.set_write_timeout(Some(Duration::from_secs(120)))?;
             s.write_all(&job)?;
@@ -91,7 +98,7 @@ fn one_flow(sink: Ipv4Addr, echo: Ipv4Addr, i: u64, len: usize, tally: &Tally) {
             s.read_to_string(&mut answer)?;
             Ok(answer.split_whitespace().next() == Some(sha256_hex(&job).as_str()))
         } else {
-            let mut s = connect((echo, 7007).into())?;
+            let mut s = guest_connect((echo, 7007).into())?;
             s.set_read_timeout(Some(Duration::from_secs(120)))?;
             s.set_write_timeout(Some(Duration::from_secs(120)))?;
             let mut w = s.try_clone()?;
