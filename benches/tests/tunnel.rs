@@ -80,9 +80,13 @@ fn pairing_once_then_reconnecting_without_a_code() {
     r.start_agent("agent1", &[&format!("echo={LAN_IP}:7007")])
         .unwrap();
     assert!(r.tb.log_tail("agent1").contains("paired with the host"));
-    for f in ["host.key", "host.crt", "paired.json"] {
+    for f in ["host.key", "host.crt"] {
         assert_eq!(mode(&r.host_state().join(f)), 0o600, "host {f}");
     }
+    // One pairing file per VM.
+    let vm = r.status().unwrap().iface;
+    let pairs = r.host_state().join("pairs").join(format!("{vm}.json"));
+    assert_eq!(mode(&pairs), 0o600, "{}", pairs.display());
     for f in ["agent.key", "agent.crt", "host.pin"] {
         assert_eq!(mode(&r.agent_state().join(f)), 0o600, "agent {f}");
     }
@@ -94,6 +98,48 @@ fn pairing_once_then_reconnecting_without_a_code() {
         .unwrap();
     assert!(!r.tb.log_tail("agent2").contains("paired with the host"));
     assert_eq!(echo_once(&r, 7007, b"two"), b"two");
+}
+
+#[test]
+fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
+    let r = Redir::new("unpair").unwrap();
+    r.echo("lan-echo", 7007).unwrap();
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
+        .unwrap();
+    assert_eq!(echo_once(&r, 7007, b"one"), b"one");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin("netredirctl").unwrap())
+            .arg("--control")
+            .arg(&r.control)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, json, err) = ctl(&["pairs", "list", "--json"]);
+    assert!(ok, "{err}");
+    let agents: Vec<netredir_shared::pairing::PairedAgent> = serde_json::from_str(&json).unwrap();
+    assert_eq!(agents.len(), 1, "{json}");
+    let key = &agents[0].fingerprint;
+    let (ok, _, err) = ctl(&["unpair", "1234"]);
+    assert!(!ok && err.contains("at least 8"), "{err}");
+    let (ok, out, err) = ctl(&["unpair", &key[..12]]);
+    assert!(ok, "{err}");
+    assert!(out.contains("its session ended"), "{out}");
+    // The agent is dropped; its next connection is refused, and it says
+    // why and stops.
+    r.tb.wait_exit("agent", TIMEOUT).unwrap();
+    let log = r.tb.log_tail("agent");
+    assert!(log.contains("is not paired with VM"), "{log}");
+    assert!(!r.status().unwrap().agent_connected);
+    let (ok, json, _) = ctl(&["pairs", "list", "--json"]);
+    assert!(ok && json.trim() == "[]", "{json}");
+    let (ok, _, err) = ctl(&["unpair", key]);
+    assert!(!ok && err.contains("no agent paired"), "{err}");
 }
 
 #[test]

@@ -52,6 +52,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The agents paired with the VMs: their key, name and VM.
+    Pairs {
+        #[command(subcommand)]
+        cmd: PairsCmd,
+    },
+    /// Forgets a paired agent: it cannot connect again without a new code
+    /// from `netredirctl pair`, and its session ends now (flows reset).
+    Unpair {
+        /// The VM the agent is paired with (default: the daemon's).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// The agent's key fingerprint (hex, as `pairs list` shows it; a
+        /// unique prefix of 8 digits or more will do).
+        key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PairsCmd {
+    /// One row per paired agent: VM, key, name.
+    List {
+        /// Only the agents of this VM.
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +170,53 @@ fn run(args: Args) -> Result<()> {
                     valid_for_secs / 60
                 );
             }
+        }
+        Cmd::Pairs {
+            cmd: PairsCmd::List { vm, json },
+        } => {
+            let Response::Pairs { agents } = ask(&args, Request::PairsList { vm: vm.clone() })?
+            else {
+                bail!("netredird answered pairs list with something else");
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else if agents.is_empty() {
+                eprintln!("no agent is paired (pair one with `netredirctl pair`)");
+            } else {
+                println!("{:<20}  {:<64}  NAME", "VM", "KEY");
+                for a in &agents {
+                    println!(
+                        "{:<20}  {:<64}  {}",
+                        printable(&a.vm),
+                        a.fingerprint,
+                        printable(&a.name)
+                    );
+                }
+            }
+        }
+        Cmd::Unpair { vm, key } => {
+            let req = Request::Unpair {
+                vm: vm.clone(),
+                key: key.clone(),
+            };
+            let Response::Unpaired {
+                agent,
+                session_ended,
+            } = ask(&args, req)?
+            else {
+                bail!("netredird answered unpair with something else");
+            };
+            println!(
+                "unpaired agent {} (key {}...) from VM {}{}",
+                printable(&agent.name),
+                &agent.fingerprint[..16.min(agent.fingerprint.len())],
+                printable(&agent.vm),
+                if session_ended {
+                    "; its session ended, its flows were reset"
+                } else {
+                    ""
+                }
+            );
         }
         Cmd::Stats { json } => {
             let Response::Stats(st) = ask(&args, Request::Stats)? else {

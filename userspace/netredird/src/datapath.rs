@@ -45,6 +45,10 @@ pub enum Request {
     Stats(Sender<Response>),
     /// Answer with `Response::Pair` (or an error).
     Pair(Option<String>, Sender<Response>),
+    /// Answer with `Response::Pairs`.
+    PairsList(Option<String>, Sender<Response>),
+    /// Answer with `Response::Unpaired` (or an error).
+    Unpair(Option<String>, String, Sender<Response>),
     /// Stop the loop.
     Shutdown,
 }
@@ -265,6 +269,14 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
                 }
                 Request::Pair(vm, reply) => {
                     let _ = reply.send(l.pair(vm, now));
+                }
+                Request::PairsList(vm, reply) => {
+                    let _ = reply.send(Response::Pairs {
+                        agents: l.cfg.pairs.list(vm.as_deref()),
+                    });
+                }
+                Request::Unpair(vm, key, reply) => {
+                    let _ = reply.send(l.unpair(vm, &key, now));
                 }
                 Request::Shutdown => stop = true,
             }
@@ -1045,6 +1057,41 @@ impl Loop {
             self.pending_frames.drain(..n);
         } else if self.xsk.tx_pending() {
             self.xsk.kick();
+        }
+    }
+
+    /// Forgets a paired agent of this VM; ends its session if it has one.
+    fn unpair(&mut self, vm: Option<String>, key: &str, now: Instant) -> Response {
+        if let Some(v) = &vm
+            && *v != self.cfg.vm
+        {
+            return Response::Error {
+                message: format!("this netredird serves VM {:?}, not {v:?}", self.cfg.vm),
+            };
+        }
+        let vm = self.cfg.vm.clone();
+        let agent = match self.cfg.pairs.unpair(&vm, key) {
+            Ok(a) => a,
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                };
+            }
+        };
+        tracing::info!(agent = %agent.name, key = %agent.fingerprint, %vm, "agent unpaired");
+        let live = self
+            .hs
+            .as_ref()
+            .is_some_and(|h| h.agent_fp.to_hex() == agent.fingerprint);
+        if live {
+            if let Some(c) = self.active {
+                self.drop_conn(c, now);
+            }
+            self.end_session(now, "its agent was unpaired");
+        }
+        Response::Unpaired {
+            agent,
+            session_ended: live,
         }
     }
 

@@ -170,6 +170,9 @@ fn run(args: Args) -> Result<()> {
         }
         _ => anyhow::Error::new(e).context(format!("cannot listen on {}", args.listen)),
     })?;
+    if args.vm.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        anyhow::bail!("--vm needs a name (the libvirt domain's name or UUID)");
+    }
     let mut control = control::Server::bind(&args.control)?;
     let identity = Identity::load_or_create(&args.state_dir, "host", "netredird")
         .context("cannot load or create the host identity (--state-dir)")?;

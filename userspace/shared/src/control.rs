@@ -26,6 +26,19 @@ pub enum Request {
     },
     /// Tunnel and per-flow statistics.
     Stats,
+    /// The agents paired with a VM (or with every VM).
+    PairsList {
+        /// Only this VM's.
+        vm: Option<String>,
+    },
+    /// Forgets a paired agent: it cannot connect again without a new
+    /// code, and its current session ends (its flows are reset).
+    Unpair {
+        /// The VM (default: the daemon's).
+        vm: Option<String>,
+        /// The agent's key fingerprint, hex, or a unique prefix of it.
+        key: String,
+    },
 }
 
 /// Tunnel counters of the current session.
@@ -178,6 +191,18 @@ pub enum Response {
     },
     /// Answer to [`Request::Stats`].
     Stats(Stats),
+    /// Answer to [`Request::PairsList`].
+    Pairs {
+        /// The paired agents.
+        agents: Vec<crate::pairing::PairedAgent>,
+    },
+    /// Answer to [`Request::Unpair`].
+    Unpaired {
+        /// The agent that was removed.
+        agent: crate::pairing::PairedAgent,
+        /// Whether its session was live and has been ended.
+        session_ended: bool,
+    },
     /// The request could not be served.
     Error {
         /// Why, for a human.

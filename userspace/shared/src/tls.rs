@@ -298,25 +298,35 @@ fn self_signed(key: &rcgen::KeyPair, common_name: &str) -> Result<rcgen::Certifi
 
 /// Writes a file readable only by its owner (0600), atomically.
 ///
-/// The bytes go to `<path>.tmp` (created fresh with mode 0600), are synced,
-/// and the temp file is renamed over `path`; the directory is then synced so
-/// the rename survives a crash. Readers see the old file or the new one.
+/// The bytes go to a temp file of its own beside `path` (`.<name>.<pid>.<n>.tmp`,
+/// created fresh with mode 0600, so that writers in several processes or
+/// threads never share one), are synced, and the temp file is renamed over
+/// `path`; the directory is then synced so the rename survives a crash.
+/// Readers see the old file or the new one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".tmp");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(path.file_name().unwrap_or_default());
+    tmp_name.push(format!(".{}.{n}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    // A leftover from a crash may have any mode; start from nothing so the
-    // file is created with 0600 rather than reused.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
+    let create = || {
+        fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(&tmp)
+    };
+    let result = (|| {
+        let mut file = match create() {
+            // A leftover of a crashed process with the same pid: its bytes
+            // and mode are not ours, start from nothing.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create()?
+            }
+            r => r?,
+        };
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)
