@@ -321,3 +321,122 @@ fn without_ping_sockets_the_agent_pings_with_a_raw_socket() {
     );
     assert!(r.counter("engine.echo_replies").unwrap() >= 2);
 }
+
+#[test]
+fn a_hundred_stalled_flows_keep_the_agent_within_its_windows() {
+    // A printer that accepts and never reads, 100 guests sending it small
+    // compressible writes: the agent holds each flow's window (1 MiB) and
+    // no more, whatever the size of the messages it came in.
+    let r = Redir::new("stalled100").unwrap();
+    let listener =
+        r.tb.lan
+            .enter(|| -> std::io::Result<TcpListener> {
+                let l = TcpListener::bind((LAN_IP, 9100))?;
+                Ok(l)
+            })
+            .unwrap()
+            .unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..100 {
+            let Ok((s, _)) = listener.accept() else {
+                return;
+            };
+            // Hold it, never read.
+            if held_tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    r.start_agent("agent", &[&format!("stalled={LAN_IP}:9100")])
+        .unwrap();
+    let vip = r.vip("stalled").unwrap();
+    let rss_before = r.tb.rss("agent").unwrap();
+    let job = std::sync::Arc::new(job_bytes(4 << 20, 7));
+    let guests: Vec<_> = (0..100)
+        .map(|_| {
+            let job = job.clone();
+            r.tb.vm
+                .enter(|| -> std::io::Result<TcpStream> {
+                    let s =
+                        TcpStream::connect_timeout(&(vip, 9100).into(), Duration::from_secs(30))?;
+                    s.set_nodelay(true)?;
+                    // A small send buffer keeps little in flight, so the
+                    // host reads the flow in small pieces: small messages.
+                    let small: libc::c_int = 4096;
+                    // SAFETY: setsockopt on our socket with a live int.
+                    unsafe {
+                        libc::setsockopt(
+                            s.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_SNDBUF,
+                            (&small as *const libc::c_int).cast(),
+                            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                        )
+                    };
+                    Ok(s)
+                })
+                .unwrap()
+                .map(|s| {
+                    let mut w = s.try_clone().unwrap();
+                    std::thread::spawn(move || {
+                        // Until the flow is stalled all the way back to
+                        // here, then until the socket is shut down.
+                        for chunk in job.chunks(200) {
+                            if w.write_all(chunk).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    s
+                })
+                .unwrap()
+        })
+        .collect();
+    // Every flow stalled: the agent has granted nothing more (its window
+    // is full) and the guest's bytes wait at the host.
+    wait_until(
+        "every flow to stall with the agent's window full",
+        Duration::from_secs(120),
+        || {
+            r.stats().is_ok_and(|st| {
+                st.flows.len() == 100
+                    && st
+                        .flows
+                        .iter()
+                        .all(|f| f.credit == 0 && f.from_guest_queued > 0)
+            })
+        },
+    )
+    .unwrap();
+    let rss = r.tb.rss("agent").unwrap();
+    let held = r
+        .stats()
+        .unwrap()
+        .flows
+        .iter()
+        .map(|f| f.bytes_from_guest)
+        .sum::<u64>();
+    eprintln!(
+        "100 stalled flows: the agent grew by {} MiB (from {} MiB) holding {} MiB of guest bytes",
+        (rss.saturating_sub(rss_before)) >> 20,
+        rss_before >> 20,
+        held >> 20
+    );
+    // The stated bounds (README, "Memory bounds"): the windows (100 x
+    // 1 MiB), one 64 KiB join buffer per flow, 64 decompression contexts
+    // (about 0.3 MiB each), and 16 MiB for the rest. A message used to keep
+    // a 64 KiB buffer whatever its size: 200-byte writes made that GiBs.
+    assert!(
+        rss.saturating_sub(rss_before) < (100 << 20) + (100 << 16) + 64 * (320 << 10) + (16 << 20),
+        "the agent grew from {} to {} MiB",
+        rss_before >> 20,
+        rss >> 20
+    );
+    for s in &guests {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    drop(held_rx);
+    drop(guests);
+    let _ = acceptor.join();
+}
