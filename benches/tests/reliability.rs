@@ -377,7 +377,7 @@ fn a_hundred_stalled_flows_keep_the_agent_within_its_windows() {
                     Ok(s)
                 })
                 .unwrap()
-                .map(|s| {
+                .inspect(|s| {
                     let mut w = s.try_clone().unwrap();
                     std::thread::spawn(move || {
                         // Until the flow is stalled all the way back to
@@ -388,7 +388,6 @@ fn a_hundred_stalled_flows_keep_the_agent_within_its_windows() {
                             }
                         }
                     });
-                    s
                 })
                 .unwrap()
         })

@@ -142,6 +142,89 @@ fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
     assert!(!ok && err.contains("no agent paired"), "{err}");
 }
 
+/// `GET path` against the metrics endpoint in the host namespace: status
+/// line and body.
+fn scrape(r: &Redir, path: &str) -> (String, String) {
+    r.tb.host
+        .enter(|| -> std::io::Result<(String, String)> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9901))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut all = String::new();
+            s.read_to_string(&mut all)?;
+            let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+            Ok((
+                head.lines().next().unwrap_or("").to_owned(),
+                body.to_owned(),
+            ))
+        })
+        .unwrap()
+        .unwrap()
+}
+
+/// The value of the series `series` (name and labels as rendered).
+fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_flows_and_bytes_per_vm_and_resource() {
+    let r = Redir::with_args("metrics", &["--metrics", "127.0.0.1:9901"]).unwrap();
+    let vm = r.status().unwrap().iface;
+    let (status, body) = scrape(&r, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        metric(
+            &body,
+            &format!("netredir_vm_agent_connected{{vm=\"{vm}\"}}")
+        ),
+        Some(0),
+        "{body}"
+    );
+    r.start_agent("agent", &[&format!("printer={LAN_IP}:9100")])
+        .unwrap();
+    let job = text_job(300_000, 3);
+    print_and_measure(&r, "p1", &job);
+    print_and_measure(&r, "p2", &job);
+    let (_, body) = scrape(&r, "/metrics");
+    let res = format!("vm=\"{vm}\",resource=\"printer\"");
+    assert_eq!(
+        metric(
+            &body,
+            &format!("netredir_vm_agent_connected{{vm=\"{vm}\"}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!("netredir_resource_flows_opened_total{{{res}}}")
+        ),
+        Some(2),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!("netredir_resource_bytes_total{{{res},direction=\"to_resource\"}}")
+        ),
+        Some(2 * job.len() as u64)
+    );
+    assert_eq!(
+        metric(&body, &format!("netredir_resource_online{{{res}}}")),
+        Some(1)
+    );
+    assert!(
+        metric(
+            &body,
+            &format!("netredir_vm_data_bytes_total{{vm=\"{vm}\",direction=\"out\"}}")
+        ) >= Some(2 * job.len() as u64)
+    );
+    assert!(metric(&body, "netredir_process_resident_bytes").is_some_and(|b| b > 1 << 20));
+    let (status, _) = scrape(&r, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
 #[test]
 fn unpaired_agents_bad_codes_and_garbage_are_refused() {
     let r = Redir::new("refusals").unwrap();

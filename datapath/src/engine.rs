@@ -552,6 +552,32 @@ impl Engine {
         })
     }
 
+    /// The resource `flow` (TCP or UDP) goes to, for per-resource
+    /// accounting.
+    pub fn flow_resource(&self, flow: FlowId) -> Option<ResourceId> {
+        let key = match self.flows.get(&flow) {
+            Some(f) => &f.key,
+            None => &self.udp_flows.get(&flow)?.key,
+        };
+        self.resource_at(key.vip.0).map(|r| r.id)
+    }
+
+    /// Open flows (TCP and UDP) per resource.
+    pub fn flows_per_resource(&self) -> BTreeMap<ResourceId, usize> {
+        let mut out = BTreeMap::new();
+        let keys = self
+            .flows
+            .values()
+            .map(|f| &f.key)
+            .chain(self.udp_flows.values().map(|u| &u.key));
+        for k in keys {
+            if let Some(r) = self.resource_at(k.vip.0) {
+                *out.entry(r.id).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
     /// Flows open or opening.
     pub fn flow_count(&self) -> usize {
         self.flows.len() + self.udp_flows.len()

@@ -106,6 +106,8 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Every flow is a real socket here.
     netredir_uring::raise_fd_limit();

@@ -49,6 +49,8 @@ pub enum Request {
     PairsList(Option<String>, Sender<Response>),
     /// Answer with `Response::Unpaired` (or an error).
     Unpair(Option<String>, String, Sender<Response>),
+    /// Answer with the Prometheus text of [`crate::metrics`].
+    Metrics(Sender<String>),
     /// Stop the loop.
     Shutdown,
 }
@@ -179,6 +181,9 @@ struct Loop {
     by_id: HashMap<u32, usize>,
     pending_frames: Vec<Vec<u8>>,
     counters: HashMap<&'static str, u64>,
+    /// Per resource name: flows opened, bytes each way (kept across
+    /// agent reconnects, for metrics).
+    per_resource: HashMap<String, crate::metrics::ResourceTotals>,
     last_ping: Instant,
     /// Refusals and malformed frames as of the last warning about them.
     reported: (Instant, [u64; 4]),
@@ -221,6 +226,7 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
         by_id: HashMap::new(),
         pending_frames: Vec::new(),
         counters: HashMap::new(),
+        per_resource: HashMap::new(),
         last_ping: Instant::now(),
         reported: (Instant::now(), [0; 4]),
         reported_preauth: 0,
@@ -277,6 +283,9 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
                 }
                 Request::Unpair(vm, key, reply) => {
                     let _ = reply.send(l.unpair(vm, &key, now));
+                }
+                Request::Metrics(reply) => {
+                    let _ = reply.send(l.metrics());
                 }
                 Request::Shutdown => stop = true,
             }
@@ -357,6 +366,23 @@ fn to_msg(ev: Event) -> Option<Msg> {
 }
 
 impl Loop {
+    /// Adds to the totals of the resource `flow` goes to.
+    fn account(&mut self, flow: u32, f: impl FnOnce(&mut crate::metrics::ResourceTotals)) {
+        let Some(id) = self.engine.flow_resource(flow) else {
+            return;
+        };
+        let Some(r) = self.by_id.get(&id).map(|i| &self.resources[*i]) else {
+            return;
+        };
+        if let Some(t) = self.per_resource.get_mut(&r.name) {
+            f(t);
+        } else {
+            let mut t = crate::metrics::ResourceTotals::default();
+            f(&mut t);
+            self.per_resource.insert(r.name.clone(), t);
+        }
+    }
+
     fn bump(&mut self, k: &'static str) {
         *self.counters.entry(k).or_default() += 1;
     }
@@ -830,8 +856,14 @@ impl Loop {
                     };
                     self.engine.open_err(flow, why, now)
                 }
-                Msg::Data { flow, bytes } => self.engine.data(flow, &bytes, now),
-                Msg::Datagram { flow, bytes } => self.engine.datagram(flow, &bytes, now),
+                Msg::Data { flow, bytes } => {
+                    self.account(flow, |t| t.from_resource += bytes.len() as u64);
+                    self.engine.data(flow, &bytes, now)
+                }
+                Msg::Datagram { flow, bytes } => {
+                    self.account(flow, |t| t.from_resource += bytes.len() as u64);
+                    self.engine.datagram(flow, &bytes, now)
+                }
                 Msg::EchoReply { token, ok } => {
                     self.engine.echo_reply(token, ok);
                     Ok(())
@@ -1001,6 +1033,26 @@ impl Loop {
                 let Some(ev) = self.engine.poll_event() else {
                     break;
                 };
+                let acct = match &ev {
+                    Event::Open { resource, .. } | Event::OpenUdp { resource, .. } => {
+                        Some((*resource, 1, 0))
+                    }
+                    Event::Data { flow, bytes } | Event::Datagram { flow, bytes } => self
+                        .engine
+                        .flow_resource(*flow)
+                        .map(|r| (r, 0, bytes.len() as u64)),
+                    _ => None,
+                };
+                if let Some((rid, opens, n)) = acct
+                    && let Some(r) = self.by_id.get(&rid).map(|i| &self.resources[*i])
+                {
+                    if !self.per_resource.contains_key(&r.name) {
+                        self.per_resource.insert(r.name.clone(), Default::default());
+                    }
+                    let t = self.per_resource.get_mut(&r.name).expect("inserted");
+                    t.opens += opens;
+                    t.to_resource += n;
+                }
                 match ev {
                     Event::Closed { flow } => h.session.forget_flow(flow),
                     Event::Open { resource, flow, .. } => {
@@ -1112,6 +1164,50 @@ impl Loop {
             host_fingerprint: host.to_hex(),
             valid_for_secs: CODE_LIFETIME.as_secs(),
         }
+    }
+
+    /// This daemon's metrics in the Prometheus text format.
+    fn metrics(&self) -> String {
+        let st = self.status();
+        let stats = self.stats();
+        let e = self.engine.counters();
+        let open = self.engine.flows_per_resource();
+        let resources = self
+            .resources
+            .iter()
+            .map(|r| {
+                let t = self.per_resource.get(&r.name).cloned().unwrap_or_default();
+                let id = self
+                    .by_id
+                    .iter()
+                    .find(|(_, i)| self.resources[**i].name == r.name);
+                let flows = id.and_then(|(id, _)| open.get(id)).copied().unwrap_or(0);
+                crate::metrics::ResourceReport {
+                    name: r.name.clone(),
+                    online: r.online,
+                    flows: flows as u64,
+                    totals: t,
+                }
+            })
+            .collect::<Vec<_>>();
+        let vm = crate::metrics::VmReport {
+            name: self.cfg.vm.clone(),
+            agent_connected: st.agent_connected,
+            flows: st.flows,
+            flow_buffer_bytes: (self.engine.flow_count() * self.engine.flow_cost()) as u64,
+            session: stats.session,
+            refusals: vec![
+                ("no_resource", e.refused_no_resource),
+                ("offline", e.refused_offline),
+                ("limit", e.refused_limit),
+                ("rate", e.refused_rate),
+                ("opening", e.syn_dropped_opening),
+                ("by_agent", e.refused_by_agent),
+            ],
+            counters: st.counters,
+            resources,
+        };
+        crate::metrics::render(&[vm])
     }
 
     fn map_entries(&self) -> Vec<MapEntry> {

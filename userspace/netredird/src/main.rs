@@ -11,11 +11,14 @@
 //!   socket, the tunnel listener and connection, and the VM's engine;
 //! - the control server ([`control`]): answers `netredirctl` on a unix
 //!   socket, asking the data path over a crossbeam channel;
+//! - with `--metrics`, the metrics server ([`metrics`]): Prometheus text
+//!   over HTTP, asking the data path the same way;
 //! - main: waits for SIGINT/SIGTERM (or the data path failing), then stops
 //!   the data path, removes the control socket and detaches XDP.
 
 mod control;
 mod datapath;
+mod metrics;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -97,6 +100,10 @@ struct Args {
     /// Most memory all of the VM's TCP flows may hold in buffers, MiB.
     #[arg(long, value_name = "MIB", default_value_t = 96)]
     max_buffer_mib: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (per VM and per
+    /// resource: flows, bytes, refusals, tunnel state); off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log: String,
@@ -117,6 +124,8 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(args) {
         eprintln!("netredird: {e:#}");
@@ -173,6 +182,7 @@ fn run(args: Args) -> Result<()> {
     if args.vm.as_deref().is_some_and(|v| v.trim().is_empty()) {
         anyhow::bail!("--vm needs a name (the libvirt domain's name or UUID)");
     }
+    let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
     let mut control = control::Server::bind(&args.control)?;
     let identity = Identity::load_or_create(&args.state_dir, "host", "netredird")
         .context("cannot load or create the host identity (--state-dir)")?;
@@ -268,6 +278,9 @@ fn run(args: Args) -> Result<()> {
         .context("cannot start the data path thread")?;
     let steer = Arc::new(std::sync::Mutex::new(steer));
     control.spawn(tx.clone(), waker.clone(), steer.clone())?;
+    if let Some(l) = metrics_listener {
+        metrics::serve(l, tx.clone(), waker.clone())?;
+    }
 
     let outcome = loop {
         if let Some(sig) = wait_signal(&sigs, Duration::from_millis(200)) {
