@@ -50,8 +50,22 @@ impl Redir {
         self.tb.dir().join("agent-state")
     }
 
+    /// netredird with `env` (`NAME=VALUE`) in its environment.
+    pub fn with_env(tag: &str, env: &[&str], daemon_args: &[&str]) -> Result<Self> {
+        let tb = Testbed::new(tag)?;
+        let control = tb.dir().join("control.sock");
+        let r = Self { tb, control };
+        r.start_daemon_env(env, daemon_args)?;
+        Ok(r)
+    }
+
     /// Starts netredird on the host end of the VM's NIC.
     pub fn start_daemon(&self, extra: &[&str]) -> Result<()> {
+        self.start_daemon_env(&[], extra)
+    }
+
+    /// The same with `env` (`NAME=VALUE`) in its environment.
+    pub fn start_daemon_env(&self, env: &[&str], extra: &[&str]) -> Result<()> {
         let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
         let control = self.control.to_string_lossy().into_owned();
         let state = self.host_state().to_string_lossy().into_owned();
@@ -68,8 +82,17 @@ impl Redir {
             "debug",
         ];
         args.extend_from_slice(extra);
-        self.tb
-            .spawn(&self.tb.host, "netredird", bin("netredird")?, &args)?;
+        let daemon = bin("netredird")?;
+        if env.is_empty() {
+            self.tb.spawn(&self.tb.host, "netredird", daemon, &args)?;
+        } else {
+            // env(1) sets them and execs netredird in the same process.
+            let d = daemon.to_string_lossy().into_owned();
+            let mut all: Vec<&str> = env.to_vec();
+            all.push(&d);
+            all.extend_from_slice(&args);
+            self.tb.spawn(&self.tb.host, "netredird", "env", &all)?;
+        }
         wait_until(
             "netredird to answer on its control socket",
             Duration::from_secs(20),

@@ -389,3 +389,29 @@ fn an_unreachable_target_says_no_route_to_host() {
     assert_eq!(res, Err(ErrorKind::HostUnreachable));
     assert!(r.counter("engine.refused_by_agent").unwrap() >= 1);
 }
+
+#[test]
+fn netredird_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    // What systemd's Type=notify sees: READY=1 once the control socket
+    // answers, STOPPING=1 on SIGTERM.
+    let dir = std::env::temp_dir().join(format!("netredir-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let env = format!("NOTIFY_SOCKET={}", path.display());
+    let r = Redir::with_env("notify", &[&env], &[]).unwrap();
+    let mut b = [0u8; 512];
+    let n = sock.recv(&mut b).unwrap();
+    let msg = String::from_utf8_lossy(&b[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(msg.contains("STATUS=serving VM"), "{msg}");
+    r.tb.signal("netredird", libc::SIGTERM).unwrap();
+    let n = sock.recv(&mut b).unwrap();
+    assert_eq!(&b[..n], b"STOPPING=1");
+    r.tb.wait_exit("netredird", Duration::from_secs(30))
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

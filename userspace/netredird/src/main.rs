@@ -146,6 +146,24 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Tells systemd how the daemon stands (`READY=1`, `STOPPING=1`, with
+/// `Type=notify`); nothing when not started by it (no `NOTIFY_SOCKET`).
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => s.send_to_addr(state.as_bytes(), &UnixAddr::from_abstract_name(name)?),
+        None => s.send_to(state.as_bytes(), &path),
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify systemd ({}): {e}", path.to_string_lossy());
+    }
+}
+
 /// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal if one came.
 fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
     let ts = libc::timespec {
@@ -242,12 +260,13 @@ fn run(args: Args) -> Result<()> {
         "netredird ready: steer attached, waiting for the agent"
     );
 
+    let vm_name = args.vm.clone().unwrap_or_else(|| args.iface.clone());
     let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
     let (tx, rx) = crossbeam_channel::bounded(64);
     tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
     let cfg = datapath::Config {
         iface: args.iface.clone(),
-        vm: args.vm.clone().unwrap_or_else(|| args.iface.clone()),
+        vm: vm_name.clone(),
         subnet: args.subnet,
         prefix6: args.prefix6,
         mtu: mtu as usize,
@@ -281,10 +300,15 @@ fn run(args: Args) -> Result<()> {
     if let Some(l) = metrics_listener {
         metrics::serve(l, tx.clone(), waker.clone())?;
     }
+    sd_notify(&format!(
+        "READY=1\nSTATUS=serving VM {} on {}",
+        vm_name, args.iface
+    ));
 
     let outcome = loop {
         if let Some(sig) = wait_signal(&sigs, Duration::from_millis(200)) {
             tracing::info!(signal = sig, "stopping");
+            sd_notify("STOPPING=1");
             let _ = tx.send(datapath::Request::Shutdown);
             waker.wake();
             break datapath.join();
