@@ -93,6 +93,7 @@ enum MapCmd {
 }
 
 fn main() {
+    netredir_shared::docs::generate_if_requested(<Args as clap::CommandFactory>::command(), "8");
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("netredirctl: {e:#}");

@@ -99,6 +99,7 @@ fn default_name() -> String {
 }
 
 fn main() {
+    netredir_shared::docs::generate_if_requested(<Args as clap::CommandFactory>::command(), "1");
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));

@@ -117,6 +117,7 @@ fn parse_resource_mode(s: &str) -> Result<(String, Compression), String> {
 }
 
 fn main() {
+    netredir_shared::docs::generate_if_requested(<Args as clap::CommandFactory>::command(), "8");
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));

@@ -14,8 +14,12 @@
 //! - [`subnet`]: IPv4 prefixes as the daemons take them on the command line.
 //! - [`tls`]: the tunnel's TLS 1.3, sans-IO, both sides pinned by
 //!   certificate fingerprint; identities on disk and pairing codes.
+//! - `docs` (feature `docs`): man pages and shell completions for the
+//!   package, from each binary's clap definition.
 
 pub mod control;
+#[cfg(feature = "docs")]
+pub mod docs;
 pub mod export;
 pub mod link;
 pub mod pairing;
