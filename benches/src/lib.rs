@@ -70,6 +70,9 @@ impl Redir {
         let control = self.control.to_string_lossy().into_owned();
         let state = self.host_state().to_string_lossy().into_owned();
         let mut args = vec![
+            // Hermetic: never the host's own /etc/netredir/netredird.toml.
+            "--config",
+            "/dev/null",
             "--iface",
             HOST_VM_IFACE,
             "--listen",

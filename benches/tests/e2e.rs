@@ -287,6 +287,8 @@ fn netredird_says_why_it_cannot_start() {
             r.tb.host
                 .command(&daemon)
                 .args([
+                    "--config",
+                    "/dev/null",
                     "--iface",
                     iface,
                     "--listen",
@@ -414,4 +416,67 @@ fn netredird_tells_systemd_when_it_is_ready_and_when_it_stops() {
     r.tb.wait_exit("netredird", Duration::from_secs(30))
         .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn netredird_takes_its_settings_from_a_config_file_and_flags_win() {
+    let tb = netredir_benches::testbed::Testbed::new("config").unwrap();
+    let control = tb.dir().join("control.sock");
+    let config = tb.dir().join("netredird.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{HOST_WAN_IP}:{TUNNEL_PORT}\"\ncontrol = \"{}\"\nstate_dir = \"{}\"\n\
+             subnet = \"100.99.0.0/16\"\nzone = \"file.test\"\n\n\
+             [[vm]]\nname = \"alice-desktop\"\niface = \"{HOST_VM_IFACE}\"\n",
+            control.display(),
+            tb.dir().join("state").display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_string_lossy().into_owned();
+    let daemon = netredir_benches::testbed::bin("netredird").unwrap();
+    tb.spawn(
+        &tb.host,
+        "netredird",
+        &daemon,
+        &["--config", &cfg, "--zone", "flag.test"],
+    )
+    .unwrap();
+    let r = Redir { tb, control };
+    wait_until("netredird to answer", Duration::from_secs(20), || {
+        !r.tb.running("netredird") || r.status().is_ok()
+    })
+    .unwrap();
+    let st = r
+        .status()
+        .unwrap_or_else(|_| panic!("{}", r.tb.log_tail("netredird")));
+    assert_eq!(st.iface, HOST_VM_IFACE);
+    assert_eq!(st.subnet, "100.99.0.0/16", "from the file");
+    assert_eq!(st.zone, "flag.test", "the flag wins");
+    // Pairing codes are for the VM the file names.
+    match netredir_shared::control::request(
+        &r.control,
+        &netredir_shared::control::Request::Pair { vm: None },
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    {
+        netredir_shared::control::Response::Pair { vm, .. } => assert_eq!(vm, "alice-desktop"),
+        other => panic!("{other:?}"),
+    }
+    // A misspelt key stops it at once, naming the file and the key.
+    std::fs::write(&config, "grase = 3\n").unwrap();
+    let out =
+        r.tb.host
+            .command(&daemon)
+            .args(["--config", &cfg])
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("netredird.toml") && err.contains("grase"),
+        "{err}"
+    );
 }

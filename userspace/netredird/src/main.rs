@@ -16,6 +16,7 @@
 //! - main: waits for SIGINT/SIGTERM (or the data path failing), then stops
 //!   the data path, removes the control socket and detaches XDP.
 
+mod config;
 mod control;
 mod datapath;
 mod metrics;
@@ -40,11 +41,16 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Host end of the VM's NIC (tap or veth); steer is attached here.
+    /// Settings file (TOML; flags given here win over it) [default:
+    /// /etc/netredir/netredird.toml, if it is there].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Host end of the VM's NIC (tap or veth); steer is attached here
+    /// (or the `iface` of the config's `[[vm]]`).
     #[arg(long)]
-    iface: String,
-    /// Address and port to accept the agent on, e.g. 0.0.0.0:7900.
-    #[arg(long, value_name = "ADDR:PORT")]
+    iface: Option<String>,
+    /// Address and port to accept agents on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7900")]
     listen: SocketAddr,
     /// The virtual subnet that resources get addresses in.
     #[arg(long, value_name = "CIDR", default_value = DEFAULT_SUBNET)]
@@ -118,7 +124,17 @@ fn parse_resource_mode(s: &str) -> Result<(String, Compression), String> {
 
 fn main() {
     netredir_shared::docs::generate_if_requested(<Args as clap::CommandFactory>::command(), "8");
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let args = match <Args as clap::FromArgMatches>::from_arg_matches(&matches)
+        .map_err(anyhow::Error::from)
+        .and_then(|a| config::apply(a, &matches))
+    {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("netredird: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
     tracing_subscriber::fmt()
@@ -177,17 +193,22 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
 }
 
 fn run(args: Args) -> Result<()> {
+    let Some(iface) = args.iface.clone() else {
+        bail!(
+            "no VM to serve: give --iface IF (the host end of the VM's NIC), or a [[vm]] in the config file"
+        );
+    };
     let sigs = block_signals();
     // Every agent connection is a descriptor (and so is every handshake).
     netredir_uring::raise_fd_limit();
-    if !interface_exists(&args.iface) {
+    if !interface_exists(&iface) {
         bail!(
             "cannot attach XDP to {}: no such interface (give the host end of the VM's NIC)",
-            args.iface
+            iface
         );
     }
-    let mac = interface_mac(&args.iface)
-        .with_context(|| format!("cannot read the MAC address of {}", args.iface))?;
+    let mac = interface_mac(&iface)
+        .with_context(|| format!("cannot read the MAC address of {}", iface))?;
     // Bind first: a busy port should not leave XDP half set up.
     let listener = TcpListener::bind(args.listen).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => {
@@ -235,23 +256,23 @@ fn run(args: Args) -> Result<()> {
         args.dedicated,
     )?;
     let xsk = if args.dedicated {
-        let xsk = Xsk::open(&args.iface, 0)?;
+        let xsk = Xsk::open(&iface, 0)?;
         steer.register_xsk(0, xsk.fd())?;
-        steer.attach(&args.iface)?;
+        steer.attach(&iface)?;
         xsk
     } else {
-        let inner = steer.make_pair(&args.iface)?;
+        let inner = steer.make_pair(&iface)?;
         let xsk = Xsk::open(&inner, 0)?;
         steer.register_xsk(0, xsk.fd())?;
-        steer.attach_shared(&args.iface)?;
+        steer.attach_shared(&iface)?;
         xsk
     };
     // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
-    let mtu = netredir_datapath::netlink::mtu(&args.iface)
+    let mtu = netredir_datapath::netlink::mtu(&iface)
         .unwrap_or(1500)
         .min(netredir_datapath::steer::MAX_XDP_MTU);
     tracing::info!(
-        iface = %args.iface,
+        iface = %iface,
         mtu,
         mode = if args.dedicated { "dedicated NIC (XDP)" } else { "shared NIC (TC + own veth pair)" },
         subnet = %args.subnet,
@@ -261,12 +282,12 @@ fn run(args: Args) -> Result<()> {
         "netredird ready: steer attached, waiting for the agent"
     );
 
-    let vm_name = args.vm.clone().unwrap_or_else(|| args.iface.clone());
+    let vm_name = args.vm.clone().unwrap_or_else(|| iface.clone());
     let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
     let (tx, rx) = crossbeam_channel::bounded(64);
     tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
     let cfg = datapath::Config {
-        iface: args.iface.clone(),
+        iface: iface.clone(),
         vm: vm_name.clone(),
         subnet: args.subnet,
         prefix6: args.prefix6,
@@ -303,7 +324,7 @@ fn run(args: Args) -> Result<()> {
     }
     sd_notify(&format!(
         "READY=1\nSTATUS=serving VM {} on {}",
-        vm_name, args.iface
+        vm_name, iface
     ));
 
     let outcome = loop {

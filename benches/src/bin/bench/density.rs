@@ -91,6 +91,8 @@ impl Sessions {
                 &format!("netredird-{i}"),
                 &netredird,
                 &[
+                    "--config",
+                    "/dev/null",
                     "--iface",
                     &v,
                     "--listen",
