@@ -283,6 +283,11 @@ fn run(args: Args) -> Result<()> {
     );
 
     let vm_name = args.vm.clone().unwrap_or_else(|| iface.clone());
+    if args.vm.is_none() {
+        tracing::warn!(
+            "no --vm: pairings are bound to the interface name {iface}, which libvirt gives anew on every boot; name the VM (its libvirt domain) with --vm or [[vm]] name"
+        );
+    }
     let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
     let (tx, rx) = crossbeam_channel::bounded(64);
     tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
