@@ -79,6 +79,22 @@ impl Out {
     fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
+    /// A counter with one row per VM and value of `key` (`rows` of a VM).
+    fn by_vm_and<'a>(
+        &mut self,
+        vms: &'a [VmReport],
+        name: &str,
+        help: &str,
+        key: &str,
+        rows: impl Fn(&'a VmReport) -> Vec<(&'a str, u64)>,
+    ) {
+        self.head(name, "counter", help);
+        for v in vms {
+            for (k, n) in rows(v) {
+                self.line(name, &[("vm", &v.name), (key, k)], n);
+            }
+        }
+    }
     fn line(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
         let l: Vec<String> = labels
             .iter()
@@ -166,28 +182,20 @@ pub fn render(vms: &[VmReport]) -> String {
             o.line(name, &[("vm", &v.name), ("direction", "in")], inn);
         }
     }
-    let name = "netredir_vm_refusals_total";
-    o.head(
-        name,
-        "counter",
+    o.by_vm_and(
+        vms,
+        "netredir_vm_refusals_total",
         "New flows refused or dropped, by reason (no_resource, offline, limit, rate, opening, by_agent).",
+        "reason",
+        |v| v.refusals.iter().map(|(k, n)| (*k, *n)).collect(),
     );
-    for v in vms {
-        for (reason, n) in &v.refusals {
-            o.line(name, &[("vm", &v.name), ("reason", reason)], *n);
-        }
-    }
-    let name = "netredir_vm_counter_total";
-    o.head(
-        name,
-        "counter",
+    o.by_vm_and(
+        vms,
+        "netredir_vm_counter_total",
         "Every counter of `netredirctl status`, by its name there.",
+        "counter",
+        |v| v.counters.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
     );
-    for v in vms {
-        for (c, n) in &v.counters {
-            o.line(name, &[("vm", &v.name), ("counter", c)], *n);
-        }
-    }
     type RGet = fn(&ResourceReport) -> u64;
     let per_res: [(&str, &str, &str, RGet); 3] = [
         (
