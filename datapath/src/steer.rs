@@ -240,7 +240,14 @@ impl Steer {
                 iface: inner.clone(),
                 source,
             })?;
+        // Before TCX (6.6) aya attaches through netlink, under a clsact
+        // qdisc that must be there first: add it (it may be already).
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         for (prog, iface) in [("reflect", outer.as_str()), ("steer_tc", nic)] {
+            if !tcx && let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
+                tracing::debug!(iface, "clsact qdisc not added (there already?): {e}");
+            }
             tc_program(&mut self.ebpf, prog)?
                 .attach(iface, TcAttachType::Ingress)
                 .map_err(|source| match &source {
