@@ -120,6 +120,15 @@ fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let vms = || {
+        let (ok, json, err) = ctl(&["vm", "list", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Vec<netredir_shared::control::VmInfo>>(&json).unwrap()
+    };
+    let before = vms();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].mode, "shared");
+    assert!(before[0].agent_connected, "{before:?}");
     let (ok, json, err) = ctl(&["pairs", "list", "--json"]);
     assert!(ok, "{err}");
     let agents: Vec<netredir_shared::pairing::PairedAgent> = serde_json::from_str(&json).unwrap();
@@ -136,6 +145,7 @@ fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
     let log = r.tb.log_tail("agent");
     assert!(log.contains("is not paired with VM"), "{log}");
     assert!(!r.status().unwrap().agent_connected);
+    assert!(!vms()[0].agent_connected);
     let (ok, json, _) = ctl(&["pairs", "list", "--json"]);
     assert!(ok && json.trim() == "[]", "{json}");
     let (ok, _, err) = ctl(&["unpair", key]);

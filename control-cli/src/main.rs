@@ -52,6 +52,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The VMs netredird serves.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
     /// The agents paired with the VMs: their key, name and VM.
     Pairs {
         #[command(subcommand)]
@@ -66,6 +71,16 @@ enum Cmd {
         /// The agent's key fingerprint (hex, as `pairs list` shows it; a
         /// unique prefix of 8 digits or more will do).
         key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// One row per VM: name, interface, mode, agent, flows, bytes, memory.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -170,6 +185,39 @@ fn run(args: Args) -> Result<()> {
                     &host_fingerprint[..16],
                     valid_for_secs / 60
                 );
+            }
+        }
+        Cmd::Vm {
+            cmd: VmCmd::List { json },
+        } => {
+            let Response::Vms { vms } = ask(&args, Request::VmList)? else {
+                bail!("netredird answered vm list with something else");
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                println!(
+                    "{:<20}  {:<10}  {:<9}  {:<20}  {:>5}  {:>12}  {:>12}  {:>9}",
+                    "VM", "IFACE", "MODE", "AGENT", "FLOWS", "FROM GUEST", "TO GUEST", "BUF MIB"
+                );
+                for v in &vms {
+                    let agent = match (&v.agent, v.agent_connected) {
+                        (Some(a), true) => printable(a),
+                        (Some(a), false) => format!("{} (away)", printable(a)),
+                        (None, _) => "none".into(),
+                    };
+                    println!(
+                        "{:<20}  {:<10}  {:<9}  {:<20}  {:>5}  {:>12}  {:>12}  {:>9}",
+                        printable(&v.name),
+                        printable(&v.iface),
+                        v.mode,
+                        agent,
+                        v.flows,
+                        v.bytes_from_guest,
+                        v.bytes_to_guest,
+                        v.flow_buffer_bytes >> 20
+                    );
+                }
             }
         }
         Cmd::Pairs {

@@ -169,6 +169,7 @@ fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Ste
         Request::Stats => dp.send(DpRequest::Stats(tx.clone())),
         Request::Pair { vm } => dp.send(DpRequest::Pair(vm, tx.clone())),
         Request::PairsList { vm } => dp.send(DpRequest::PairsList(vm, tx.clone())),
+        Request::VmList => dp.send(DpRequest::VmList(tx.clone())),
         Request::Unpair { vm, key } => dp.send(DpRequest::Unpair(vm, key, tx.clone())),
     };
     if sent.is_err() {

@@ -20,7 +20,9 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
 use netredir_datapath::xsk::Xsk;
-use netredir_shared::control::{FlowReport, MapEntry, Response, SessionReport, Stats, Status};
+use netredir_shared::control::{
+    FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
+};
 use netredir_shared::link::{Link, LinkError};
 use netredir_shared::pairing::{CODE_LIFETIME, PairStore};
 use netredir_shared::session::{Compression, Session, SessionConfig};
@@ -45,6 +47,8 @@ pub enum Request {
     Stats(Sender<Response>),
     /// Answer with `Response::Pair` (or an error).
     Pair(Option<String>, Sender<Response>),
+    /// Answer with `Response::Vms`.
+    VmList(Sender<Response>),
     /// Answer with `Response::Pairs`.
     PairsList(Option<String>, Sender<Response>),
     /// Answer with `Response::Unpaired` (or an error).
@@ -275,6 +279,11 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
                 }
                 Request::Pair(vm, reply) => {
                     let _ = reply.send(l.pair(vm, now));
+                }
+                Request::VmList(reply) => {
+                    let _ = reply.send(Response::Vms {
+                        vms: vec![l.vm_info()],
+                    });
                 }
                 Request::PairsList(vm, reply) => {
                     let _ = reply.send(Response::Pairs {
@@ -1163,6 +1172,27 @@ impl Loop {
             vm: self.cfg.vm.clone(),
             host_fingerprint: host.to_hex(),
             valid_for_secs: CODE_LIFETIME.as_secs(),
+        }
+    }
+
+    /// This VM's row of `vm list`.
+    fn vm_info(&self) -> VmInfo {
+        let e = self.engine.counters();
+        VmInfo {
+            name: self.cfg.vm.clone(),
+            iface: self.cfg.iface.clone(),
+            mode: if self.cfg.dedicated {
+                "dedicated"
+            } else {
+                "shared"
+            }
+            .into(),
+            agent_connected: self.active.is_some(),
+            agent: self.hs.as_ref().map(|h| h.agent.clone()),
+            flows: self.engine.flow_count() as u64,
+            bytes_from_guest: e.bytes_from_guest,
+            bytes_to_guest: e.bytes_to_guest,
+            flow_buffer_bytes: (self.engine.flow_count() * self.engine.flow_cost()) as u64,
         }
     }
 

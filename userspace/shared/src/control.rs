@@ -26,6 +26,8 @@ pub enum Request {
     },
     /// Tunnel and per-flow statistics.
     Stats,
+    /// The VMs this daemon serves.
+    VmList,
     /// The agents paired with a VM (or with every VM).
     PairsList {
         /// Only this VM's.
@@ -123,6 +125,29 @@ pub struct Stats {
     pub refused_connections: u64,
 }
 
+/// One row of `vm list`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    /// The VM's name (its stable identity: the libvirt domain).
+    pub name: String,
+    /// The host end of its NIC.
+    pub iface: String,
+    /// `shared` (TC classifier) or `dedicated` (XDP, DHCP).
+    pub mode: String,
+    /// Whether its agent has a tunnel up.
+    pub agent_connected: bool,
+    /// The agent's name, if one ever connected.
+    pub agent: Option<String>,
+    /// Flows open now.
+    pub flows: u64,
+    /// Payload bytes from the guest and to it.
+    pub bytes_from_guest: u64,
+    /// See `bytes_from_guest`.
+    pub bytes_to_guest: u64,
+    /// The most its open TCP flows may hold in buffers.
+    pub flow_buffer_bytes: u64,
+}
+
 /// One row of `map list`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MapEntry {
@@ -191,6 +216,11 @@ pub enum Response {
     },
     /// Answer to [`Request::Stats`].
     Stats(Stats),
+    /// Answer to [`Request::VmList`].
+    Vms {
+        /// One row per VM.
+        vms: Vec<VmInfo>,
+    },
     /// Answer to [`Request::PairsList`].
     Pairs {
         /// The paired agents.
