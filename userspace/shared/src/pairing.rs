@@ -57,9 +57,14 @@ pub struct PairStore {
     pending: Vec<(PairCode, String, Instant)>,
 }
 
+/// Longest escaped name used as it is; longer ones are hashed (a file name
+/// may have 255 bytes).
+const MAX_PLAIN_NAME: usize = 200;
+
 /// The file name for `vm`: the name itself when it is safe in a path
 /// (letters, digits, `.`, `_`, `-`, not starting with `.`), else `%XX`
-/// escapes, so that any libvirt domain name maps to one file.
+/// escapes, so that any libvirt domain name maps to one file; a name too
+/// long for a file name becomes `~<sha256>.json` (its entries say which VM).
 fn file_for(vm: &str) -> String {
     let mut out = String::new();
     for (i, b) in vm.bytes().enumerate() {
@@ -70,13 +75,25 @@ fn file_for(vm: &str) -> String {
             out.push_str(&format!("%{b:02X}"));
         }
     }
+    if out.len() > MAX_PLAIN_NAME {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(vm.as_bytes());
+        out = String::from("~");
+        for b in h {
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
     out.push_str(".json");
     out
 }
 
-/// The VM whose file is named `name` (the inverse of [`file_for`]).
+/// The VM whose file is named `name` (the inverse of [`file_for`]; not
+/// for hashed names).
 fn vm_of(name: &str) -> Option<String> {
     let stem = name.strip_suffix(".json")?.as_bytes();
+    if stem.first() == Some(&b'~') {
+        return None;
+    }
     let mut out = Vec::with_capacity(stem.len());
     let mut i = 0;
     while i < stem.len() {
@@ -115,17 +132,24 @@ impl PairStore {
                     let path = e?.path();
                     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
                     // Temp files (`.NAME...tmp`) and anything else are not ours.
-                    let Some(vm) = vm_of(name).filter(|_| !name.starts_with('.')) else {
+                    let hashed = name.starts_with('~') && name.ends_with(".json");
+                    let plain = vm_of(name).filter(|_| !name.starts_with('.'));
+                    if plain.is_none() && !hashed {
                         continue;
-                    };
+                    }
                     let agents: Vec<PairedAgent> = serde_json::from_slice(&std::fs::read(&path)?)
                         .map_err(|e| invalid(&path, e))?;
-                    // The file is the VM's list, whatever its entries say.
                     for a in agents {
-                        store.add(PairedAgent {
-                            vm: vm.clone(),
-                            ..a
-                        });
+                        match &plain {
+                            // The file is the VM's list, whatever its entries say.
+                            Some(vm) => store.add(PairedAgent {
+                                vm: vm.clone(),
+                                ..a
+                            }),
+                            // A hashed name: the entries say, if they hash to it.
+                            None if file_for(&a.vm) == name => store.add(a),
+                            None => {}
+                        }
                     }
                 }
             }
@@ -374,6 +398,14 @@ mod tests {
         for n in &names {
             assert_eq!(file_for(&vm_of(n).unwrap()), *n);
         }
+        // A name too long for a file name (found by fuzzing) is hashed.
+        let long = "x".repeat(300);
+        let mut s = PairStore::load(&dir).unwrap();
+        let code = s.issue(&host, &long, now);
+        let fp = Fingerprint([200; 32]);
+        assert!(s.redeem(&code.secret, &fp, "x", &long, now).unwrap());
+        assert!(PairStore::load(&dir).unwrap().allows(&fp, &long));
+        assert!(file_for(&long).starts_with('~') && file_for(&long).len() < 80);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

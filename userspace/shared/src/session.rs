@@ -466,6 +466,12 @@ impl Session {
                 if seq <= self.received {
                     self.inpos += 4 + len;
                     self.stats.duplicates += 1;
+                    // The peer sends it again because it has not heard our
+                    // ack (lost with a connection, or the peer resumed from
+                    // an older count): ack again at the next chance, or its
+                    // replay buffer would keep the record for good.
+                    self.ack_sent = self.ack_sent.min(seq - 1);
+                    self.unacked_in = self.unacked_in.max(self.cfg.ack_every);
                     continue;
                 }
                 if seq != self.received + 1 {

@@ -214,6 +214,37 @@ fn a_lost_connection_loses_nothing_after_resume() {
 }
 
 #[test]
+fn a_record_sent_again_is_acknowledged_again() {
+    // b got the record and acked it, but the ack died with the connection
+    // and a resumed from an older count: b must ack the copy, or a keeps
+    // the record for good (found by the session_resume fuzz target).
+    let (mut a, mut b) = pair();
+    let now = Instant::now();
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: text(5000, 1),
+        },
+        now,
+    );
+    a.flush();
+    b.feed(&a.take_output()).unwrap();
+    assert_eq!(drain(&mut b).len(), 1);
+    b.maybe_ack(true);
+    let _lost = b.take_output();
+    a.connection_lost();
+    b.connection_lost();
+    a.resume(0).unwrap();
+    b.resume(a.received()).unwrap();
+    b.feed(&a.take_output()).unwrap();
+    assert!(drain(&mut b).is_empty(), "a copy, not delivered twice");
+    assert_eq!(b.stats().duplicates, 1);
+    b.maybe_ack(false);
+    a.feed(&b.take_output()).unwrap();
+    assert_eq!(a.replay_bytes(), 0, "the copy's ack empties a's replay");
+}
+
+#[test]
 fn resuming_from_a_point_no_longer_held_is_an_error() {
     let (mut a, mut b) = pair();
     let now = Instant::now();
