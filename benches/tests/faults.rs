@@ -272,9 +272,20 @@ fn flows_through_a_thousand_cuts_lose_nothing() {
                 r.tb.client
                     .run("ip", &["link", "set", "wan0", "down"])
                     .unwrap();
-                // The outage's length: a fault parameter, not a wait for
-                // anything to happen.
-                std::thread::sleep(Duration::from_secs(secs));
+                // The outage lasts its length, and one of 4 s or more
+                // until the host's heartbeat has noticed it too (so a
+                // long outage is one the host saw, not one it slept
+                // through).
+                let down = std::time::Instant::now();
+                wait_until(
+                    "the outage to last its length (and the host to notice a long one)",
+                    Duration::from_secs(secs + 30),
+                    || {
+                        down.elapsed() >= Duration::from_secs(secs)
+                            && (secs < 4 || r.status().is_ok_and(|s| !s.agent_connected))
+                    },
+                )
+                .unwrap();
                 r.tb.client
                     .run("ip", &["link", "set", "wan0", "up"])
                     .unwrap();
