@@ -153,6 +153,18 @@ impl Redir {
         self.tb
             .spawn(&self.tb.client, name, bin("netredir-agent")?, &args)?;
         let names: Vec<&str> = exports.iter().filter_map(|e| e.split('=').next()).collect();
+        // This agent's session first: the map may still show a previous
+        // agent's exports online until the host has taken the new Hello.
+        let log = self.tb.dir().join(format!("{name}.log"));
+        wait_until(
+            "the agent to be connected",
+            Duration::from_secs(20),
+            || {
+                std::fs::read_to_string(&log)
+                    .is_ok_and(|s| s.contains("connected to netredird; exports announced"))
+            },
+        )
+        .with_context(|| format!("agent log:\n{}", self.tb.log_tail(name)))?;
         wait_until(
             "the agent's exports to be online",
             Duration::from_secs(20),

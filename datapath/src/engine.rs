@@ -38,7 +38,7 @@ use smoltcp::wire::{
     EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet,
     TcpPacket,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -68,9 +68,17 @@ pub struct EngineConfig {
     pub socket_buffer: usize,
     /// Most concurrent flows; SYNs beyond are dropped (the guest retries).
     pub max_flows: usize,
-    /// Most flows waiting for the agent's answer; SYNs beyond are dropped
-    /// (the guest sends them again), as by a server whose queue is full.
+    /// Most flows waiting for the agent's answer (each costs its SYN and
+    /// a socket without buffers here, a connecting socket at the agent);
+    /// SYNs beyond wait for room (see `max_waiting`).
     pub max_opening: usize,
+    /// Most SYNs held, in order of arrival, while a limit (`max_opening`,
+    /// `max_flows`) is reached: each is let in as soon as a
+    /// flow ends, as a server's accept queue takes connections, so that a
+    /// guest waits no longer than it must (dropped, it would come back only
+    /// at its next retry, 1, 2, 4... 64 s later). SYNs beyond are dropped.
+    /// Each costs its SYN, not a flow's buffers.
+    pub max_waiting: usize,
     /// Seed for TCP initial sequence numbers.
     pub seed: u64,
     /// DNS zone the vDNS answers for.
@@ -78,7 +86,9 @@ pub struct EngineConfig {
     /// Serve DHCPv4 (the VM's NIC is only for netredir).
     pub dhcp: bool,
     /// Most bytes of TCP buffers (two socket buffers and a window per flow)
-    /// all flows of this VM may hold; SYNs beyond are dropped.
+    /// all open flows of this VM may hold. Beyond, a flow the agent has
+    /// connected waits to complete the guest's handshake until one ends;
+    /// the bytes its resource sends meanwhile count against 1/16 of this.
     pub max_memory: usize,
     /// New flows per second a guest may open, sustained.
     pub new_flow_rate: u32,
@@ -88,8 +98,9 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Defaults for a subnet: 256 KiB buffers and window, 4096 flows but at
-    /// most 96 MiB of their buffers (128 busy TCP flows), 128 waiting for
-    /// the agent, 200 new flows a second (bursts of 400).
+    /// most 96 MiB of their buffers (128 open TCP flows), 512 waiting for
+    /// the agent and 1024 SYNs for room, 200 new flows a second (bursts of
+    /// 400).
     pub fn new(subnet: Ipv4Addr, prefix_len: u8, mac: [u8; 6]) -> Self {
         Self {
             subnet,
@@ -101,7 +112,8 @@ impl EngineConfig {
             peer_window: 1024 * 1024,
             socket_buffer: 256 * 1024,
             max_flows: 4096,
-            max_opening: 128,
+            max_opening: 512,
+            max_waiting: 1024,
             seed: 0,
             zone: "netredir.internal".into(),
             dhcp: false,
@@ -246,8 +258,19 @@ pub struct Counters {
     /// New flows refused by the rate limit.
     pub refused_rate: u64,
     /// SYNs dropped (not refused) because [`EngineConfig::max_opening`]
-    /// flows already wait for the agent; the guest retries.
+    /// flows already wait for the agent and the waiting queue is full; the
+    /// guest retries.
     pub syn_dropped_opening: u64,
+    /// SYNs held for room under a limit ([`EngineConfig::max_waiting`]).
+    pub syn_waited: u64,
+    /// Held SYNs dropped because the guest stopped sending them (gone).
+    pub syn_wait_expired: u64,
+    /// Connected flows whose handshake waited for room under
+    /// [`EngineConfig::max_memory`].
+    pub open_waited: u64,
+    /// Waiting flows reset because their resources together sent more
+    /// than 1/16 of [`EngineConfig::max_memory`] before the guests' handshakes.
+    pub early_overflow: u64,
     /// Opens the agent refused.
     pub refused_by_agent: u64,
     /// Flows reset (by the guest, the agent, or an error).
@@ -299,6 +322,10 @@ impl Counters {
             ("refused_limit", self.refused_limit),
             ("refused_rate", self.refused_rate),
             ("syn_dropped_opening", self.syn_dropped_opening),
+            ("syn_waited", self.syn_waited),
+            ("syn_wait_expired", self.syn_wait_expired),
+            ("open_waited", self.open_waited),
+            ("early_overflow", self.early_overflow),
             ("refused_by_agent", self.refused_by_agent),
             ("resets", self.resets),
             ("closed", self.closed),
@@ -365,14 +392,44 @@ struct Flow {
     /// When a guest that has not finished its handshake since the agent
     /// connected counts as gone.
     handshake_by: Option<Instant>,
-    /// The guest's SYN (IP header and 8 bytes), quoted if the agent cannot
-    /// reach the target; dropped once the flow is open.
-    syn_quote: Vec<u8>,
+    /// The guest's SYN: fed to the flow's real socket once the agent has
+    /// connected and memory allows, quoted if the agent cannot reach the
+    /// target; dropped once the flow is open.
+    syn: Vec<u8>,
+    /// The agent connected; the flow waits for room under `max_memory`.
+    connected: bool,
 }
 
 /// An open flow whose guest sends nothing (not even an ACK) for this long
 /// is reset.
 const SOCKET_TIMEOUT_SECS: u64 = 120;
+
+/// A held SYN the guest has not sent again for this long is dropped: Linux
+/// sends its last SYN 64 s before it gives up, Windows 12 s.
+const WAIT_AFTER_SYN: Duration = Duration::from_secs(65);
+
+/// Longest SYN held (IPv6 with every TCP option fits).
+const MAX_HELD_SYN: usize = 160;
+
+/// What keeps a new flow out.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// `max_opening` flows wait for the agent.
+    Opening,
+    /// `max_flows`.
+    Flows,
+    /// Earlier SYNs are held.
+    Queue,
+}
+
+/// A SYN waiting for room under a limit.
+#[derive(Debug)]
+struct Held {
+    key: FlowKey,
+    syn: Vec<u8>,
+    /// When the guest last sent it.
+    seen: Instant,
+}
 
 /// One TCP flow as the engine holds it (see [`Engine::flow_state`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -461,6 +518,12 @@ pub struct Engine {
     guest_mac: Option<EthernetAddress>,
     /// When the next unsolicited router advertisement is due.
     next_ra: Option<Instant>,
+    /// SYNs waiting for room, oldest first.
+    held: VecDeque<Held>,
+    /// Keys of `held`.
+    held_keys: HashSet<FlowKey>,
+    /// Connected flows waiting for room under `max_memory`, oldest first.
+    ready: VecDeque<FlowId>,
     events: VecDeque<Event>,
     /// Payload bytes in `events` (at most [`MAX_QUEUED_OUT`]).
     queued_out: usize,
@@ -515,6 +578,9 @@ impl Engine {
             next_flow: 1,
             guest_mac: None,
             next_ra: None,
+            held: VecDeque::new(),
+            held_keys: HashSet::new(),
+            ready: VecDeque::new(),
             events: VecDeque::new(),
             queued_out: 0,
             throttled: false,
@@ -694,6 +760,10 @@ impl Engine {
                 self.remove_udp(id);
             }
             self.echoes.clear();
+            // Held SYNs come again and are refused then.
+            self.held.clear();
+            self.held_keys.clear();
+            self.ready.clear();
             self.poll(now);
         }
     }
@@ -846,6 +916,52 @@ impl Engine {
             }
             self.remove_flow(id);
         }
+        if self.held_keys.contains(&key) {
+            // Sent again while held: the guest is still there.
+            if let Some(h) = self.held.iter_mut().find(|h| h.key == key) {
+                h.seen = now;
+            }
+            return;
+        }
+        let Some(resource) = self.admit_or_refuse(key, &packet) else {
+            return;
+        };
+        if !self.take_token(now) {
+            self.counters.refused_rate += 1;
+            return;
+        }
+        // Over a limit the SYN waits for room, as in a server's accept
+        // queue, and is let in when a flow ends; with the queue full it is
+        // dropped, as by a server whose queue is full: the guest's stack
+        // sends it again (after 1, 2, 4... s). A RST would fail a
+        // connection that a moment later would have worked. Newcomers queue
+        // behind the held ones.
+        let Some(limit) = self.limit_reached().or(if self.held.is_empty() {
+            None
+        } else {
+            Some(Limit::Queue)
+        }) else {
+            return self.open_flow(key, resource, packet, now);
+        };
+        if self.held.len() < self.cfg.max_waiting && packet.len() <= MAX_HELD_SYN {
+            self.counters.syn_waited += 1;
+            self.held_keys.insert(key);
+            self.held.push_back(Held {
+                key,
+                syn: packet,
+                seen: now,
+            });
+            return;
+        }
+        match limit {
+            Limit::Opening | Limit::Queue => self.counters.syn_dropped_opening += 1,
+            Limit::Flows => self.counters.refused_limit += 1,
+        }
+    }
+
+    /// The resource a SYN to `key` may open, or `None` after refusing it
+    /// (no such resource, no agent: RST).
+    fn admit_or_refuse(&mut self, key: FlowKey, packet: &[u8]) -> Option<ResourceId> {
         let resource = self
             .resource_at(key.vip.0)
             .filter(|r| r.ports.contains(&key.vip.1))
@@ -860,57 +976,79 @@ impl Engine {
         if let Some(c) = refused {
             *c += 1;
             // No socket matches: smoltcp answers RST|ACK on the next poll.
-            self.dev.rx.push_back(packet);
-            return;
+            self.dev.rx.push_back(packet.to_vec());
+            return None;
         }
-        // Over a limit the SYN is dropped, as a busy server with a full
-        // queue drops it: the guest's stack sends it again (after 1, 2,
-        // 4... s) and gets in when flows have ended, as it would on the
-        // real network; a RST would fail a connection that a moment later
-        // would have worked.
+        resource
+    }
+
+    /// Which limit keeps a new flow out, if any.
+    fn limit_reached(&self) -> Option<Limit> {
         let opening = self
             .flows
             .values()
             .filter(|f| f.phase == Phase::Opening)
             .count();
-        let over = if opening >= self.cfg.max_opening {
-            Some(&mut self.counters.syn_dropped_opening)
-        } else if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows
-            || (self.flows.len() + 1) * self.flow_cost() > self.cfg.max_memory
-        {
-            Some(&mut self.counters.refused_limit)
-        } else if !self.take_token(now) {
-            Some(&mut self.counters.refused_rate)
+        if opening >= self.cfg.max_opening {
+            Some(Limit::Opening)
+        } else if self.flows.len() + self.udp_flows.len() >= self.cfg.max_flows {
+            Some(Limit::Flows)
         } else {
             None
-        };
-        if let Some(c) = over {
-            *c += 1;
-            return;
         }
-        let resource = resource.expect("checked above");
-        let buf = self.cfg.socket_buffer;
-        let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; buf]),
-            tcp::SocketBuffer::new(vec![0u8; buf]),
-        );
-        sock.set_nagle_enabled(false);
-        sock.set_ack_delay(None);
-        // No idle timeout while the agent connects: the guest's SYNs do not
-        // count as activity to a socket holding its SYN-ACK, and it would
-        // reset a guest still waiting (Linux tries for 127 s) when the
-        // agent connects after 120 s. Set once the handshake is done
-        // (smoltcp counts from the last segment it took: the first SYN).
-        sock.set_timeout(None);
-        sock.pause_synack(true);
-        let listen = IpListenEndpoint {
-            addr: Some(key.vip.0),
-            port: key.vip.1,
-        };
-        if sock.listen(listen).is_err() {
+    }
+
+    /// Lets held SYNs in while there is room, oldest first; true if any
+    /// left a frame to answer.
+    fn admit_held(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        // Connected flows first: their resource already waits.
+        while let Some(&id) = self.ready.front() {
+            let live = self
+                .flows
+                .get(&id)
+                .is_some_and(|f| f.phase == Phase::Opening && f.connected);
+            if live && !self.room_for_buffers() {
+                break;
+            }
+            self.ready.pop_front();
+            if live {
+                self.start_flow(id, now);
+                any = true;
+            }
+        }
+        while let Some(front) = self.held.front() {
+            if now.saturating_duration_since(front.seen) > WAIT_AFTER_SYN {
+                let h = self.held.pop_front().expect("front");
+                self.held_keys.remove(&h.key);
+                self.counters.syn_wait_expired += 1;
+                continue;
+            }
+            if self.limit_reached().is_some() {
+                break;
+            }
+            let h = self.held.pop_front().expect("front");
+            self.held_keys.remove(&h.key);
+            any = true;
+            // The resource may have gone, or the agent, since it came.
+            if let Some(resource) = self.admit_or_refuse(h.key, &h.syn) {
+                self.open_flow(h.key, resource, h.syn, now);
+            }
+        }
+        any
+    }
+
+    /// A flow for SYN `packet`: its socket answers once the agent connects.
+    fn open_flow(&mut self, key: FlowKey, resource: ResourceId, packet: Vec<u8>, now: Instant) {
+        // While the agent connects, a socket without buffers holds the
+        // guest's SYN (it takes the guest's retries and its RST if it gives
+        // up): a connection that waits costs a few hundred bytes, so as
+        // many as a direct client's would can wait at once. The buffers
+        // come with the flow's real socket, when it opens.
+        let Some(sock) = listener(key, 0) else {
             self.counters.malformed += 1;
             return;
-        }
+        };
         let handle = self.sockets.add(sock);
         let id = self.alloc_flow_id();
         self.flows.insert(
@@ -928,16 +1066,12 @@ impl Engine {
                 closed_socket: false,
                 timeout_set: false,
                 handshake_by: None,
-                syn_quote: packet[..packet.len().min(quote_len(&packet))].to_vec(),
+                syn: packet.clone(),
+                connected: false,
             },
         );
         self.by_key.insert(key, id);
-        // Only this SYN may meet the new listener: feed it alone, now.
-        let earlier = std::mem::take(&mut self.dev.rx);
-        self.dev.rx.push_back(packet);
-        let ts = self.ts(now);
-        self.iface.poll(ts, &mut self.dev, &mut self.sockets);
-        self.dev.rx = earlier;
+        self.feed_syn(packet, now);
         if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
             self.counters.malformed += 1;
             self.remove_flow(id);
@@ -950,6 +1084,65 @@ impl Engine {
             port: key.vip.1,
         });
         self.collect_frames();
+    }
+
+    /// Only this SYN may meet a new listener: feeds it alone, now.
+    fn feed_syn(&mut self, syn: Vec<u8>, now: Instant) {
+        let earlier = std::mem::take(&mut self.dev.rx);
+        self.dev.rx.push_back(syn);
+        let ts = self.ts(now);
+        self.iface.poll(ts, &mut self.dev, &mut self.sockets);
+        self.dev.rx = earlier;
+    }
+
+    /// Opens connected flow `id` for the guest: its real socket, with
+    /// buffers, takes the SYN and answers it.
+    fn start_flow(&mut self, id: FlowId, now: Instant) {
+        let Some(f) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if f.phase != Phase::Opening || !f.connected {
+            return;
+        }
+        let Some(mut sock) = listener(f.key, self.cfg.socket_buffer) else {
+            return;
+        };
+        sock.pause_synack(false);
+        let old = std::mem::replace(&mut f.handle, self.sockets.add(sock));
+        self.sockets.remove(old);
+        f.phase = Phase::Open;
+        f.handshake_by = Some(now + Duration::from_secs(SOCKET_TIMEOUT_SECS));
+        let syn = std::mem::take(&mut f.syn);
+        self.feed_syn(syn, now);
+    }
+
+    /// Bytes from resources for flows waiting for room.
+    fn early_bytes(&self) -> usize {
+        self.ready
+            .iter()
+            .filter_map(|id| self.flows.get(id))
+            .filter(|f| f.phase == Phase::Opening)
+            .map(|f| f.to_guest.len())
+            .sum()
+    }
+
+    /// TCP flows holding buffers (open, or aborted and not yet freed).
+    fn buffered_flows(&self) -> usize {
+        self.flows
+            .values()
+            .filter(|f| f.phase != Phase::Opening)
+            .count()
+    }
+
+    /// Whether memory allows one more flow its buffers.
+    fn room_for_buffers(&self) -> bool {
+        (self.buffered_flows() + 1) * self.flow_cost() <= self.cfg.max_memory
+    }
+
+    /// Bytes of TCP buffers the open flows may hold (the figure
+    /// `max_memory` caps).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffered_flows() * self.flow_cost()
     }
 
     /// The most one TCP flow can hold: its socket buffers and its window.
@@ -992,18 +1185,23 @@ impl Engine {
             .flows
             .get_mut(&flow)
             .ok_or(FlowError::UnknownFlow(flow))?;
-        if f.phase != Phase::Opening {
+        if f.phase != Phase::Opening || f.connected {
             self.counters.flow_errors += 1;
             return Err(FlowError::BadState(flow, "OpenOk"));
         }
-        f.phase = Phase::Open;
-        f.syn_quote = Vec::new();
+        f.connected = true;
         f.credit = peer_window;
         f.allowed = window;
-        f.handshake_by = Some(now + Duration::from_secs(SOCKET_TIMEOUT_SECS));
-        self.sockets
-            .get_mut::<tcp::Socket>(f.handle)
-            .pause_synack(false);
+        // With the buffers of `max_memory` all taken, the guest's handshake
+        // waits for a flow to end, as a connection waits in a server's
+        // accept queue; bytes the resource sends meanwhile wait here (at
+        // most a window).
+        if self.ready.is_empty() && self.room_for_buffers() {
+            self.start_flow(flow, now);
+        } else {
+            self.counters.open_waited += 1;
+            self.ready.push_back(flow);
+        }
         self.poll(now);
         Ok(())
     }
@@ -1020,11 +1218,13 @@ impl Engine {
         self.counters.refused_by_agent += 1;
         if why != Refusal::Refused && f.phase == Phase::Opening {
             // No RST: the SYN-ACK never went out, the socket just goes.
-            let quote = f.syn_quote.clone();
+            let quote = f.syn[..f.syn.len().min(quote_len(&f.syn))].to_vec();
             self.remove_flow(flow);
             if why == Refusal::Unreachable {
                 self.host_unreachable(&quote);
             }
+            // Room for a held SYN.
+            self.poll(now);
             return Ok(());
         }
         self.abort(flow, false);
@@ -1038,7 +1238,7 @@ impl Engine {
             .flows
             .get_mut(&flow)
             .ok_or(FlowError::UnknownFlow(flow))?;
-        if f.phase != Phase::Open || f.fin_from_agent {
+        if !(f.phase == Phase::Open || f.connected) || f.fin_from_agent {
             self.counters.flow_errors += 1;
             return Err(FlowError::BadState(flow, "Data"));
         }
@@ -1049,6 +1249,16 @@ impl Engine {
             self.poll(now);
             return Err(FlowError::WindowExceeded(flow, over));
         }
+        let waiting = f.phase == Phase::Opening;
+        if waiting && self.early_bytes() + bytes.len() > self.cfg.max_memory / 16 {
+            // A resource that talks first (a banner) sends a few bytes; all
+            // waiting flows together may hold 1/16 of `max_memory`.
+            self.counters.early_overflow += 1;
+            self.abort(flow, true);
+            self.poll(now);
+            return Ok(());
+        }
+        let f = self.flows.get_mut(&flow).expect("checked above");
         f.allowed -= bytes.len() as u32;
         f.to_guest.extend(bytes);
         self.poll(now);
@@ -1073,7 +1283,7 @@ impl Engine {
             .flows
             .get_mut(&flow)
             .ok_or(FlowError::UnknownFlow(flow))?;
-        if f.phase != Phase::Open {
+        if !(f.phase == Phase::Open || f.connected) {
             self.counters.flow_errors += 1;
             return Err(FlowError::BadState(flow, "Fin"));
         }
@@ -1144,6 +1354,9 @@ impl Engine {
             .collect();
         for id in dying {
             self.remove_flow(id);
+        }
+        if self.admit_held(now) {
+            self.iface.poll(ts, &mut self.dev, &mut self.sockets);
         }
         self.collect_frames();
     }
@@ -1354,6 +1567,30 @@ pub fn vip6(prefix: Ipv6Addr, vip: Ipv4Addr) -> Ipv6Addr {
 }
 
 /// How much of a packet an ICMP error quotes: its IP header and 8 bytes.
+/// A socket listening for the guest's SYN to `key`, with `buffer` bytes each
+/// way, holding its SYN-ACK until told.
+fn listener(key: FlowKey, buffer: usize) -> Option<tcp::Socket<'static>> {
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+    );
+    sock.set_nagle_enabled(false);
+    sock.set_ack_delay(None);
+    // No idle timeout while the agent connects: the guest's SYNs do not
+    // count as activity to a socket holding its SYN-ACK, and it would reset
+    // a guest still waiting (Linux tries for 127 s) when the agent connects
+    // after 120 s. Set once the handshake is done (smoltcp counts from the
+    // last segment it took: the first SYN).
+    sock.set_timeout(None);
+    sock.pause_synack(true);
+    let listen = IpListenEndpoint {
+        addr: Some(key.vip.0),
+        port: key.vip.1,
+    };
+    sock.listen(listen).ok()?;
+    Some(sock)
+}
+
 fn quote_len(packet: &[u8]) -> usize {
     match packet.first().map(|b| b >> 4) {
         Some(6) => 48,

@@ -509,6 +509,109 @@ fn new_flows_beyond_the_rate_limit_are_dropped_until_the_guest_tries_again() {
     assert_eq!(p.sock(h).state(), tcp::State::SynSent, "held for the agent");
 }
 
+/// The Open events so far, in order.
+fn opens(p: &mut Pair) -> Vec<FlowId> {
+    p.take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Open { flow, .. } => Some(flow),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn flows_over_the_memory_cap_connect_and_wait_in_order_for_room() {
+    // Room for the buffers of two flows: all four guests' connections are
+    // made (waiting costs no buffers), the third and fourth complete their
+    // handshakes in order as the first two end, as in an accept queue.
+    let mut p = Pair::new(true);
+    p.engine.cfg.max_memory = 2 * p.engine.flow_cost();
+    let g: Vec<_> = (0..4).map(|i| p.connect(9100, 40400 + i)).collect();
+    let flows = opens(&mut p);
+    assert_eq!(flows.len(), 4, "every connection is made");
+    for &f in &flows {
+        let now = p.now();
+        p.engine.open_ok(f, now).unwrap();
+    }
+    p.drive();
+    let states = |p: &mut Pair| g.iter().map(|&h| p.sock(h).state()).collect::<Vec<_>>();
+    use tcp::State::{Established as E, SynSent as S};
+    assert_eq!(states(&mut p), [E, E, S, S]);
+    assert_eq!(p.engine.counters().open_waited, 2);
+    assert_eq!(p.engine.buffer_bytes(), 2 * p.engine.flow_cost());
+    // The fourth's resource talks first: its bytes wait with it.
+    let now = p.now();
+    p.engine.data(flows[3], b"220 ready\r\n", now).unwrap();
+    p.advance(Duration::from_secs(2));
+    assert_eq!(states(&mut p), [E, E, S, S], "retries change nothing");
+    p.sock(g[0]).abort();
+    p.drive();
+    assert_eq!(states(&mut p)[1..], [E, E, S]);
+    p.sock(g[1]).abort();
+    p.drive();
+    assert_eq!(states(&mut p)[2..], [E, E]);
+    let mut got = [0u8; 64];
+    let n = p.sock(g[3]).recv_slice(&mut got).unwrap();
+    assert_eq!(&got[..n], b"220 ready\r\n");
+    assert_eq!(p.engine.counters().refused_limit, 0);
+}
+
+#[test]
+fn syns_over_the_opening_limit_are_held_in_order_and_let_in_at_once() {
+    let mut p = Pair::new(true);
+    p.engine.cfg.max_opening = 1;
+    let g: Vec<_> = (0..3).map(|i| p.connect(9100, 40450 + i)).collect();
+    let first = opens(&mut p);
+    assert_eq!(first.len(), 1);
+    assert_eq!(p.engine.counters().syn_waited, 2);
+    // The held guests send their SYNs again: still held once each.
+    p.advance(Duration::from_secs(2));
+    assert!(opens(&mut p).is_empty());
+    assert_eq!(p.engine.counters().syn_waited, 2);
+    let mut flow = first[0];
+    for (i, &h) in g.iter().enumerate() {
+        let now = p.now();
+        p.engine.open_ok(flow, now).unwrap();
+        p.drive();
+        assert_eq!(p.sock(h).state(), tcp::State::Established, "guest {i}");
+        if let Some(&later) = g.get(i + 1) {
+            assert_eq!(p.sock(later).state(), tcp::State::SynSent);
+            // Let in when the opening flow opened, not at its next retry.
+            let next = opens(&mut p);
+            assert_eq!(next.len(), 1, "guest {}", i + 1);
+            flow = next[0];
+        }
+    }
+    assert_eq!(p.engine.counters().syn_dropped_opening, 0);
+}
+
+#[test]
+fn waiting_flows_whose_resources_send_too_much_early_are_reset() {
+    let mut p = Pair::new(true);
+    p.engine.cfg.max_memory = p.engine.flow_cost();
+    let _g0 = p.connect(9100, 40470);
+    let g1 = p.connect(9100, 40471);
+    let flows = opens(&mut p);
+    for &f in &flows {
+        let now = p.now();
+        p.engine.open_ok(f, now).unwrap();
+    }
+    p.drive();
+    let cap = p.engine.cfg.max_memory / 16;
+    let now = p.now();
+    p.engine.data(flows[1], &vec![7u8; cap + 1], now).unwrap();
+    p.drive();
+    assert_eq!(p.engine.counters().early_overflow, 1);
+    assert!(
+        p.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Reset { flow } if *flow == flows[1])),
+        "the agent is told"
+    );
+    assert_eq!(p.sock(g1).state(), tcp::State::Closed, "the guest is reset");
+}
+
 mod datagrams {
     //! UDP, ICMP, DHCP and DNS with crafted frames.
     use super::*;

@@ -67,6 +67,12 @@ struct Args {
     /// six retries take about two minutes); the guest may give up sooner.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     connect_timeout: u64,
+    /// Most connects in flight to one address and port; more wait their
+    /// turn (within --connect-timeout), so that a burst of connections to a
+    /// server with a short listen queue is not dropped and retried for
+    /// minutes.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_connecting: usize,
     /// Seconds to keep flows open while the tunnel is down.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     grace: u64,
@@ -177,6 +183,10 @@ struct Flow {
     dead: bool,
     /// Close with RST rather than FIN.
     abortive: bool,
+    /// The address it connects to.
+    target: SocketAddr,
+    /// Waiting for a connect slot: when to give up.
+    queued: Option<Instant>,
 }
 
 struct AgentSession {
@@ -207,6 +217,10 @@ struct Agent {
     ubyid: HashMap<FlowId, u64>,
     echoes: HashMap<u64, datagrams::EchoOp>,
     next_serial: u64,
+    /// Connects in flight per target address (one server's listen queue).
+    connecting: HashMap<SocketAddr, usize>,
+    /// Flows waiting for a connect slot per target address, oldest first.
+    connect_queue: HashMap<SocketAddr, VecDeque<u64>>,
     /// The "cannot ping" warning was logged (once is enough).
     icmp_warned: bool,
     last_ping: Instant,
@@ -281,6 +295,8 @@ fn run(args: Args) -> Result<()> {
         ubyid: HashMap::new(),
         echoes: HashMap::new(),
         next_serial: 1,
+        connecting: HashMap::new(),
+        connect_queue: HashMap::new(),
         icmp_warned: false,
         last_ping: Instant::now(),
         fatal: None,
@@ -872,12 +888,7 @@ impl Agent {
         setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         let serial = self.next_serial;
         self.next_serial += 1;
-        self.reactor.connect(
-            fd.as_raw_fd(),
-            addr,
-            Duration::from_secs(self.args.connect_timeout),
-            Tag::FlowConnect(serial),
-        );
+        let deadline = Instant::now() + Duration::from_secs(self.args.connect_timeout);
         if let Some(old) = self.by_id.insert(flow, serial) {
             self.kill_flow(old, true);
             self.by_id.insert(flow, serial);
@@ -887,7 +898,7 @@ impl Agent {
             Flow {
                 id: flow,
                 fd,
-                ops: 1,
+                ops: 0,
                 connected: false,
                 credit: HOST_WINDOW,
                 recv_op: None,
@@ -899,8 +910,63 @@ impl Agent {
                 shut_wr: false,
                 dead: false,
                 abortive: false,
+                target: addr,
+                queued: Some(deadline),
             },
         );
+        self.connect_queue
+            .entry(addr)
+            .or_default()
+            .push_back(serial);
+        self.start_connects(addr);
+    }
+
+    /// Starts queued connects to `addr` while fewer than
+    /// `--max-connecting` are in flight. A burst of guest connections to a
+    /// busy server (a listen backlog of 5) then reaches it as a steady
+    /// stream, each connect starting as the one before completes, instead
+    /// of SYNs that the full queue drops and that the kernel sends again
+    /// only 1, 2, 4... 64 s later, until some give up.
+    fn start_connects(&mut self, addr: SocketAddr) {
+        let max = self.args.max_connecting.max(1);
+        let now = Instant::now();
+        loop {
+            if self.connecting.get(&addr).copied().unwrap_or(0) >= max {
+                return;
+            }
+            let Some(serial) = self
+                .connect_queue
+                .get_mut(&addr)
+                .and_then(VecDeque::pop_front)
+            else {
+                self.connect_queue.remove(&addr);
+                return;
+            };
+            let Some(f) = self.flows.get_mut(&serial) else {
+                continue;
+            };
+            let Some(deadline) = f.queued.take() else {
+                continue;
+            };
+            if f.dead {
+                continue;
+            }
+            if now >= deadline {
+                let id = f.id;
+                tracing::info!(flow = id, "gave up waiting to connect to the resource");
+                self.send_msg(Msg::OpenErr {
+                    flow: id,
+                    reason: OpenError::TimedOut,
+                });
+                self.kill_flow(serial, false);
+                continue;
+            }
+            f.ops += 1;
+            let fd = f.fd.as_raw_fd();
+            *self.connecting.entry(addr).or_default() += 1;
+            self.reactor
+                .connect(fd, addr, deadline - now, Tag::FlowConnect(serial));
+        }
     }
 
     /// Marks a flow over; its socket closes when no operation is pending.
@@ -958,7 +1024,17 @@ impl Agent {
             return;
         };
         f.ops -= 1;
-        let (id, dead) = (f.id, f.dead);
+        let (id, dead, addr) = (f.id, f.dead, f.target);
+        if let Some(n) = self.connecting.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.connecting.remove(&addr);
+            }
+        }
+        self.start_connects(addr);
+        let Some(f) = self.flows.get_mut(&serial) else {
+            return;
+        };
         if dead {
             return self.reap(serial);
         }

@@ -1192,7 +1192,7 @@ impl Loop {
             flows: self.engine.flow_count() as u64,
             bytes_from_guest: e.bytes_from_guest,
             bytes_to_guest: e.bytes_to_guest,
-            flow_buffer_bytes: (self.engine.flow_count() * self.engine.flow_cost()) as u64,
+            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
         }
     }
 
@@ -1224,7 +1224,7 @@ impl Loop {
             name: self.cfg.vm.clone(),
             agent_connected: st.agent_connected,
             flows: st.flows,
-            flow_buffer_bytes: (self.engine.flow_count() * self.engine.flow_cost()) as u64,
+            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
             session: stats.session,
             refusals: vec![
                 ("no_resource", e.refused_no_resource),
