@@ -181,7 +181,7 @@ impl Redir {
 
     /// The daemon's resource table.
     pub fn map(&self) -> Result<Vec<MapEntry>> {
-        match request(&self.control, &Request::MapList, Duration::from_secs(5))? {
+        match request(&self.control, &Request::MapList { vm: None }, Duration::from_secs(5))? {
             Response::Map { entries } => Ok(entries),
             other => bail!("unexpected answer {other:?}"),
         }
@@ -189,7 +189,7 @@ impl Redir {
 
     /// The daemon's status.
     pub fn status(&self) -> Result<Status> {
-        match request(&self.control, &Request::Status, Duration::from_secs(5))? {
+        match request(&self.control, &Request::Status { vm: None }, Duration::from_secs(5))? {
             Response::Status(s) => Ok(s),
             other => bail!("unexpected answer {other:?}"),
         }
@@ -197,7 +197,7 @@ impl Redir {
 
     /// The daemon's tunnel statistics.
     pub fn stats(&self) -> Result<Stats> {
-        match request(&self.control, &Request::Stats, Duration::from_secs(5))? {
+        match request(&self.control, &Request::Stats { vm: None }, Duration::from_secs(5))? {
             Response::Stats(s) => Ok(s),
             other => bail!("unexpected answer {other:?}"),
         }

@@ -143,7 +143,7 @@ fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
     // why and stops.
     r.tb.wait_exit("agent", TIMEOUT).unwrap();
     let log = r.tb.log_tail("agent");
-    assert!(log.contains("is not paired with VM"), "{log}");
+    assert!(log.contains("is not paired with any VM here"), "{log}");
     assert!(!r.status().unwrap().agent_connected);
     assert!(!vms()[0].agent_connected);
     let (ok, json, _) = ctl(&["pairs", "list", "--json"]);

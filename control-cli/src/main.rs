@@ -3,7 +3,9 @@
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use netredir_shared::control::{DEFAULT_CONTROL_PATH, MapEntry, Request, Response, request};
+use netredir_shared::control::{
+    AttachSpec, DEFAULT_CONTROL_PATH, MapEntry, Request, Response, request,
+};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,16 +27,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MapCmd,
     },
-    /// The session: agent, flows, counters.
+    /// A VM's session: agent, flows, counters.
     Status {
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// A one-time code that pairs an agent with this host's VM session
-    /// (give it to `netredir-agent --pair`; valid for 10 minutes).
+    /// A one-time code that pairs an agent with a VM (give it to
+    /// `netredir-agent --pair`; valid for 10 minutes).
     Pair {
-        /// The VM session the agent may reach (default: the daemon's).
+        /// The VM the agent may reach; it need not be attached yet
+        /// (needed unless exactly one VM is attached).
         #[arg(long, value_name = "NAME")]
         vm: Option<String>,
         /// Print {"code": ...} instead of text.
@@ -48,6 +54,9 @@ enum Cmd {
     /// (0: the guest is not reading), HELD IN / HELD OUT the bytes waiting
     /// here in each direction.
     Stats {
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -65,7 +74,8 @@ enum Cmd {
     /// Forgets a paired agent: it cannot connect again without a new code
     /// from `netredirctl pair`, and its session ends now (flows reset).
     Unpair {
-        /// The VM the agent is paired with (default: the daemon's).
+        /// The VM the agent is paired with (needed unless exactly one VM
+        /// is attached).
         #[arg(long, value_name = "NAME")]
         vm: Option<String>,
         /// The agent's key fingerprint (hex, as `pairs list` shows it; a
@@ -81,6 +91,34 @@ enum VmCmd {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Starts serving a VM: its frames for the virtual subnet go to a new
+    /// engine, and its paired agents may connect.
+    Attach {
+        /// Its stable identity: the libvirt domain's name or UUID (never
+        /// the interface name, which libvirt gives anew on every boot).
+        name: String,
+        /// The host end of its NIC (libvirt's `vnetN`, a tap or a veth).
+        #[arg(long, value_name = "IF")]
+        iface: String,
+        /// The NIC is only for netredir: XDP on it, DHCP and router
+        /// adverts served (else a TC classifier takes only the subnet's
+        /// frames and the VM's other traffic is untouched).
+        #[arg(long)]
+        dedicated: bool,
+        /// Its virtual subnet [default: netredird's --subnet].
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// Its virtual IPv6 /64 [default: netredird's --prefix6].
+        #[arg(long, value_name = "PREFIX/64")]
+        prefix6: Option<String>,
+    },
+    /// Stops serving a VM: its flows are reset (the guest sees resets),
+    /// its tunnel closes, its programs and veth pair are removed. Its
+    /// pairings stay: attached again, its agent reconnects by itself.
+    Detach {
+        /// The VM's name.
+        name: String,
     },
 }
 
@@ -101,6 +139,9 @@ enum PairsCmd {
 enum MapCmd {
     /// One row per resource: name, virtual IP, real address, state.
     List {
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -117,7 +158,11 @@ fn main() {
 }
 
 fn ask(args: &Args, req: Request) -> Result<Response> {
-    match request(&args.control, &req, Duration::from_secs(5))? {
+    ask_within(args, req, 5)
+}
+
+fn ask_within(args: &Args, req: Request, secs: u64) -> Result<Response> {
+    match request(&args.control, &req, Duration::from_secs(secs))? {
         Response::Error { message } => bail!("netredird: {message}"),
         r => Ok(r),
     }
@@ -126,9 +171,9 @@ fn ask(args: &Args, req: Request) -> Result<Response> {
 fn run(args: Args) -> Result<()> {
     match &args.cmd {
         Cmd::Map {
-            cmd: MapCmd::List { json },
+            cmd: MapCmd::List { vm, json },
         } => {
-            let Response::Map { entries } = ask(&args, Request::MapList)? else {
+            let Response::Map { entries } = ask(&args, Request::MapList { vm: vm.clone() })? else {
                 bail!("netredird answered map list with something else");
             };
             if *json {
@@ -137,8 +182,8 @@ fn run(args: Args) -> Result<()> {
                 print!("{}", table(&entries));
             }
         }
-        Cmd::Status { json } => {
-            let Response::Status(st) = ask(&args, Request::Status)? else {
+        Cmd::Status { vm, json } => {
+            let Response::Status(st) = ask(&args, Request::Status { vm: vm.clone() })? else {
                 bail!("netredird answered status with something else");
             };
             if *json {
@@ -220,6 +265,48 @@ fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        Cmd::Vm {
+            cmd:
+                VmCmd::Attach {
+                    name,
+                    iface,
+                    dedicated,
+                    subnet,
+                    prefix6,
+                },
+        } => {
+            let spec = AttachSpec {
+                name: name.clone(),
+                iface: iface.clone(),
+                dedicated: *dedicated,
+                subnet: subnet.clone(),
+                prefix6: prefix6.clone(),
+            };
+            // Loading and attaching the programs takes a moment.
+            let Response::Attached(v) = ask_within(&args, Request::VmAttach(spec), 20)? else {
+                bail!("netredird answered vm attach with something else");
+            };
+            println!(
+                "attached VM {} on {} ({}); pair its agent with `netredirctl pair --vm {}`",
+                printable(&v.name),
+                printable(&v.iface),
+                v.mode,
+                printable(&v.name)
+            );
+        }
+        Cmd::Vm {
+            cmd: VmCmd::Detach { name },
+        } => {
+            let Response::Detached { name, flows_reset } =
+                ask(&args, Request::VmDetach { name: name.clone() })?
+            else {
+                bail!("netredird answered vm detach with something else");
+            };
+            println!(
+                "detached VM {} ({flows_reset} flows reset)",
+                printable(&name)
+            );
+        }
         Cmd::Pairs {
             cmd: PairsCmd::List { vm, json },
         } => {
@@ -267,8 +354,8 @@ fn run(args: Args) -> Result<()> {
                 }
             );
         }
-        Cmd::Stats { json } => {
-            let Response::Stats(st) = ask(&args, Request::Stats)? else {
+        Cmd::Stats { vm, json } => {
+            let Response::Stats(st) = ask(&args, Request::Stats { vm: vm.clone() })? else {
                 bail!("netredird answered stats with something else");
             };
             if *json {

@@ -7,10 +7,10 @@
 //! path it asks over the crossbeam channel and waits for the answer with a
 //! timeout.
 
+use crate::attach::Defaults;
 use crate::datapath::Request as DpRequest;
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
-use netredir_datapath::steer::Steer;
 use netredir_shared::control::{Request, Response};
 use netredir_uring::Waker;
 use std::io::Read;
@@ -19,7 +19,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest request line; longer ones get an error and the connection ends.
@@ -66,7 +66,7 @@ impl Server {
         &mut self,
         dp: Sender<DpRequest>,
         waker: Arc<Waker>,
-        steer: Arc<Mutex<Steer>>,
+        defaults: Arc<Defaults>,
     ) -> Result<()> {
         let listener = self
             .listener
@@ -95,12 +95,12 @@ impl Server {
                         );
                         continue;
                     }
-                    let (dp, waker, steer, busy) =
-                        (dp.clone(), waker.clone(), steer.clone(), busy.clone());
+                    let (dp, waker, defaults, busy) =
+                        (dp.clone(), waker.clone(), defaults.clone(), busy.clone());
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
                         .spawn(move || {
-                            if let Err(e) = serve(s, &dp, &waker, &steer) {
+                            if let Err(e) = serve(s, &dp, &waker, &defaults) {
                                 tracing::debug!("control client: {e:#}");
                             }
                             busy.fetch_sub(1, Ordering::SeqCst);
@@ -120,7 +120,7 @@ impl Server {
     }
 }
 
-fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Steer>) -> Result<()> {
+fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, defaults: &Defaults) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(&s);
@@ -143,7 +143,7 @@ fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Ste
             return Ok(());
         }
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, dp, waker, steer),
+            Ok(req) => answer(req, dp, waker, defaults),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -161,12 +161,14 @@ fn reply(s: &UnixStream, resp: &Response) -> Result<()> {
     Ok(())
 }
 
-fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Steer>) -> Response {
+fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, defaults: &Defaults) -> Response {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let sent = match req {
-        Request::MapList => dp.send(DpRequest::MapList(tx.clone())),
-        Request::Status => dp.send(DpRequest::Status(tx.clone())),
-        Request::Stats => dp.send(DpRequest::Stats(tx.clone())),
+        Request::VmAttach(spec) => return crate::attach::attach(&spec, defaults, dp, waker),
+        Request::VmDetach { name } => dp.send(DpRequest::Detach(name, tx.clone())),
+        Request::MapList { vm } => dp.send(DpRequest::MapList(vm, tx.clone())),
+        Request::Status { vm } => dp.send(DpRequest::Status(vm, tx.clone())),
+        Request::Stats { vm } => dp.send(DpRequest::Stats(vm, tx.clone())),
         Request::Pair { vm } => dp.send(DpRequest::Pair(vm, tx.clone())),
         Request::PairsList { vm } => dp.send(DpRequest::PairsList(vm, tx.clone())),
         Request::VmList => dp.send(DpRequest::VmList(tx.clone())),
@@ -179,16 +181,6 @@ fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, steer: &Mutex<Ste
     }
     waker.wake();
     match rx.recv_timeout(Duration::from_secs(3)) {
-        Ok(Response::Status(mut st)) => {
-            if let Ok(s) = steer.lock() {
-                st.counters.extend(
-                    s.counters()
-                        .into_iter()
-                        .map(|(k, v)| (format!("steer.{k}"), v)),
-                );
-            }
-            Response::Status(st)
-        }
         Ok(r) => r,
         Err(_) => Response::Error {
             message: "data path did not answer in 3 s".into(),

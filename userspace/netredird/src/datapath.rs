@@ -1,24 +1,41 @@
-//! The data path thread: one io_uring loop for the AF_XDP socket, the
-//! tunnel connections and the VM's engine.
+//! The data path thread: one io_uring loop for the tunnel listener and
+//! connections and for every attached VM's AF_XDP socket and engine.
 //!
 //! Each turn: wait for completions (or the next timer), feed what arrived
-//! to the engine (frames from the AF_XDP socket), to the links (ciphertext
-//! from agents) and to the session (records), answer control requests,
-//! then pump: engine events become session messages (while the replay
-//! buffer has room), session output goes through TLS to the socket with
-//! at most one send in flight per connection, engine frames go out of the
-//! AF_XDP socket.
+//! to the engines (frames from each VM's AF_XDP socket), to the links
+//! (ciphertext from agents) and to the sessions (records), answer control
+//! requests (attach and detach among them), then pump: each VM's engine
+//! events become its session's messages (while the replay buffer has
+//! room), session output goes through TLS to the socket with at most one
+//! send in flight per connection, engine frames go out of the VM's AF_XDP
+//! socket.
+//!
+//! VMs: any number attach and detach at runtime. The expensive part of an
+//! attach (loading and attaching the programs, the veth pair, the AF_XDP
+//! socket) is done by the caller on its own thread; the loop only takes
+//! the result, so attaching one VM does not stall the others. Detach
+//! resets the VM's flows (the RSTs go out first), ends its session and
+//! drops its programs.
+//!
+//! Tunnels: one per (agent, VM), all on one listen address. The agent's
+//! paired key selects the VM: a VM is one user's desktop, its agent runs on
+//! that user's machine, and a tunnel per VM keeps each session's replay
+//! buffer, flow control, resume and fate separate (one VM's detach or
+//! flood never stalls another's tunnel). An agent key paired with several
+//! attached VMs is refused for now with a clear message (run one agent per
+//! VM); a Hello naming the VM is the planned way past that.
 //!
 //! Connections: any number may be in their TLS handshake or preamble (a
-//! garbage client cannot block the real agent); one carries the session.
-//! A paired agent that reconnects resumes the session: no byte of any flow
-//! is lost. A session without a connection for `grace` is dropped: every
-//! flow is reset and the resources go offline. A connection that hears
-//! nothing for three heartbeats is dropped (and may be resumed).
+//! garbage client cannot block a real agent); one per VM carries its
+//! session. A paired agent that reconnects resumes the session: no byte of
+//! any flow is lost. A session without a connection for `grace` is
+//! dropped: every flow is reset and the resources go offline. A connection
+//! that hears nothing for three heartbeats is dropped (and may be resumed).
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
+use netredir_datapath::steer::Steer;
 use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::{
     FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
@@ -30,21 +47,22 @@ use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
 use netredir_shared::wire::{Msg, OpenError, Proto, VERSION};
-use netredir_uring::{Completion, Reactor, Waker};
-use std::collections::HashMap;
+use netredir_uring::{Completion, OpId, Reactor, Waker};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the control thread (or main) asks of the data path.
+/// What the control thread (or main) asks of the data path. `Option<String>`
+/// names a VM; `None` means the only one attached.
 pub enum Request {
     /// Answer with `Response::Map`.
-    MapList(Sender<Response>),
+    MapList(Option<String>, Sender<Response>),
     /// Answer with `Response::Status`.
-    Status(Sender<Response>),
+    Status(Option<String>, Sender<Response>),
     /// Answer with `Response::Stats`.
-    Stats(Sender<Response>),
+    Stats(Option<String>, Sender<Response>),
     /// Answer with `Response::Pair` (or an error).
     Pair(Option<String>, Sender<Response>),
     /// Answer with `Response::Vms`.
@@ -53,18 +71,29 @@ pub enum Request {
     PairsList(Option<String>, Sender<Response>),
     /// Answer with `Response::Unpaired` (or an error).
     Unpair(Option<String>, String, Sender<Response>),
+    /// Take a prepared VM; answer with `Response::Attached` (or an error,
+    /// the setup dropped: its programs detach).
+    Attach(Box<VmSetup>, Sender<Response>),
+    /// Answer with `Response::Detached` (or an error).
+    Detach(String, Sender<Response>),
+    /// Whether a VM of this name or on this interface is attached (for
+    /// the attach path, before it does the expensive part).
+    Taken(String, String, Sender<Option<String>>),
     /// Answer with the Prometheus text of [`crate::metrics`].
     Metrics(Sender<String>),
     /// Stop the loop.
     Shutdown,
 }
 
-/// What the loop is set up with.
-pub struct Config {
-    /// Interface name, for status.
+/// A VM ready to attach: its steer programs attached to its NIC and its
+/// AF_XDP socket open and registered (made off the data path thread).
+pub struct VmSetup {
+    /// Its stable identity (pairings are bound to it).
+    pub name: String,
+    /// The host end of its NIC.
     pub iface: String,
-    /// The VM session this daemon serves (pairings are bound to it).
-    pub vm: String,
+    /// Whether the NIC is only for netredir (DHCP served).
+    pub dedicated: bool,
     /// The virtual subnet.
     pub subnet: Ipv4Subnet,
     /// The virtual IPv6 /64.
@@ -73,6 +102,14 @@ pub struct Config {
     pub mtu: usize,
     /// MAC the engine answers from.
     pub mac: [u8; 6],
+    /// Its programs (detached when dropped).
+    pub steer: Steer,
+    /// Its AF_XDP socket.
+    pub xsk: Xsk,
+}
+
+/// What the loop is set up with: what all VMs share.
+pub struct Config {
     /// Where agents connect.
     pub listener: TcpListener,
     /// The host's key and certificate.
@@ -89,23 +126,22 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Replay buffer limit per session.
     pub replay_limit: usize,
-    /// Answer DHCP (the NIC is only for netredir).
-    pub dedicated: bool,
     /// DNS zone of the vDNS.
     pub zone: String,
-    /// Most concurrent flows.
+    /// Most concurrent flows per VM.
     pub max_flows: usize,
-    /// New flows per second (bursts of twice as many).
+    /// New flows per second per VM (bursts of twice as many).
     pub new_flows_per_sec: u32,
     /// Bytes of buffer per TCP flow and direction.
     pub flow_buffer: usize,
-    /// Most bytes all TCP flows' buffers may take.
+    /// Most bytes all TCP flows' buffers of one VM may take.
     pub max_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Tag {
-    Xsk,
+    /// A VM's AF_XDP socket is readable (the VM's id).
+    Xsk(u64),
     Accept,
     Wake,
     Recv(u64),
@@ -145,7 +181,10 @@ struct Conn {
     last_rx: Instant,
     phase: Phase,
     hello: Option<String>,
-    paired_now: bool,
+    /// The VM a pairing code on this connection was for.
+    paired_vm: Option<String>,
+    /// The VM whose session it carries (once it has one).
+    vm: Option<u64>,
     /// The peer's address, for the per-address handshake limit.
     peer: Option<std::net::IpAddr>,
     /// The peer's address and port as seen here (after any NAT), for
@@ -172,18 +211,27 @@ struct Resource {
     online: bool,
 }
 
-struct Loop {
-    cfg: Config,
-    reactor: Reactor<Tag>,
+/// One attached VM: its engine, its socket, its session.
+struct Vm {
+    name: String,
+    iface: String,
+    dedicated: bool,
+    subnet: Ipv4Subnet,
+    prefix6: Ipv6Prefix,
+    /// Declared before `steer`, so dropped first: the socket goes before
+    /// its programs and veth pair.
     xsk: Xsk,
+    steer: Steer,
+    /// The pending poll on `xsk`, cancelled at detach.
+    xsk_op: Option<OpId>,
     engine: Engine,
-    conns: Vec<Conn>,
-    next_cgen: u64,
+    /// The connection carrying the session.
     active: Option<u64>,
     hs: Option<HostSession>,
     resources: Vec<Resource>,
     by_id: HashMap<u32, usize>,
     pending_frames: Vec<Vec<u8>>,
+    /// This VM's counters (the daemon's own are in [`Loop`]).
     counters: HashMap<&'static str, u64>,
     /// Per resource name: flows opened, bytes each way (kept across
     /// agent reconnects, for metrics).
@@ -191,6 +239,18 @@ struct Loop {
     last_ping: Instant,
     /// Refusals and malformed frames as of the last warning about them.
     reported: (Instant, [u64; 4]),
+}
+
+struct Loop {
+    cfg: Config,
+    reactor: Reactor<Tag>,
+    vms: BTreeMap<u64, Vm>,
+    next_vm: u64,
+    conns: Vec<Conn>,
+    next_cgen: u64,
+    /// The daemon's counters (tunnel connections, refusals before a VM is
+    /// known); a VM's status shows them beside its own.
+    counters: HashMap<&'static str, u64>,
     /// Tunnel connections refused before authentication, as of the last
     /// warning about them.
     reported_preauth: u64,
@@ -199,64 +259,40 @@ struct Loop {
 }
 
 /// Runs the loop until `Request::Shutdown` or a fatal error.
-pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> {
+pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> {
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
-    let mut ecfg = EngineConfig::new(cfg.subnet.network(), cfg.subnet.prefix_len(), cfg.mac);
-    ecfg.prefix6 = cfg.prefix6.network();
-    ecfg.mtu = cfg.mtu;
-    ecfg.max_flows = cfg.max_flows;
-    ecfg.new_flow_rate = cfg.new_flows_per_sec;
-    ecfg.new_flow_burst = cfg.new_flows_per_sec.saturating_mul(2);
-    ecfg.socket_buffer = cfg.flow_buffer;
-    // The windows are the protocol's: the agent sends HOST_WINDOW before
-    // our first grant and takes AGENT_WINDOW before its own.
-    ecfg.window = netredir_shared::wire::HOST_WINDOW;
-    ecfg.peer_window = netredir_shared::wire::AGENT_WINDOW;
-    ecfg.max_memory = cfg.max_buffer;
-    ecfg.seed = random_u64();
-    ecfg.dhcp = cfg.dedicated;
-    ecfg.zone = cfg.zone.clone();
-    let engine = Engine::new(ecfg, Instant::now());
     let mut l = Loop {
         cfg,
         reactor,
-        xsk,
-        engine,
+        vms: BTreeMap::new(),
+        next_vm: 1,
         conns: Vec::new(),
         next_cgen: 1,
-        active: None,
-        hs: None,
-        resources: Vec::new(),
-        by_id: HashMap::new(),
-        pending_frames: Vec::new(),
         counters: HashMap::new(),
-        per_resource: HashMap::new(),
-        last_ping: Instant::now(),
-        reported: (Instant::now(), [0; 4]),
         reported_preauth: 0,
         accept_paused: None,
     };
     let listen_fd = l.cfg.listener.as_raw_fd();
-    l.reactor.poll_in(l.xsk.fd(), Tag::Xsk);
     l.reactor.accept(listen_fd, Tag::Accept);
     l.reactor.read(waker.fd(), Vec::with_capacity(8), Tag::Wake);
     loop {
         let now = Instant::now();
-        let mut delay = l
-            .engine
-            .poll_delay(now)
-            .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1));
-        if !l.pending_frames.is_empty() || l.xsk.tx_pending() {
-            delay = delay.min(Duration::from_millis(1));
+        let mut delay = Duration::from_secs(1);
+        for vm in l.vms.values_mut() {
+            if let Some(d) = vm.engine.poll_delay(now) {
+                delay = delay.min(d);
+            }
+            if !vm.pending_frames.is_empty() || vm.xsk.tx_pending() {
+                delay = delay.min(Duration::from_millis(1));
+            }
+            // Guest bytes wait in the sockets for room toward the tunnel,
+            // and there is room now: read them without waiting for a frame.
+            if vm.engine.wants_poll() && vm.hs.as_ref().is_none_or(|h| h.session.can_send()) {
+                delay = Duration::ZERO;
+            }
         }
         if let Some(t) = l.accept_paused {
             delay = delay.min(t.saturating_duration_since(now));
-        }
-        // Guest bytes wait in the sockets for room toward the tunnel, and
-        // there is room now: read them without waiting for a frame.
-        if l.engine.wants_poll() && l.hs.as_ref().is_none_or(|h| h.session.can_send()) {
-            delay = Duration::ZERO;
         }
         l.reactor.wait(Some(delay)).context("io_uring wait")?;
         let now = Instant::now();
@@ -265,38 +301,8 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
         }
         let mut stop = false;
         while let Ok(req) = rx.try_recv() {
-            match req {
-                Request::MapList(reply) => {
-                    let _ = reply.send(Response::Map {
-                        entries: l.map_entries(),
-                    });
-                }
-                Request::Status(reply) => {
-                    let _ = reply.send(Response::Status(l.status()));
-                }
-                Request::Stats(reply) => {
-                    let _ = reply.send(Response::Stats(l.stats()));
-                }
-                Request::Pair(vm, reply) => {
-                    let _ = reply.send(l.pair(vm, now));
-                }
-                Request::VmList(reply) => {
-                    let _ = reply.send(Response::Vms {
-                        vms: vec![l.vm_info()],
-                    });
-                }
-                Request::PairsList(vm, reply) => {
-                    let _ = reply.send(Response::Pairs {
-                        agents: l.cfg.pairs.list(vm.as_deref()),
-                    });
-                }
-                Request::Unpair(vm, key, reply) => {
-                    let _ = reply.send(l.unpair(vm, &key, now));
-                }
-                Request::Metrics(reply) => {
-                    let _ = reply.send(l.metrics());
-                }
-                Request::Shutdown => stop = true,
+            if l.request(req, now) {
+                stop = true;
             }
         }
         if stop {
@@ -304,10 +310,16 @@ pub fn run(cfg: Config, xsk: Xsk, rx: Receiver<Request>, waker: Arc<Waker>) -> R
                 // SAFETY: shutdown(2) on a socket we own.
                 unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
+            let ids: Vec<u64> = l.vms.keys().copied().collect();
+            for id in ids {
+                l.detach(id, now);
+            }
             return Ok(());
         }
         l.timers(now);
-        l.engine.poll(now);
+        for vm in l.vms.values_mut() {
+            vm.engine.poll(now);
+        }
         l.pump(now);
     }
 }
@@ -374,7 +386,21 @@ fn to_msg(ev: Event) -> Option<Msg> {
     })
 }
 
-impl Loop {
+fn error(message: impl Into<String>) -> Response {
+    Response::Error {
+        message: message.into(),
+    }
+}
+
+impl Vm {
+    fn bump(&mut self, k: &'static str) {
+        *self.counters.entry(k).or_default() += 1;
+    }
+
+    fn counter(&self, k: &str) -> u64 {
+        self.counters.get(k).copied().unwrap_or(0)
+    }
+
     /// Adds to the totals of the resource `flow` goes to.
     fn account(&mut self, flow: u32, f: impl FnOnce(&mut crate::metrics::ResourceTotals)) {
         let Some(id) = self.engine.flow_resource(flow) else {
@@ -392,6 +418,312 @@ impl Loop {
         }
     }
 
+    /// The session is over: every flow reset, resources offline.
+    fn end_session(&mut self, now: Instant, why: &str) {
+        if let Some(hs) = self.hs.take() {
+            tracing::info!(
+                vm = %self.name,
+                session = format_args!("{:#x}", hs.id),
+                "session ended: {why}; flows reset, resources offline"
+            );
+        }
+        self.engine.set_online(false, now);
+        self.engine.clear_resources();
+        for r in &mut self.resources {
+            r.online = false;
+        }
+        self.by_id.clear();
+        while self.engine.poll_event().is_some() {}
+    }
+
+    fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
+        let pick = |proto: Proto| -> Vec<u16> {
+            ports
+                .iter()
+                .filter(|(_, p)| *p == proto)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let (tcp, udp) = (pick(Proto::Tcp), pick(Proto::Udp));
+        let idx = match self.resources.iter().position(|r| r.name == name) {
+            Some(i) => i,
+            None => {
+                let subnet = self.subnet;
+                let taken = |ip: Ipv4Addr| self.resources.iter().any(|r| r.vip == ip);
+                let Some(vip) = vip::allocate(&subnet, &name, taken) else {
+                    tracing::warn!(vm = %self.name, %name, "no free vIP left in {subnet}; export ignored");
+                    return;
+                };
+                self.resources.push(Resource {
+                    name: name.clone(),
+                    target: String::new(),
+                    ports: Vec::new(),
+                    udp_ports: Vec::new(),
+                    vip,
+                    online: false,
+                });
+                self.resources.len() - 1
+            }
+        };
+        let r = &mut self.resources[idx];
+        r.target = target;
+        r.ports = tcp.clone();
+        r.udp_ports = udp.clone();
+        r.online = true;
+        tracing::info!(vm = %self.name, name = %r.name, vip = %r.vip, vip6 = %self.engine.vip6(r.vip), target = %r.target, ports = ?r.ports, "resource exported");
+        self.engine.set_named_resource(r.vip, id, &r.name, tcp, udp);
+        self.by_id.insert(id, idx);
+    }
+
+    /// Engine events → session messages, while the replay buffer has room.
+    fn events_to_session(&mut self, cfg: &Config, now: Instant) {
+        let Some(h) = self.hs.as_mut() else {
+            while self.engine.poll_event().is_some() {}
+            return;
+        };
+        while h.session.can_send() {
+            let Some(ev) = self.engine.poll_event() else {
+                break;
+            };
+            let acct = match &ev {
+                Event::Open { resource, .. } | Event::OpenUdp { resource, .. } => {
+                    Some((*resource, 1, 0))
+                }
+                Event::Data { flow, bytes } | Event::Datagram { flow, bytes } => self
+                    .engine
+                    .flow_resource(*flow)
+                    .map(|r| (r, 0, bytes.len() as u64)),
+                _ => None,
+            };
+            if let Some((rid, opens, n)) = acct
+                && let Some(r) = self.by_id.get(&rid).map(|i| &self.resources[*i])
+            {
+                if !self.per_resource.contains_key(&r.name) {
+                    self.per_resource.insert(r.name.clone(), Default::default());
+                }
+                let t = self.per_resource.get_mut(&r.name).expect("inserted");
+                t.opens += opens;
+                t.to_resource += n;
+            }
+            match ev {
+                Event::Closed { flow } => h.session.forget_flow(flow),
+                Event::Open { resource, flow, .. } => {
+                    if let Some(r) = self.by_id.get(&resource).map(|i| &self.resources[*i])
+                        && let Some(c) = cfg.resource_compression.get(&r.name)
+                    {
+                        h.session.set_flow_compression(flow, *c);
+                    }
+                    h.session.send(to_msg(ev).expect("open"), now);
+                }
+                ev => {
+                    if let Some(m) = to_msg(ev) {
+                        h.session.send(m, now);
+                    }
+                }
+            }
+        }
+        // Nothing more to add: the record goes now.
+        h.session.flush();
+    }
+
+    /// Engine frames → the VM.
+    fn frames_out(&mut self) {
+        while let Some(f) = self.engine.poll_frame() {
+            self.pending_frames.push(f);
+        }
+        if !self.pending_frames.is_empty() {
+            let n = self
+                .xsk
+                .transmit(self.pending_frames.iter().map(|f| f.as_slice()));
+            self.pending_frames.drain(..n);
+        } else if self.xsk.tx_pending() {
+            self.xsk.kick();
+        }
+    }
+
+    /// This VM's row of `vm list`.
+    fn info(&self) -> VmInfo {
+        let e = self.engine.counters();
+        VmInfo {
+            name: self.name.clone(),
+            iface: self.iface.clone(),
+            mode: if self.dedicated { "dedicated" } else { "shared" }.into(),
+            agent_connected: self.active.is_some(),
+            agent: self.hs.as_ref().map(|h| h.agent.clone()),
+            flows: self.engine.flow_count() as u64,
+            bytes_from_guest: e.bytes_from_guest,
+            bytes_to_guest: e.bytes_to_guest,
+            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
+        }
+    }
+
+    fn map_entries(&self) -> Vec<MapEntry> {
+        self.resources
+            .iter()
+            .map(|r| MapEntry {
+                name: r.name.clone(),
+                vip: r.vip.to_string(),
+                vip6: self.engine.vip6(r.vip).to_string(),
+                target: r.target.clone(),
+                ports: r.ports.clone(),
+                state: if r.online { "online" } else { "offline" }.into(),
+            })
+            .collect()
+    }
+
+    fn stats(&self, daemon: &HashMap<&'static str, u64>) -> Stats {
+        let session = self.hs.as_ref().map(|h| {
+            let s = h.session.stats();
+            SessionReport {
+                id: format!("{:#x}", h.id),
+                agent: h.agent.clone(),
+                connected: self.active.is_some(),
+                reconnects: h.reconnects,
+                records_sent: s.records_sent,
+                records_received: s.records_received,
+                records_retransmitted: s.records_retransmitted,
+                data_bytes_out: s.data_bytes_out,
+                data_wire_bytes_out: s.data_wire_bytes_out,
+                data_bytes_in: s.data_bytes_in,
+                data_wire_bytes_in: s.data_wire_bytes_in,
+                tunnel_bytes_out: self.counter("tunnel_bytes_out"),
+                tunnel_bytes_in: self.counter("tunnel_bytes_in"),
+                replay_bytes: h.session.replay_bytes() as u64,
+                compression_contexts: h.session.contexts() as u64,
+            }
+        });
+        let mut flows: Vec<FlowReport> = self
+            .hs
+            .as_ref()
+            .map(|h| {
+                h.session
+                    .flow_stats()
+                    .iter()
+                    .map(|(f, s)| {
+                        let st = self.engine.flow_state(*f);
+                        FlowReport {
+                            flow: *f,
+                            bytes_from_guest: s.bytes_out,
+                            bytes_to_guest: s.bytes_in,
+                            wire_out: s.wire_out,
+                            wire_in: s.wire_in,
+                            state: st.as_ref().map(|s| s.state.clone()).unwrap_or_default(),
+                            credit: st.as_ref().map_or(0, |s| u64::from(s.credit)),
+                            allowed: st.as_ref().map_or(0, |s| u64::from(s.allowed)),
+                            to_guest_queued: st.as_ref().map_or(0, |s| s.to_guest),
+                            from_guest_queued: st.as_ref().map_or(0, |s| s.from_guest),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        flows.sort_by_key(|f| f.flow);
+        let e = self.engine.counters();
+        Stats {
+            session,
+            flows,
+            refused_opens: e.refused_by_agent
+                + e.refused_no_resource
+                + e.refused_offline
+                + e.refused_limit,
+            refused_connections: daemon.get("tunnel_refused").copied().unwrap_or(0)
+                + self.counter("tunnel_refused"),
+        }
+    }
+
+    fn status(
+        &self,
+        zone: &str,
+        daemon: &HashMap<&'static str, u64>,
+        agent_addr: Option<String>,
+    ) -> Status {
+        let mut counters: Vec<(String, u64)> = self
+            .engine
+            .counters()
+            .pairs()
+            .into_iter()
+            .map(|(k, v)| (format!("engine.{k}"), v))
+            .collect();
+        // The daemon's counters, with this VM's in place of its own keys.
+        let mut own: BTreeMap<&str, u64> = daemon.iter().map(|(k, v)| (*k, *v)).collect();
+        own.extend(self.counters.iter().map(|(k, v)| (*k, *v)));
+        counters.extend(own.into_iter().map(|(k, v)| (format!("daemon.{k}"), v)));
+        counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
+        counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
+        if let Some(h) = &self.hs {
+            let s = h.session.stats();
+            counters.push(("session.skipped".into(), s.skipped));
+            counters.push(("session.flow_errors".into(), s.flow_errors));
+            counters.push(("session.duplicates".into(), s.duplicates));
+        }
+        counters.extend(
+            self.steer
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (format!("steer.{k}"), v)),
+        );
+        Status {
+            iface: self.iface.clone(),
+            subnet: self.subnet.to_string(),
+            agent_connected: self.active.is_some(),
+            agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
+            agent_addr,
+            flows: self.engine.flow_count() as u64,
+            prefix6: self.prefix6.to_string(),
+            dns: vec![
+                self.engine.dns_addr().to_string(),
+                self.engine.dns_addr6().to_string(),
+            ],
+            zone: zone.to_string(),
+            counters,
+        }
+    }
+
+    /// This VM's metrics snapshot.
+    fn report(&self, zone: &str, daemon: &HashMap<&'static str, u64>) -> crate::metrics::VmReport {
+        let st = self.status(zone, daemon, None);
+        let stats = self.stats(daemon);
+        let e = self.engine.counters();
+        let open = self.engine.flows_per_resource();
+        let resources = self
+            .resources
+            .iter()
+            .map(|r| {
+                let t = self.per_resource.get(&r.name).cloned().unwrap_or_default();
+                let id = self
+                    .by_id
+                    .iter()
+                    .find(|(_, i)| self.resources[**i].name == r.name);
+                let flows = id.and_then(|(id, _)| open.get(id)).copied().unwrap_or(0);
+                crate::metrics::ResourceReport {
+                    name: r.name.clone(),
+                    online: r.online,
+                    flows: flows as u64,
+                    totals: t,
+                }
+            })
+            .collect::<Vec<_>>();
+        crate::metrics::VmReport {
+            name: self.name.clone(),
+            agent_connected: st.agent_connected,
+            flows: st.flows,
+            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
+            session: stats.session,
+            refusals: vec![
+                ("no_resource", e.refused_no_resource),
+                ("offline", e.refused_offline),
+                ("limit", e.refused_limit),
+                ("rate", e.refused_rate),
+                ("opening", e.syn_dropped_opening),
+                ("by_agent", e.refused_by_agent),
+            ],
+            counters: st.counters,
+            resources,
+        }
+    }
+}
+
+impl Loop {
     fn bump(&mut self, k: &'static str) {
         *self.counters.entry(k).or_default() += 1;
     }
@@ -400,16 +732,210 @@ impl Loop {
         *self.counters.entry(k).or_default() += n;
     }
 
+    fn counter(&self, k: &str) -> u64 {
+        self.counters.get(k).copied().unwrap_or(0)
+    }
+
     fn conn(&mut self, cgen: u64) -> Option<&mut Conn> {
         self.conns.iter_mut().find(|c| c.cgen == cgen)
     }
 
+    /// The VM a request names, or the only one attached.
+    fn resolve(&self, vm: Option<&str>) -> Result<u64, String> {
+        match vm {
+            Some(name) => self
+                .vms
+                .iter()
+                .find(|(_, v)| v.name == name)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    format!("no VM {name:?} is attached (see `netredirctl vm list`)")
+                }),
+            None => match self.vms.keys().collect::<Vec<_>>().as_slice() {
+                [id] => Ok(**id),
+                [] => Err("no VM is attached: attach one with `netredirctl vm attach NAME --iface IF`".into()),
+                _ => Err(format!(
+                    "{} VMs are attached: say which with --vm NAME (see `netredirctl vm list`)",
+                    self.vms.len()
+                )),
+            },
+        }
+    }
+
+    /// Answers one request; true to stop the loop.
+    fn request(&mut self, req: Request, now: Instant) -> bool {
+        match req {
+            Request::MapList(vm, reply) => {
+                let r = match self.resolve(vm.as_deref()) {
+                    Ok(id) => Response::Map {
+                        entries: self.vms[&id].map_entries(),
+                    },
+                    Err(e) => error(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Status(vm, reply) => {
+                let r = match self.resolve(vm.as_deref()) {
+                    Ok(id) => {
+                        let v = &self.vms[&id];
+                        let addr = v
+                            .active
+                            .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
+                            .and_then(|c| c.addr)
+                            .map(|a| a.to_string());
+                        Response::Status(v.status(&self.cfg.zone, &self.counters, addr))
+                    }
+                    Err(e) => error(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Stats(vm, reply) => {
+                let r = match self.resolve(vm.as_deref()) {
+                    Ok(id) => Response::Stats(self.vms[&id].stats(&self.counters)),
+                    Err(e) => error(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Pair(vm, reply) => {
+                let _ = reply.send(self.pair(vm, now));
+            }
+            Request::VmList(reply) => {
+                let _ = reply.send(Response::Vms {
+                    vms: self.vms.values().map(Vm::info).collect(),
+                });
+            }
+            Request::PairsList(vm, reply) => {
+                let _ = reply.send(Response::Pairs {
+                    agents: self.cfg.pairs.list(vm.as_deref()),
+                });
+            }
+            Request::Unpair(vm, key, reply) => {
+                let _ = reply.send(self.unpair(vm, &key, now));
+            }
+            Request::Attach(setup, reply) => {
+                let _ = reply.send(self.attach(*setup, now));
+            }
+            Request::Detach(name, reply) => {
+                let r = match self.resolve(Some(&name)) {
+                    Ok(id) => {
+                        let flows = self.vms[&id].engine.flow_count() as u64;
+                        self.detach(id, now);
+                        Response::Detached {
+                            name,
+                            flows_reset: flows,
+                        }
+                    }
+                    Err(e) => error(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Taken(name, iface, reply) => {
+                let _ = reply.send(self.taken(&name, &iface));
+            }
+            Request::Metrics(reply) => {
+                let vms: Vec<_> = self
+                    .vms
+                    .values()
+                    .map(|v| v.report(&self.cfg.zone, &self.counters))
+                    .collect();
+                let _ = reply.send(crate::metrics::render(&vms));
+            }
+            Request::Shutdown => return true,
+        }
+        false
+    }
+
+    /// Why a VM of this name or on this interface cannot attach, if so.
+    fn taken(&self, name: &str, iface: &str) -> Option<String> {
+        self.vms.values().find_map(|v| {
+            if v.name == name {
+                Some(format!("VM {name:?} is already attached (on {})", v.iface))
+            } else if v.iface == iface {
+                Some(format!("{iface} already carries VM {:?}", v.name))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Takes a prepared VM: a new engine, its socket polled.
+    fn attach(&mut self, s: VmSetup, now: Instant) -> Response {
+        if let Some(why) = self.taken(&s.name, &s.iface) {
+            return error(why);
+        }
+        let cfg = &self.cfg;
+        let mut ecfg = EngineConfig::new(s.subnet.network(), s.subnet.prefix_len(), s.mac);
+        ecfg.prefix6 = s.prefix6.network();
+        ecfg.mtu = s.mtu;
+        ecfg.max_flows = cfg.max_flows;
+        ecfg.new_flow_rate = cfg.new_flows_per_sec;
+        ecfg.new_flow_burst = cfg.new_flows_per_sec.saturating_mul(2);
+        ecfg.socket_buffer = cfg.flow_buffer;
+        // The windows are the protocol's: the agent sends HOST_WINDOW before
+        // our first grant and takes AGENT_WINDOW before its own.
+        ecfg.window = netredir_shared::wire::HOST_WINDOW;
+        ecfg.peer_window = netredir_shared::wire::AGENT_WINDOW;
+        ecfg.max_memory = cfg.max_buffer;
+        ecfg.seed = random_u64();
+        ecfg.dhcp = s.dedicated;
+        ecfg.zone = cfg.zone.clone();
+        let id = self.next_vm;
+        self.next_vm += 1;
+        let op = self.reactor.poll_in(s.xsk.fd(), Tag::Xsk(id));
+        let vm = Vm {
+            name: s.name,
+            iface: s.iface,
+            dedicated: s.dedicated,
+            subnet: s.subnet,
+            prefix6: s.prefix6,
+            steer: s.steer,
+            xsk: s.xsk,
+            xsk_op: Some(op),
+            engine: Engine::new(ecfg, now),
+            active: None,
+            hs: None,
+            resources: Vec::new(),
+            by_id: HashMap::new(),
+            pending_frames: Vec::new(),
+            counters: HashMap::new(),
+            per_resource: HashMap::new(),
+            last_ping: now,
+            reported: (now, [0; 4]),
+        };
+        tracing::info!(vm = %vm.name, iface = %vm.iface, mode = if vm.dedicated { "dedicated" } else { "shared" }, subnet = %vm.subnet, "VM attached; waiting for its agent");
+        let info = vm.info();
+        self.vms.insert(id, vm);
+        Response::Attached(info)
+    }
+
+    /// Lets a VM go: its guest sees its flows reset (sent before the
+    /// socket closes), its tunnel closes, its programs are removed.
+    fn detach(&mut self, id: u64, now: Instant) {
+        if let Some(a) = self.vms.get(&id).and_then(|v| v.active) {
+            self.drop_conn(a, now);
+        }
+        let Some(mut vm) = self.vms.remove(&id) else {
+            return;
+        };
+        vm.end_session(now, "the VM was detached");
+        vm.frames_out();
+        if let Some(op) = vm.xsk_op.take() {
+            self.reactor.cancel(op);
+        }
+        for c in self.conns.iter_mut().filter(|c| c.vm == Some(id)) {
+            c.vm = None;
+        }
+        tracing::info!(vm = %vm.name, iface = %vm.iface, "VM detached");
+    }
+
     fn complete(&mut self, c: Completion<Tag>, now: Instant, listen_fd: RawFd, wake_fd: RawFd) {
         match c.tag {
-            Tag::Xsk => {
-                let engine = &mut self.engine;
-                self.xsk.receive(|f| engine.handle_frame(f, now));
-                self.reactor.poll_in(self.xsk.fd(), Tag::Xsk);
+            Tag::Xsk(id) => {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    let engine = &mut vm.engine;
+                    vm.xsk.receive(|f| engine.handle_frame(f, now));
+                    vm.xsk_op = Some(self.reactor.poll_in(vm.xsk.fd(), Tag::Xsk(id)));
+                }
             }
             Tag::Wake => {
                 let mut buf = c.buf.unwrap_or_default();
@@ -491,7 +1017,8 @@ impl Loop {
             last_rx: now,
             phase: Phase::Preamble,
             hello: None,
-            paired_now: false,
+            paired_vm: None,
+            vm: None,
             peer,
             addr,
         });
@@ -499,9 +1026,10 @@ impl Loop {
     }
 
     /// Stops using a connection: shut down now, freed when its operations
-    /// have completed. If it carried the session, the session waits for a
+    /// have completed. If it carried a session, the session waits for a
     /// resume (up to `grace`).
     fn drop_conn(&mut self, cgen: u64, now: Instant) {
+        let grace = self.cfg.grace;
         let Some(c) = self.conn(cgen) else { return };
         if c.phase == Phase::Closing {
             return;
@@ -509,17 +1037,20 @@ impl Loop {
         c.phase = Phase::Closing;
         // SAFETY: shutdown(2) on our socket; pending ops complete.
         unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
-        if self.active == Some(cgen) {
-            self.active = None;
-            self.engine.set_accepting(false);
-            for r in &mut self.resources {
+        if let Some(vm) = c.vm.and_then(|id| self.vms.get_mut(&id))
+            && vm.active == Some(cgen)
+        {
+            vm.active = None;
+            vm.engine.set_accepting(false);
+            for r in &mut vm.resources {
                 r.online = false;
             }
-            if let Some(hs) = &mut self.hs {
+            if let Some(hs) = &mut vm.hs {
                 hs.session.connection_lost();
                 hs.lost_at = Some(now);
                 tracing::info!(
-                    grace = ?self.cfg.grace,
+                    vm = %vm.name,
+                    ?grace,
                     "tunnel connection lost; flows are kept while the agent resumes"
                 );
             }
@@ -534,7 +1065,7 @@ impl Loop {
 
     /// Refuses a connection in its preamble: the agent learns why, the
     /// operator reads it in the log, the counter moves.
-    fn refuse(&mut self, cgen: u64, counter: &'static str, why: &str, now: Instant) {
+    fn refuse(&mut self, cgen: u64, counter: &'static str, why: &str) {
         tracing::warn!("refused tunnel connection: {why}");
         self.bump(counter);
         self.bump("tunnel_refused");
@@ -560,7 +1091,12 @@ impl Loop {
                 unsafe { libc::shutdown(fd, libc::SHUT_RD) };
             }
         }
-        let _ = now;
+    }
+
+    /// The VM whose session connection `cgen` carries, if it does.
+    fn active_vm(&self, cgen: u64) -> Option<u64> {
+        let id = self.conns.iter().find(|c| c.cgen == cgen)?.vm?;
+        (self.vms.get(&id)?.active == Some(cgen)).then_some(id)
     }
 
     fn on_recv(&mut self, cgen: u64, c: Completion<Tag>, now: Instant) {
@@ -584,7 +1120,7 @@ impl Loop {
             }
         };
         self.add("tunnel_bytes_in", n as u64);
-        let active = self.active == Some(cgen);
+        let active = self.active_vm(cgen);
         let conn = self
             .conns
             .iter_mut()
@@ -592,11 +1128,13 @@ impl Loop {
             .expect("live");
         conn.last_rx = now;
         let was_handshaking = conn.link.handshaking();
-        let session = if active {
-            self.hs.as_mut().map(|h| &mut h.session)
-        } else {
-            None
-        };
+        if let Some(vm) = conn.vm.and_then(|id| self.vms.get_mut(&id)) {
+            *vm.counters.entry("tunnel_bytes_in").or_default() += n as u64;
+        }
+        let session = active
+            .and_then(|id| self.vms.get_mut(&id))
+            .and_then(|v| v.hs.as_mut())
+            .map(|h| &mut h.session);
         let res = conn.link.receive(&buf, session);
         match res {
             Ok(msgs) => {
@@ -620,8 +1158,8 @@ impl Loop {
                 return self.drop_conn(cgen, now);
             }
         }
-        if active {
-            self.drain_session(now);
+        if let Some(id) = active {
+            self.drain_session(id, now);
         }
         if let Some(conn) = self.conn(cgen)
             && conn.phase != Phase::Closing
@@ -645,7 +1183,14 @@ impl Loop {
         match io {
             Ok(n) => {
                 self.add("tunnel_bytes_out", n as u64);
-                let conn = self.conn(cgen).expect("live");
+                let conn = self
+                    .conns
+                    .iter_mut()
+                    .find(|c| c.cgen == cgen)
+                    .expect("live");
+                if let Some(vm) = conn.vm.and_then(|id| self.vms.get_mut(&id)) {
+                    *vm.counters.entry("tunnel_bytes_out").or_default() += n as u64;
+                }
                 if n < buf.len() {
                     buf.drain(..n);
                     buf.extend_from_slice(&conn.out);
@@ -661,9 +1206,60 @@ impl Loop {
         self.reap();
     }
 
+    /// The attached VM an agent with key `fp` reaches, or why none.
+    fn vm_for(&self, fp: &Fingerprint, paired_vm: Option<&str>) -> Result<u64, String> {
+        let key = &fp.to_hex()[..16];
+        if let Some(name) = paired_vm {
+            return self
+                .vms
+                .iter()
+                .find(|(_, v)| v.name == name)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    format!("paired with VM {name}, which is not attached on this host now")
+                });
+        }
+        let mine: Vec<(u64, &str)> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| self.cfg.pairs.allows(fp, &v.name))
+            .map(|(id, v)| (*id, v.name.as_str()))
+            .collect();
+        match mine.as_slice() {
+            [(id, _)] => Ok(*id),
+            [] => {
+                let paired: Vec<String> = self
+                    .cfg
+                    .pairs
+                    .list(None)
+                    .into_iter()
+                    .filter(|a| a.fingerprint == fp.to_hex())
+                    .map(|a| a.vm)
+                    .collect();
+                if paired.is_empty() {
+                    Err(format!(
+                        "this agent (key {key}) is not paired with any VM here: run netredir-agent once with --pair CODE (from `netredirctl pair --vm NAME` on the host)"
+                    ))
+                } else {
+                    Err(format!(
+                        "this agent (key {key}) is paired with VM {}, which is not attached on this host now",
+                        paired.join(", ")
+                    ))
+                }
+            }
+            several => Err(format!(
+                "this agent (key {key}) is paired with several attached VMs ({}): run one agent per VM, each with its own --state-dir",
+                several
+                    .iter()
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
     /// A preamble message on connection `cgen`.
     fn on_preamble(&mut self, cgen: u64, m: Msg, now: Instant) {
-        let vm = self.cfg.vm.clone();
         let Some(conn) = self.conn(cgen) else { return };
         if conn.phase != Phase::Preamble {
             return;
@@ -674,23 +1270,33 @@ impl Loop {
                 if version != VERSION {
                     let why =
                         format!("protocol version {version} (this netredird speaks {VERSION})");
-                    return self.refuse(cgen, "tunnel_refused_version", &why, now);
+                    return self.refuse(cgen, "tunnel_refused_version", &why);
                 }
                 conn.hello = Some(name);
             }
             Msg::Pair { secret } => {
                 let name = conn.hello.clone().unwrap_or_default();
-                match self.cfg.pairs.redeem(&secret, &fp, &name, &vm, now) {
+                let vm = self.cfg.pairs.code_vm(&secret, now);
+                let redeemed = match &vm {
+                    Some(vm) => self.cfg.pairs.redeem(&secret, &fp, &name, vm, now),
+                    None => Ok(false),
+                };
+                match redeemed {
                     Ok(true) => {
+                        let vm = vm.expect("redeemed");
                         tracing::info!(agent = %name, key = %fp, %vm, "agent paired");
-                        self.bump("pairings");
+                        if let Some(id) = self.vms.iter().find(|(_, v)| v.name == vm).map(|(i, _)| *i) {
+                            self.vms.get_mut(&id).expect("found").bump("pairings");
+                        } else {
+                            self.bump("pairings");
+                        }
                         if let Some(c) = self.conn(cgen) {
-                            c.paired_now = true;
+                            c.paired_vm = Some(vm);
                         }
                     }
                     Ok(false) => {
                         let why = "the pairing code is wrong, used or expired: get a new one with `netredirctl pair`";
-                        self.refuse(cgen, "tunnel_refused_bad_code", why, now)
+                        self.refuse(cgen, "tunnel_refused_bad_code", why)
                     }
                     Err(e) => {
                         tracing::error!("cannot save the pairing: {e}");
@@ -698,39 +1304,32 @@ impl Loop {
                             cgen,
                             "tunnel_refused_bad_code",
                             "the host could not save the pairing",
-                            now,
                         )
                     }
                 }
             }
             Msg::Resume { session, received } => {
                 let Some(name) = conn.hello.clone() else {
-                    return self.refuse(
-                        cgen,
-                        "tunnel_refused_protocol",
-                        "Resume before Hello",
-                        now,
-                    );
+                    return self.refuse(cgen, "tunnel_refused_protocol", "Resume before Hello");
                 };
-                if !conn.paired_now && !self.cfg.pairs.allows(&fp, &vm) {
-                    let why = format!(
-                        "this agent (key {}) is not paired with VM {vm}: run netredir-agent once with --pair CODE (from `netredirctl pair` on the host)",
-                        &fp.to_hex()[..16]
-                    );
-                    return self.refuse(cgen, "tunnel_refused_unpaired", &why, now);
+                let paired_vm = conn.paired_vm.clone();
+                match self.vm_for(&fp, paired_vm.as_deref()) {
+                    Ok(id) => self.start_session(cgen, id, fp, name, session, received, now),
+                    Err(why) => self.refuse(cgen, "tunnel_refused_unpaired", &why),
                 }
-                self.start_session(cgen, fp, name, session, received, now);
             }
             other => {
                 let why = format!("unexpected {other:?} in the preamble");
-                self.refuse(cgen, "tunnel_refused_protocol", &why, now);
+                self.refuse(cgen, "tunnel_refused_protocol", &why);
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_session(
         &mut self,
         cgen: u64,
+        id: u64,
         fp: Fingerprint,
         name: String,
         want: u64,
@@ -738,48 +1337,49 @@ impl Loop {
         now: Instant,
     ) {
         // One connection carries the session: a newer one replaces it.
-        if let Some(old) = self.active
+        if let Some(old) = self.vms[&id].active
             && old != cgen
         {
-            tracing::info!("a new connection from the agent replaces the current one");
+            tracing::info!(vm = %self.vms[&id].name, "a new connection from the agent replaces the current one");
             self.drop_conn(old, now);
         }
-        let resumable = self
+        let (replay_limit, compression) = (self.cfg.replay_limit, self.cfg.compression);
+        let vm = self.vms.get_mut(&id).expect("attached");
+        let resumable = vm
             .hs
             .as_ref()
             .is_some_and(|h| h.id == want && want != 0 && h.agent_fp == fp);
         let mut resumed = false;
         if resumable {
-            let hs = self.hs.as_mut().expect("checked");
+            let hs = vm.hs.as_mut().expect("checked");
             hs.session.connection_lost();
             match hs.session.resume(received) {
                 Ok(()) => {
                     resumed = true;
                     hs.lost_at = None;
-
                     hs.reconnects += 1;
                     hs.agent = name.clone();
-                    tracing::info!(agent = %name, session = format_args!("{:#x}", hs.id), "session resumed");
+                    tracing::info!(vm = %vm.name, agent = %name, session = format_args!("{:#x}", hs.id), "session resumed");
                 }
-                Err(e) => tracing::warn!("cannot resume the session: {e}; starting a new one"),
+                Err(e) => tracing::warn!(vm = %vm.name, "cannot resume the session: {e}; starting a new one"),
             }
         }
         if resumed {
-            self.engine.set_accepting(true);
-            let live: Vec<usize> = self.by_id.values().copied().collect();
+            vm.engine.set_accepting(true);
+            let live: Vec<usize> = vm.by_id.values().copied().collect();
             for i in live {
-                self.resources[i].online = true;
+                vm.resources[i].online = true;
             }
         } else {
-            if self.hs.is_some() {
-                self.end_session(now, "replaced by a new session");
+            if vm.hs.is_some() {
+                vm.end_session(now, "replaced by a new session");
             }
-            let id = random_u64() | 1;
-            self.hs = Some(HostSession {
-                id,
+            let sid = random_u64() | 1;
+            vm.hs = Some(HostSession {
+                id: sid,
                 session: Session::new(SessionConfig {
-                    replay_limit: self.cfg.replay_limit,
-                    compression: self.cfg.compression,
+                    replay_limit,
+                    compression,
                     ..Default::default()
                 }),
                 agent_fp: fp,
@@ -787,11 +1387,11 @@ impl Loop {
                 lost_at: None,
                 reconnects: 0,
             });
-            self.engine.set_online(true, now);
-            self.engine.set_accepting(true);
-            tracing::info!(agent = %name, session = format_args!("{id:#x}"), "agent connected, new session");
+            vm.engine.set_online(true, now);
+            vm.engine.set_accepting(true);
+            tracing::info!(vm = %vm.name, agent = %name, session = format_args!("{sid:#x}"), "agent connected, new session");
         }
-        let hs = self.hs.as_mut().expect("set");
+        let hs = vm.hs.as_mut().expect("set");
         let welcome = Msg::Welcome {
             session: hs.id,
             received: hs.session.received(),
@@ -808,157 +1408,104 @@ impl Loop {
             return self.drop_conn(cgen, now);
         }
         conn.phase = Phase::Up;
-        self.active = Some(cgen);
-        self.drain_session(now);
+        conn.vm = Some(id);
+        vm.active = Some(cgen);
+        self.drain_session(id, now);
     }
 
-    /// The session is over: every flow reset, resources offline.
-    fn end_session(&mut self, now: Instant, why: &str) {
-        if let Some(hs) = self.hs.take() {
-            tracing::info!(
-                session = format_args!("{:#x}", hs.id),
-                "session ended: {why}; flows reset, resources offline"
-            );
-        }
-        self.engine.set_online(false, now);
-        self.engine.clear_resources();
-        for r in &mut self.resources {
-            r.online = false;
-        }
-        self.by_id.clear();
-        while self.engine.poll_event().is_some() {}
-    }
-
-    /// Applies the session's messages from the agent.
-    fn drain_session(&mut self, now: Instant) {
-        loop {
-            let m = match self.hs.as_mut().map(|h| h.session.poll_msg()) {
-                None | Some(Ok(None)) => break,
-                Some(Ok(Some(m))) => m,
-                Some(Err(e)) => {
-                    tracing::warn!("tunnel protocol error: {e}; dropping the connection");
-                    self.bump("tunnel_protocol_errors");
-                    if let Some(a) = self.active {
-                        self.drop_conn(a, now);
+    /// Applies the session's messages from VM `id`'s agent.
+    fn drain_session(&mut self, id: u64, now: Instant) {
+        let mut drop_active = false;
+        if let Some(vm) = self.vms.get_mut(&id) {
+            loop {
+                let m = match vm.hs.as_mut().map(|h| h.session.poll_msg()) {
+                    None | Some(Ok(None)) => break,
+                    Some(Ok(Some(m))) => m,
+                    Some(Err(e)) => {
+                        tracing::warn!(vm = %vm.name, "tunnel protocol error: {e}; dropping the connection");
+                        vm.bump("tunnel_protocol_errors");
+                        drop_active = true;
+                        break;
                     }
-                    return;
-                }
-            };
-            let res = match m {
-                Msg::Export {
-                    id,
-                    name,
-                    target,
-                    ports,
-                } => {
-                    self.export(id, name, target, ports);
-                    Ok(())
-                }
-                Msg::OpenOk { flow } => self.engine.open_ok(flow, now),
-                Msg::OpenErr { flow, reason } => {
-                    tracing::debug!(flow, ?reason, "agent refused open");
-                    self.bump("refused_opens");
-                    let why = match reason {
-                        OpenError::Unreachable => Refusal::Unreachable,
-                        OpenError::TimedOut => Refusal::NoAnswer,
-                        _ => Refusal::Refused,
-                    };
-                    self.engine.open_err(flow, why, now)
-                }
-                Msg::Data { flow, bytes } => {
-                    self.account(flow, |t| t.from_resource += bytes.len() as u64);
-                    self.engine.data(flow, &bytes, now)
-                }
-                Msg::Datagram { flow, bytes } => {
-                    self.account(flow, |t| t.from_resource += bytes.len() as u64);
-                    self.engine.datagram(flow, &bytes, now)
-                }
-                Msg::EchoReply { token, ok } => {
-                    self.engine.echo_reply(token, ok);
-                    Ok(())
-                }
-                Msg::Window { flow, credit } => self.engine.window(flow, credit, now),
-                Msg::Fin { flow } => self.engine.fin(flow, now),
-                Msg::Reset { flow } => self.engine.reset(flow, now),
-                Msg::Ping { nonce } => {
-                    if let Some(h) = self.hs.as_mut() {
-                        h.session.send_control(Msg::Pong { nonce });
-                    }
-                    Ok(())
-                }
-                Msg::Pong { .. } => Ok(()),
-                other => {
-                    tracing::warn!("unexpected {other:?} from the agent; dropping the connection");
-                    self.bump("tunnel_protocol_errors");
-                    if let Some(a) = self.active {
-                        self.drop_conn(a, now);
-                    }
-                    return;
-                }
-            };
-            if let Err(e) = res {
-                // Races (a flow the guest just reset) are normal; count them.
-                tracing::debug!("{e}");
-                self.bump("flow_messages_ignored");
-            }
-        }
-        if let Some(h) = self.hs.as_mut() {
-            h.session.maybe_ack(false);
-        }
-    }
-
-    fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
-        let pick = |proto: Proto| -> Vec<u16> {
-            ports
-                .iter()
-                .filter(|(_, p)| *p == proto)
-                .map(|(p, _)| *p)
-                .collect()
-        };
-        let (tcp, udp) = (pick(Proto::Tcp), pick(Proto::Udp));
-        let idx = match self.resources.iter().position(|r| r.name == name) {
-            Some(i) => i,
-            None => {
-                let subnet = self.cfg.subnet;
-                let taken = |ip: Ipv4Addr| self.resources.iter().any(|r| r.vip == ip);
-                let Some(vip) = vip::allocate(&subnet, &name, taken) else {
-                    tracing::warn!(%name, "no free vIP left in {subnet}; export ignored");
-                    return;
                 };
-                self.resources.push(Resource {
-                    name: name.clone(),
-                    target: String::new(),
-                    ports: Vec::new(),
-                    udp_ports: Vec::new(),
-                    vip,
-                    online: false,
-                });
-                self.resources.len() - 1
+                let res = match m {
+                    Msg::Export {
+                        id,
+                        name,
+                        target,
+                        ports,
+                    } => {
+                        vm.export(id, name, target, ports);
+                        Ok(())
+                    }
+                    Msg::OpenOk { flow } => vm.engine.open_ok(flow, now),
+                    Msg::OpenErr { flow, reason } => {
+                        tracing::debug!(flow, ?reason, "agent refused open");
+                        vm.bump("refused_opens");
+                        let why = match reason {
+                            OpenError::Unreachable => Refusal::Unreachable,
+                            OpenError::TimedOut => Refusal::NoAnswer,
+                            _ => Refusal::Refused,
+                        };
+                        vm.engine.open_err(flow, why, now)
+                    }
+                    Msg::Data { flow, bytes } => {
+                        vm.account(flow, |t| t.from_resource += bytes.len() as u64);
+                        vm.engine.data(flow, &bytes, now)
+                    }
+                    Msg::Datagram { flow, bytes } => {
+                        vm.account(flow, |t| t.from_resource += bytes.len() as u64);
+                        vm.engine.datagram(flow, &bytes, now)
+                    }
+                    Msg::EchoReply { token, ok } => {
+                        vm.engine.echo_reply(token, ok);
+                        Ok(())
+                    }
+                    Msg::Window { flow, credit } => vm.engine.window(flow, credit, now),
+                    Msg::Fin { flow } => vm.engine.fin(flow, now),
+                    Msg::Reset { flow } => vm.engine.reset(flow, now),
+                    Msg::Ping { nonce } => {
+                        if let Some(h) = vm.hs.as_mut() {
+                            h.session.send_control(Msg::Pong { nonce });
+                        }
+                        Ok(())
+                    }
+                    Msg::Pong { .. } => Ok(()),
+                    other => {
+                        tracing::warn!(vm = %vm.name, "unexpected {other:?} from the agent; dropping the connection");
+                        vm.bump("tunnel_protocol_errors");
+                        drop_active = true;
+                        break;
+                    }
+                };
+                if let Err(e) = res {
+                    // Races (a flow the guest just reset) are normal; count them.
+                    tracing::debug!("{e}");
+                    vm.bump("flow_messages_ignored");
+                }
             }
-        };
-        let r = &mut self.resources[idx];
-        r.target = target;
-        r.ports = tcp.clone();
-        r.udp_ports = udp.clone();
-        r.online = true;
-        tracing::info!(name = %r.name, vip = %r.vip, vip6 = %self.engine.vip6(r.vip), target = %r.target, ports = ?r.ports, "resource exported");
-        self.engine.set_named_resource(r.vip, id, &r.name, tcp, udp);
-        self.by_id.insert(id, idx);
+            if let Some(h) = vm.hs.as_mut() {
+                h.session.maybe_ack(false);
+            }
+        }
+        if drop_active && let Some(a) = self.vms.get(&id).and_then(|v| v.active) {
+            self.drop_conn(a, now);
+        }
     }
 
     fn timers(&mut self, now: Instant) {
-        // What a hostile or broken guest does shows in one line per 10 s,
-        // not one per frame.
-        if now.saturating_duration_since(self.reported.0) >= Duration::from_secs(10) {
-            let c = self.engine.counters();
+        // What a hostile or broken guest does shows in one line per 10 s
+        // and VM, not one per frame.
+        for vm in self.vms.values_mut() {
+            if now.saturating_duration_since(vm.reported.0) < Duration::from_secs(10) {
+                continue;
+            }
+            let c = vm.engine.counters();
             let cur = [c.refused_limit, c.refused_rate, c.malformed, c.unsupported];
-            let d: Vec<u64> = cur
-                .iter()
-                .zip(self.reported.1)
-                .map(|(a, b)| a - b)
-                .collect();
+            let d: Vec<u64> = cur.iter().zip(vm.reported.1).map(|(a, b)| a - b).collect();
             if d.iter().any(|x| *x > 0) {
                 tracing::warn!(
+                    vm = %vm.name,
                     over_flow_limits = d[0],
                     over_rate_limit = d[1],
                     malformed = d[2],
@@ -966,16 +1513,16 @@ impl Loop {
                     "guest traffic refused or dropped in the last 10 s"
                 );
             }
-            self.reported = (now, cur);
-            let limit = self.counter("tunnel_refused_handshake_limit");
-            let slow = self.counter("tunnel_refused_slow_handshake");
-            if limit + slow > self.reported_preauth {
-                tracing::warn!(
-                    handshake_limit = limit,
-                    no_handshake_in_time = slow,
-                    "tunnel connections closed before authentication (totals)"
-                );
-            }
+            vm.reported = (now, cur);
+        }
+        let limit = self.counter("tunnel_refused_handshake_limit");
+        let slow = self.counter("tunnel_refused_slow_handshake");
+        if limit + slow > self.reported_preauth {
+            tracing::warn!(
+                handshake_limit = limit,
+                no_handshake_in_time = slow,
+                "tunnel connections closed before authentication (totals)"
+            );
             self.reported_preauth = limit + slow;
         }
         // Handshakes that take too long (or never start) are dropped.
@@ -1001,100 +1548,67 @@ impl Loop {
             self.reactor
                 .accept(self.cfg.listener.as_raw_fd(), Tag::Accept);
         }
-        // Heartbeats, and a dead peer.
-        if let Some(a) = self.active {
-            let silent = self
-                .conn(a)
-                .map(|c| now.saturating_duration_since(c.last_rx))
-                .unwrap_or_default();
-            if silent > self.cfg.heartbeat * 3 {
-                tracing::warn!(
-                    ?silent,
-                    "agent silent for three heartbeats; dropping the connection"
-                );
-                self.bump("heartbeat_timeouts");
-                self.drop_conn(a, now);
-            } else if now.saturating_duration_since(self.last_ping) >= self.cfg.heartbeat {
-                self.last_ping = now;
-                if let Some(h) = self.hs.as_mut() {
-                    h.session.send_control(Msg::Ping {
-                        nonce: random_u64(),
-                    });
+        // Heartbeats, and dead peers.
+        let (heartbeat, grace) = (self.cfg.heartbeat, self.cfg.grace);
+        let mut silent_conns = Vec::new();
+        for vm in self.vms.values_mut() {
+            if let Some(a) = vm.active {
+                let silent = self
+                    .conns
+                    .iter()
+                    .find(|c| c.cgen == a)
+                    .map(|c| now.saturating_duration_since(c.last_rx))
+                    .unwrap_or_default();
+                if silent > heartbeat * 3 {
+                    tracing::warn!(
+                        vm = %vm.name,
+                        ?silent,
+                        "agent silent for three heartbeats; dropping the connection"
+                    );
+                    vm.bump("heartbeat_timeouts");
+                    silent_conns.push(a);
+                } else if now.saturating_duration_since(vm.last_ping) >= heartbeat {
+                    vm.last_ping = now;
+                    if let Some(h) = vm.hs.as_mut() {
+                        h.session.send_control(Msg::Ping {
+                            nonce: random_u64(),
+                        });
+                    }
                 }
             }
         }
-        // A session nobody resumed within the grace period ends.
-        if let Some(h) = &self.hs
-            && let Some(t) = h.lost_at
-            && now.saturating_duration_since(t) >= self.cfg.grace
-        {
-            self.end_session(now, "the agent did not come back within the grace period");
+        for a in silent_conns {
+            self.drop_conn(a, now);
         }
-        if let Some(h) = self.hs.as_mut() {
-            h.session.sweep_idle(now);
+        for vm in self.vms.values_mut() {
+            // A session nobody resumed within the grace period ends.
+            if let Some(h) = &vm.hs
+                && let Some(t) = h.lost_at
+                && now.saturating_duration_since(t) >= grace
+            {
+                vm.end_session(now, "the agent did not come back within the grace period");
+            }
+            if let Some(h) = vm.hs.as_mut() {
+                h.session.sweep_idle(now);
+            }
         }
     }
 
     fn pump(&mut self, now: Instant) {
-        // Engine events → session messages, while the replay buffer has room.
-        if let Some(h) = self.hs.as_mut() {
-            while h.session.can_send() {
-                let Some(ev) = self.engine.poll_event() else {
-                    break;
-                };
-                let acct = match &ev {
-                    Event::Open { resource, .. } | Event::OpenUdp { resource, .. } => {
-                        Some((*resource, 1, 0))
-                    }
-                    Event::Data { flow, bytes } | Event::Datagram { flow, bytes } => self
-                        .engine
-                        .flow_resource(*flow)
-                        .map(|r| (r, 0, bytes.len() as u64)),
-                    _ => None,
-                };
-                if let Some((rid, opens, n)) = acct
-                    && let Some(r) = self.by_id.get(&rid).map(|i| &self.resources[*i])
-                {
-                    if !self.per_resource.contains_key(&r.name) {
-                        self.per_resource.insert(r.name.clone(), Default::default());
-                    }
-                    let t = self.per_resource.get_mut(&r.name).expect("inserted");
-                    t.opens += opens;
-                    t.to_resource += n;
-                }
-                match ev {
-                    Event::Closed { flow } => h.session.forget_flow(flow),
-                    Event::Open { resource, flow, .. } => {
-                        if let Some(r) = self.by_id.get(&resource).map(|i| &self.resources[*i])
-                            && let Some(c) = self.cfg.resource_compression.get(&r.name)
-                        {
-                            h.session.set_flow_compression(flow, *c);
-                        }
-                        h.session.send(to_msg(ev).expect("open"), now);
-                    }
-                    ev => {
-                        if let Some(m) = to_msg(ev) {
-                            h.session.send(m, now);
-                        }
-                    }
-                }
-            }
-            // Nothing more to add: the record goes now.
-            h.session.flush();
-        } else {
-            while self.engine.poll_event().is_some() {}
+        for vm in self.vms.values_mut() {
+            vm.events_to_session(&self.cfg, now);
         }
         // Session and preamble output → TLS → sockets.
-        let active = self.active;
         for c in self.conns.iter_mut() {
             if c.phase == Phase::Closing && c.out.is_empty() {
                 continue;
             }
-            let session = if Some(c.cgen) == active {
-                self.hs.as_mut().map(|h| &mut h.session)
-            } else {
-                None
-            };
+            let session = c
+                .vm
+                .and_then(|id| self.vms.get_mut(&id))
+                .filter(|v| v.active == Some(c.cgen))
+                .and_then(|v| v.hs.as_mut())
+                .map(|h| &mut h.session);
             let mut out = std::mem::take(&mut c.out);
             if c.phase != Phase::Closing {
                 c.link.flush(session, &mut out);
@@ -1107,48 +1621,42 @@ impl Loop {
                 self.reactor.send(c.fd.as_raw_fd(), b, 0, Tag::Send(c.cgen));
             }
         }
-        // Engine frames → the VM.
-        while let Some(f) = self.engine.poll_frame() {
-            self.pending_frames.push(f);
-        }
-        if !self.pending_frames.is_empty() {
-            let n = self
-                .xsk
-                .transmit(self.pending_frames.iter().map(|f| f.as_slice()));
-            self.pending_frames.drain(..n);
-        } else if self.xsk.tx_pending() {
-            self.xsk.kick();
+        for vm in self.vms.values_mut() {
+            vm.frames_out();
         }
     }
 
-    /// Forgets a paired agent of this VM; ends its session if it has one.
+    /// Forgets a paired agent of a VM; ends its session if it has one.
     fn unpair(&mut self, vm: Option<String>, key: &str, now: Instant) -> Response {
-        if let Some(v) = &vm
-            && *v != self.cfg.vm
-        {
-            return Response::Error {
-                message: format!("this netredird serves VM {:?}, not {v:?}", self.cfg.vm),
-            };
-        }
-        let vm = self.cfg.vm.clone();
-        let agent = match self.cfg.pairs.unpair(&vm, key) {
-            Ok(a) => a,
-            Err(e) => {
-                return Response::Error {
-                    message: e.to_string(),
-                };
-            }
+        // A VM that is not attached may have pairings too: name it.
+        let name = match (&vm, self.resolve(vm.as_deref())) {
+            (_, Ok(id)) => self.vms[&id].name.clone(),
+            (Some(name), Err(_)) => name.clone(),
+            (None, Err(e)) => return error(e),
         };
-        tracing::info!(agent = %agent.name, key = %agent.fingerprint, %vm, "agent unpaired");
-        let live = self
-            .hs
-            .as_ref()
-            .is_some_and(|h| h.agent_fp.to_hex() == agent.fingerprint);
-        if live {
-            if let Some(c) = self.active {
+        let agent = match self.cfg.pairs.unpair(&name, key) {
+            Ok(a) => a,
+            Err(e) => return error(e.to_string()),
+        };
+        tracing::info!(agent = %agent.name, key = %agent.fingerprint, vm = %name, "agent unpaired");
+        let id = self
+            .vms
+            .iter()
+            .find(|(_, v)| v.name == name)
+            .map(|(id, _)| *id);
+        let live = id.is_some_and(|id| {
+            self.vms[&id]
+                .hs
+                .as_ref()
+                .is_some_and(|h| h.agent_fp.to_hex() == agent.fingerprint)
+        });
+        if live && let Some(id) = id {
+            if let Some(c) = self.vms[&id].active {
                 self.drop_conn(c, now);
             }
-            self.end_session(now, "its agent was unpaired");
+            if let Some(vm) = self.vms.get_mut(&id) {
+                vm.end_session(now, "its agent was unpaired");
+            }
         }
         Response::Unpaired {
             agent,
@@ -1157,208 +1665,23 @@ impl Loop {
     }
 
     fn pair(&mut self, vm: Option<String>, now: Instant) -> Response {
-        if let Some(v) = &vm
-            && *v != self.cfg.vm
-        {
-            return Response::Error {
-                message: format!("this netredird serves VM {:?}, not {v:?}", self.cfg.vm),
-            };
+        // A VM may be paired before it is attached (its name is enough).
+        let name = match (vm, self.resolve(None)) {
+            (Some(name), _) => name,
+            (None, Ok(id)) => self.vms[&id].name.clone(),
+            (None, Err(e)) => return error(e),
+        };
+        if name.trim().is_empty() {
+            return error("--vm needs a name (the libvirt domain's name or UUID)");
         }
         let host = self.cfg.identity.fingerprint();
-        let code = self.cfg.pairs.issue(&host, &self.cfg.vm, now);
-        tracing::info!(vm = %self.cfg.vm, "pairing code issued");
+        let code = self.cfg.pairs.issue(&host, &name, now);
+        tracing::info!(vm = %name, "pairing code issued");
         Response::Pair {
             code: code.to_string(),
-            vm: self.cfg.vm.clone(),
+            vm: name,
             host_fingerprint: host.to_hex(),
             valid_for_secs: CODE_LIFETIME.as_secs(),
-        }
-    }
-
-    /// This VM's row of `vm list`.
-    fn vm_info(&self) -> VmInfo {
-        let e = self.engine.counters();
-        VmInfo {
-            name: self.cfg.vm.clone(),
-            iface: self.cfg.iface.clone(),
-            mode: if self.cfg.dedicated {
-                "dedicated"
-            } else {
-                "shared"
-            }
-            .into(),
-            agent_connected: self.active.is_some(),
-            agent: self.hs.as_ref().map(|h| h.agent.clone()),
-            flows: self.engine.flow_count() as u64,
-            bytes_from_guest: e.bytes_from_guest,
-            bytes_to_guest: e.bytes_to_guest,
-            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
-        }
-    }
-
-    /// This daemon's metrics in the Prometheus text format.
-    fn metrics(&self) -> String {
-        let st = self.status();
-        let stats = self.stats();
-        let e = self.engine.counters();
-        let open = self.engine.flows_per_resource();
-        let resources = self
-            .resources
-            .iter()
-            .map(|r| {
-                let t = self.per_resource.get(&r.name).cloned().unwrap_or_default();
-                let id = self
-                    .by_id
-                    .iter()
-                    .find(|(_, i)| self.resources[**i].name == r.name);
-                let flows = id.and_then(|(id, _)| open.get(id)).copied().unwrap_or(0);
-                crate::metrics::ResourceReport {
-                    name: r.name.clone(),
-                    online: r.online,
-                    flows: flows as u64,
-                    totals: t,
-                }
-            })
-            .collect::<Vec<_>>();
-        let vm = crate::metrics::VmReport {
-            name: self.cfg.vm.clone(),
-            agent_connected: st.agent_connected,
-            flows: st.flows,
-            flow_buffer_bytes: self.engine.buffer_bytes() as u64,
-            session: stats.session,
-            refusals: vec![
-                ("no_resource", e.refused_no_resource),
-                ("offline", e.refused_offline),
-                ("limit", e.refused_limit),
-                ("rate", e.refused_rate),
-                ("opening", e.syn_dropped_opening),
-                ("by_agent", e.refused_by_agent),
-            ],
-            counters: st.counters,
-            resources,
-        };
-        crate::metrics::render(&[vm])
-    }
-
-    fn map_entries(&self) -> Vec<MapEntry> {
-        self.resources
-            .iter()
-            .map(|r| MapEntry {
-                name: r.name.clone(),
-                vip: r.vip.to_string(),
-                vip6: self.engine.vip6(r.vip).to_string(),
-                target: r.target.clone(),
-                ports: r.ports.clone(),
-                state: if r.online { "online" } else { "offline" }.into(),
-            })
-            .collect()
-    }
-
-    fn counter(&self, k: &str) -> u64 {
-        self.counters.get(k).copied().unwrap_or(0)
-    }
-
-    fn stats(&self) -> Stats {
-        let session = self.hs.as_ref().map(|h| {
-            let s = h.session.stats();
-            SessionReport {
-                id: format!("{:#x}", h.id),
-                agent: h.agent.clone(),
-                connected: self.active.is_some(),
-                reconnects: h.reconnects,
-                records_sent: s.records_sent,
-                records_received: s.records_received,
-                records_retransmitted: s.records_retransmitted,
-                data_bytes_out: s.data_bytes_out,
-                data_wire_bytes_out: s.data_wire_bytes_out,
-                data_bytes_in: s.data_bytes_in,
-                data_wire_bytes_in: s.data_wire_bytes_in,
-                tunnel_bytes_out: self.counter("tunnel_bytes_out"),
-                tunnel_bytes_in: self.counter("tunnel_bytes_in"),
-                replay_bytes: h.session.replay_bytes() as u64,
-                compression_contexts: h.session.contexts() as u64,
-            }
-        });
-        let mut flows: Vec<FlowReport> = self
-            .hs
-            .as_ref()
-            .map(|h| {
-                h.session
-                    .flow_stats()
-                    .iter()
-                    .map(|(f, s)| {
-                        let st = self.engine.flow_state(*f);
-                        FlowReport {
-                            flow: *f,
-                            bytes_from_guest: s.bytes_out,
-                            bytes_to_guest: s.bytes_in,
-                            wire_out: s.wire_out,
-                            wire_in: s.wire_in,
-                            state: st.as_ref().map(|s| s.state.clone()).unwrap_or_default(),
-                            credit: st.as_ref().map_or(0, |s| u64::from(s.credit)),
-                            allowed: st.as_ref().map_or(0, |s| u64::from(s.allowed)),
-                            to_guest_queued: st.as_ref().map_or(0, |s| s.to_guest),
-                            from_guest_queued: st.as_ref().map_or(0, |s| s.from_guest),
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        flows.sort_by_key(|f| f.flow);
-        let e = self.engine.counters();
-        Stats {
-            session,
-            flows,
-            refused_opens: e.refused_by_agent
-                + e.refused_no_resource
-                + e.refused_offline
-                + e.refused_limit,
-            refused_connections: self.counter("tunnel_refused"),
-        }
-    }
-
-    fn status(&self) -> Status {
-        let mut counters: Vec<(String, u64)> = self
-            .engine
-            .counters()
-            .pairs()
-            .into_iter()
-            .map(|(k, v)| (format!("engine.{k}"), v))
-            .collect();
-        let mut own: Vec<_> = self
-            .counters
-            .iter()
-            .map(|(k, v)| (format!("daemon.{k}"), *v))
-            .collect();
-        own.sort();
-        counters.extend(own);
-        counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
-        counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
-        if let Some(h) = &self.hs {
-            let s = h.session.stats();
-            counters.push(("session.skipped".into(), s.skipped));
-            counters.push(("session.flow_errors".into(), s.flow_errors));
-            counters.push(("session.duplicates".into(), s.duplicates));
-        }
-        let connected = self.active.is_some();
-        Status {
-            iface: self.cfg.iface.clone(),
-            subnet: self.cfg.subnet.to_string(),
-            agent_connected: connected,
-            agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
-            agent_addr: self
-                .active
-                .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
-                .and_then(|c| c.addr)
-                .map(|a| a.to_string()),
-            flows: self.engine.flow_count() as u64,
-            prefix6: self.cfg.prefix6.to_string(),
-            dns: vec![
-                self.engine.dns_addr().to_string(),
-                self.engine.dns_addr6().to_string(),
-            ],
-            zone: self.cfg.zone.clone(),
-            counters,
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - main: waits for SIGINT/SIGTERM (or the data path failing), then stops
 //!   the data path, removes the control socket and detaches XDP.
 
+mod attach;
 mod config;
 mod control;
 mod datapath;
@@ -23,9 +24,8 @@ mod metrics;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
-use netredir_datapath::xsk::Xsk;
-use netredir_shared::control::DEFAULT_CONTROL_PATH;
+use netredir_datapath::steer::interface_exists;
+use netredir_shared::control::{AttachSpec, DEFAULT_CONTROL_PATH, Response};
 use netredir_shared::pairing::PairStore;
 use netredir_shared::session::Compression;
 use netredir_shared::subnet::{DEFAULT_PREFIX6, DEFAULT_SUBNET, Ipv4Subnet, Ipv6Prefix};
@@ -193,22 +193,16 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let Some(iface) = args.iface.clone() else {
-        bail!(
-            "no VM to serve: give --iface IF (the host end of the VM's NIC), or a [[vm]] in the config file"
-        );
-    };
     let sigs = block_signals();
     // Every agent connection is a descriptor (and so is every handshake).
     netredir_uring::raise_fd_limit();
-    if !interface_exists(&iface) {
+    if let Some(iface) = &args.iface
+        && !interface_exists(iface)
+    {
         bail!(
-            "cannot attach XDP to {}: no such interface (give the host end of the VM's NIC)",
-            iface
+            "cannot attach to {iface}: no such interface (give the host end of the VM's NIC)"
         );
     }
-    let mac = interface_mac(&iface)
-        .with_context(|| format!("cannot read the MAC address of {}", iface))?;
     // Bind first: a busy port should not leave XDP half set up.
     let listener = TcpListener::bind(args.listen).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => {
@@ -248,56 +242,10 @@ fn run(args: Args) -> Result<()> {
         bail!("--zone {}: {e}", args.zone);
     }
 
-    let mut steer = Steer::load()?;
-    steer.configure(
-        args.subnet.network(),
-        args.subnet.prefix_len(),
-        Some(args.prefix6.network()),
-        args.dedicated,
-    )?;
-    let xsk = if args.dedicated {
-        let xsk = Xsk::open(&iface, 0)?;
-        steer.register_xsk(0, xsk.fd())?;
-        steer.attach(&iface)?;
-        xsk
-    } else {
-        let inner = steer.make_pair(&iface)?;
-        let xsk = Xsk::open(&inner, 0)?;
-        steer.register_xsk(0, xsk.fd())?;
-        steer.attach_shared(&iface)?;
-        xsk
-    };
-    // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
-    let mtu = netredir_datapath::netlink::mtu(&iface)
-        .unwrap_or(1500)
-        .min(netredir_datapath::steer::MAX_XDP_MTU);
-    tracing::info!(
-        iface = %iface,
-        mtu,
-        mode = if args.dedicated { "dedicated NIC (XDP)" } else { "shared NIC (TC + own veth pair)" },
-        subnet = %args.subnet,
-        prefix6 = %args.prefix6,
-        listen = %args.listen,
-        control = %args.control.display(),
-        "netredird ready: steer attached, waiting for the agent"
-    );
-
-    let vm_name = args.vm.clone().unwrap_or_else(|| iface.clone());
-    if args.vm.is_none() {
-        tracing::warn!(
-            "no --vm: pairings are bound to the interface name {iface}, which libvirt gives anew on every boot; name the VM (its libvirt domain) with --vm or [[vm]] name"
-        );
-    }
     let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
     let (tx, rx) = crossbeam_channel::bounded(64);
     tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
     let cfg = datapath::Config {
-        iface: iface.clone(),
-        vm: vm_name.clone(),
-        subnet: args.subnet,
-        prefix6: args.prefix6,
-        mtu: mtu as usize,
-        mac,
         listener,
         identity,
         pairs,
@@ -306,31 +254,66 @@ fn run(args: Args) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         heartbeat: Duration::from_secs(args.heartbeat),
         replay_limit: 8 * 1024 * 1024,
-        dedicated: args.dedicated,
         zone: args.zone.clone(),
         max_flows: args.max_flows,
         new_flows_per_sec: args.new_flows_per_sec,
         flow_buffer: args.flow_buffer_kib * 1024,
         max_buffer: args.max_buffer_mib << 20,
     };
+    let defaults = Arc::new(attach::Defaults {
+        subnet: args.subnet,
+        prefix6: args.prefix6,
+    });
     let dp_waker = waker.clone();
-    // Loading the programs parsed the kernel's BTF (megabytes, now free):
-    // give that heap back, since one daemon runs per VM.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
     let datapath = std::thread::Builder::new()
         .name("datapath".into())
-        .spawn(move || datapath::run(cfg, xsk, rx, dp_waker))
+        .spawn(move || datapath::run(cfg, rx, dp_waker))
         .context("cannot start the data path thread")?;
-    let steer = Arc::new(std::sync::Mutex::new(steer));
-    control.spawn(tx.clone(), waker.clone(), steer.clone())?;
+    let stop = |datapath: std::thread::JoinHandle<Result<()>>| {
+        let _ = tx.send(datapath::Request::Shutdown);
+        waker.wake();
+        let _ = datapath.join();
+    };
+    // `--iface`: the one VM of a daemon started for it, attached at once.
+    if let Some(iface) = args.iface.clone() {
+        let name = args.vm.clone().unwrap_or_else(|| iface.clone());
+        if args.vm.is_none() {
+            tracing::warn!(
+                "no --vm: pairings are bound to the interface name {iface}, which libvirt gives anew on every boot; name the VM (its libvirt domain) with --vm or [[vm]] name"
+            );
+        }
+        let spec = AttachSpec {
+            name,
+            iface,
+            dedicated: args.dedicated,
+            subnet: None,
+            prefix6: None,
+        };
+        if let Response::Error { message } = attach::attach(&spec, &defaults, &tx, &waker) {
+            stop(datapath);
+            control.remove();
+            bail!("{message}");
+        }
+    }
+    control.spawn(tx.clone(), waker.clone(), defaults.clone())?;
     if let Some(l) = metrics_listener {
         metrics::serve(l, tx.clone(), waker.clone())?;
     }
-    sd_notify(&format!(
-        "READY=1\nSTATUS=serving VM {} on {}",
-        vm_name, iface
-    ));
+    tracing::info!(
+        listen = %args.listen,
+        control = %args.control.display(),
+        subnet = %args.subnet,
+        prefix6 = %args.prefix6,
+        vm = args.iface.as_ref().map(|_| args.vm.clone().unwrap_or_default()),
+        "netredird ready"
+    );
+    sd_notify(&match &args.iface {
+        Some(iface) => format!(
+            "READY=1\nSTATUS=serving VM {} on {iface}",
+            args.vm.as_deref().unwrap_or(iface)
+        ),
+        None => "READY=1\nSTATUS=waiting for VMs (netredirctl vm attach)".to_string(),
+    });
 
     let outcome = loop {
         if let Some(sig) = wait_signal(&sigs, Duration::from_millis(200)) {
@@ -345,15 +328,9 @@ fn run(args: Args) -> Result<()> {
         }
     };
     control.remove();
-    // The control thread may still hold a reference: remove the pair now
-    // (the programs detach when the process's links close).
-    if let Ok(mut s) = steer.lock() {
-        s.remove_pair();
-    }
-    drop(steer);
     match outcome {
         Ok(Ok(())) => {
-            tracing::info!("stopped; steer detached");
+            tracing::info!("stopped; every VM detached");
             Ok(())
         }
         Ok(Err(e)) => Err(e.context("data path failed")),

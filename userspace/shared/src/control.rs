@@ -15,19 +15,39 @@ pub const DEFAULT_CONTROL_PATH: &str = "/run/netredir/control.sock";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    /// The resource ↔ vIP table.
-    MapList,
-    /// Session state and counters.
-    Status,
-    /// A one-time pairing code for an agent.
-    Pair {
-        /// The VM session the agent may reach (default: the daemon's).
+    /// The resource ↔ vIP table of a VM.
+    MapList {
+        /// The VM (optional when one is attached).
+        #[serde(default)]
         vm: Option<String>,
     },
-    /// Tunnel and per-flow statistics.
-    Stats,
+    /// A VM's session state and counters.
+    Status {
+        /// The VM (optional when one is attached).
+        #[serde(default)]
+        vm: Option<String>,
+    },
+    /// A one-time pairing code for an agent.
+    Pair {
+        /// The VM the agent may reach (optional when one is attached).
+        vm: Option<String>,
+    },
+    /// A VM's tunnel and per-flow statistics.
+    Stats {
+        /// The VM (optional when one is attached).
+        #[serde(default)]
+        vm: Option<String>,
+    },
     /// The VMs this daemon serves.
     VmList,
+    /// Starts serving a VM: steer its NIC's frames for the virtual subnet
+    /// to a new engine; its paired agents may connect.
+    VmAttach(AttachSpec),
+    /// Stops serving a VM: its flows are reset, its programs removed.
+    VmDetach {
+        /// The VM's name.
+        name: String,
+    },
     /// The agents paired with a VM (or with every VM).
     PairsList {
         /// Only this VM's.
@@ -41,6 +61,26 @@ pub enum Request {
         /// The agent's key fingerprint, hex, or a unique prefix of it.
         key: String,
     },
+}
+
+/// A VM to attach: its identity and its NIC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachSpec {
+    /// Its stable identity (the libvirt domain's name or UUID); pairings
+    /// are bound to it.
+    pub name: String,
+    /// The host end of its NIC (`vnet3`, a tap or a veth).
+    pub iface: String,
+    /// The NIC is only for netredir: XDP on it, DHCP and router adverts
+    /// served (else a TC classifier takes only the subnet's frames).
+    #[serde(default)]
+    pub dedicated: bool,
+    /// Virtual subnet (default: the daemon's `--subnet`).
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// Virtual IPv6 /64 (default: the daemon's `--prefix6`).
+    #[serde(default)]
+    pub prefix6: Option<String>,
 }
 
 /// Tunnel counters of the current session.
@@ -221,6 +261,15 @@ pub enum Response {
         /// One row per VM.
         vms: Vec<VmInfo>,
     },
+    /// Answer to [`Request::VmAttach`]: the new VM's row.
+    Attached(VmInfo),
+    /// Answer to [`Request::VmDetach`].
+    Detached {
+        /// The VM.
+        name: String,
+        /// Its flows that were reset.
+        flows_reset: u64,
+    },
     /// Answer to [`Request::PairsList`].
     Pairs {
         /// The paired agents.
@@ -292,9 +341,27 @@ mod tests {
     #[test]
     fn requests_and_answers_have_stable_json() {
         assert_eq!(
-            serde_json::to_string(&Request::MapList).unwrap(),
-            r#"{"cmd":"map_list"}"#
+            serde_json::to_string(&Request::MapList { vm: None }).unwrap(),
+            r#"{"cmd":"map_list","vm":null}"#
         );
+        // A client from before VMs were named still gets answers.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
+            Request::Status { vm: None }
+        );
+        let attach = Request::VmAttach(AttachSpec {
+            name: "desk-7".into(),
+            iface: "vnet3".into(),
+            dedicated: false,
+            subnet: None,
+            prefix6: None,
+        });
+        let s = serde_json::to_string(&attach).unwrap();
+        assert!(
+            s.starts_with(r#"{"cmd":"vm_attach","name":"desk-7","iface":"vnet3""#),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), attach);
         let r = Response::Map {
             entries: vec![MapEntry {
                 name: "p".into(),

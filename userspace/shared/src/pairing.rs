@@ -228,6 +228,17 @@ impl PairStore {
         code
     }
 
+    /// The VM a pending, unexpired code with this secret is for: a code
+    /// names the VM, so the agent that redeems it need not.
+    pub fn code_vm(&self, secret: &[u8], now: Instant) -> Option<String> {
+        self.pending
+            .iter()
+            .find(|(c, _, t)| {
+                c.secret.as_slice() == secret && now.saturating_duration_since(*t) < CODE_LIFETIME
+            })
+            .map(|(_, v, _)| v.clone())
+    }
+
     /// Uses up the code with this secret, if one is pending for `vm`: the
     /// agent's key is added to the VM's list and saved.
     pub fn redeem(
@@ -331,6 +342,9 @@ mod tests {
         assert!(!s.allows(&agent, "vm1"));
         let code = s.issue(&host, "vm1", now);
         assert_eq!(code.fp_prefix, [7; 8]);
+        assert_eq!(s.code_vm(&code.secret, now).as_deref(), Some("vm1"));
+        assert_eq!(s.code_vm(&[0; 10], now), None);
+        assert_eq!(s.code_vm(&code.secret, now + CODE_LIFETIME), None);
         assert!(
             !s.redeem(&code.secret, &agent, "a", "vm2", now).unwrap(),
             "other VM"

@@ -1,0 +1,123 @@
+//! Attaching a VM: the expensive part (loading and attaching the steer
+//! programs, the veth pair of a shared NIC, the AF_XDP socket) runs on the
+//! caller's thread (main at start, a control client for `vm attach`); the
+//! data path only takes the result, so the other VMs do not wait.
+
+use crate::datapath::{Request as DpRequest, VmSetup};
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::Sender;
+use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
+use netredir_datapath::xsk::Xsk;
+use netredir_shared::control::{AttachSpec, Response};
+use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
+use netredir_uring::Waker;
+use std::time::Duration;
+
+/// What a VM gets unless its attach says otherwise (the daemon's flags).
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Virtual subnet.
+    pub subnet: Ipv4Subnet,
+    /// Virtual IPv6 /64.
+    pub prefix6: Ipv6Prefix,
+}
+
+/// Steer attached and the AF_XDP socket open for `spec`, or why not.
+pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
+    let name = spec.name.trim();
+    if name.is_empty() {
+        bail!("a VM needs a name (the libvirt domain's name or UUID)");
+    }
+    if name.len() > 1024 || name.chars().any(char::is_control) {
+        bail!("VM name {name:?}: at most 1024 bytes, no control characters");
+    }
+    let iface = spec.iface.as_str();
+    if !interface_exists(iface) {
+        bail!(
+            "cannot attach to {iface}: no such interface (give the host end of the VM's NIC)"
+        );
+    }
+    let subnet = match &spec.subnet {
+        Some(s) => s
+            .parse::<Ipv4Subnet>()
+            .map_err(|e| anyhow::anyhow!("--subnet {s}: {e}"))?,
+        None => d.subnet,
+    };
+    let prefix6 = match &spec.prefix6 {
+        Some(s) => s
+            .parse::<Ipv6Prefix>()
+            .map_err(|e| anyhow::anyhow!("--prefix6 {s}: {e}"))?,
+        None => d.prefix6,
+    };
+    let mac = interface_mac(iface).with_context(|| format!("cannot read the MAC address of {iface}"))?;
+    let mut steer = Steer::load()?;
+    steer.configure(
+        subnet.network(),
+        subnet.prefix_len(),
+        Some(prefix6.network()),
+        spec.dedicated,
+    )?;
+    let xsk = if spec.dedicated {
+        let xsk = Xsk::open(iface, 0)?;
+        steer.register_xsk(0, xsk.fd())?;
+        steer.attach(iface)?;
+        xsk
+    } else {
+        let inner = steer.make_pair(iface)?;
+        let xsk = Xsk::open(&inner, 0)?;
+        steer.register_xsk(0, xsk.fd())?;
+        steer.attach_shared(iface)?;
+        xsk
+    };
+    // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
+    let mtu = netredir_datapath::netlink::mtu(iface)
+        .unwrap_or(1500)
+        .min(netredir_datapath::steer::MAX_XDP_MTU);
+    // Loading the programs parsed the kernel's BTF (megabytes, now free):
+    // give that heap back.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    tracing::debug!(vm = %name, %iface, mtu, "steer attached");
+    Ok(VmSetup {
+        name: name.to_string(),
+        iface: iface.to_string(),
+        dedicated: spec.dedicated,
+        subnet,
+        prefix6,
+        mtu: mtu as usize,
+        mac,
+        steer,
+        xsk,
+    })
+}
+
+/// Attaches the VM `spec` to the running data path; the answer for the
+/// control client (`Attached`, or an error saying why).
+pub fn attach(spec: &AttachSpec, d: &Defaults, dp: &Sender<DpRequest>, waker: &Waker) -> Response {
+    let error = |message: String| Response::Error { message };
+    // The cheap check first: a name or NIC in use is not worth a program load.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if dp
+        .send(DpRequest::Taken(spec.name.trim().to_string(), spec.iface.clone(), tx))
+        .is_err()
+    {
+        return error("data path is not running".into());
+    }
+    waker.wake();
+    match rx.recv_timeout(Duration::from_secs(3)) {
+        Ok(Some(why)) => return error(why),
+        Ok(None) => {}
+        Err(_) => return error("data path did not answer in 3 s".into()),
+    }
+    let setup = match prepare(spec, d) {
+        Ok(s) => s,
+        Err(e) => return error(format!("{e:#}")),
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if dp.send(DpRequest::Attach(Box::new(setup), tx)).is_err() {
+        return error("data path is not running".into());
+    }
+    waker.wake();
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| error("data path did not answer in 10 s".into()))
+}
