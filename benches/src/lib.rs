@@ -112,9 +112,16 @@ impl Redir {
 
     /// A one-time pairing code from the daemon.
     pub fn pair_code(&self) -> Result<String> {
+        self.pair_code_for(None)
+    }
+
+    /// A one-time pairing code for VM `vm` (or the only one).
+    pub fn pair_code_for(&self, vm: Option<&str>) -> Result<String> {
         match request(
             &self.control,
-            &Request::Pair { vm: None },
+            &Request::Pair {
+                vm: vm.map(str::to_string),
+            },
             Duration::from_secs(5),
         )? {
             Response::Pair { code, .. } => Ok(code),
@@ -131,19 +138,32 @@ impl Redir {
 
     /// The same, with extra agent arguments.
     pub fn start_agent_with(&self, name: &str, exports: &[&str], extra: &[&str]) -> Result<()> {
+        self.start_agent_for(None, &self.agent_state(), name, exports, extra)
+    }
+
+    /// An agent for VM `vm` (or the only one) with its own state
+    /// directory `state` (its key: one agent per VM).
+    pub fn start_agent_for(
+        &self,
+        vm: Option<&str>,
+        state: &std::path::Path,
+        name: &str,
+        exports: &[&str],
+        extra: &[&str],
+    ) -> Result<()> {
         let connect = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
-        let state = self.agent_state().to_string_lossy().into_owned();
+        let state_dir = state.to_string_lossy().into_owned();
         let mut args = vec![
             "--connect",
             &connect,
             "--state-dir",
-            &state,
+            &state_dir,
             "--log",
             "debug",
         ];
         let code;
-        if !self.agent_state().join("host.pin").exists() {
-            code = self.pair_code()?;
+        if !state.join("host.pin").exists() {
+            code = self.pair_code_for(vm)?;
             args.extend(["--pair", &code]);
         }
         for e in exports {
@@ -156,20 +176,16 @@ impl Redir {
         // This agent's session first: the map may still show a previous
         // agent's exports online until the host has taken the new Hello.
         let log = self.tb.dir().join(format!("{name}.log"));
-        wait_until(
-            "the agent to be connected",
-            Duration::from_secs(20),
-            || {
-                std::fs::read_to_string(&log)
-                    .is_ok_and(|s| s.contains("connected to netredird; exports announced"))
-            },
-        )
+        wait_until("the agent to be connected", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|s| s.contains("connected to netredird; exports announced"))
+        })
         .with_context(|| format!("agent log:\n{}", self.tb.log_tail(name)))?;
         wait_until(
             "the agent's exports to be online",
             Duration::from_secs(20),
             || {
-                self.map().is_ok_and(|m| {
+                self.map_for(vm).is_ok_and(|m| {
                     names
                         .iter()
                         .all(|n| m.iter().any(|e| e.name == *n && e.state == "online"))
@@ -181,7 +197,15 @@ impl Redir {
 
     /// The daemon's resource table.
     pub fn map(&self) -> Result<Vec<MapEntry>> {
-        match request(&self.control, &Request::MapList { vm: None }, Duration::from_secs(5))? {
+        self.map_for(None)
+    }
+
+    /// VM `vm`'s resource table (or the only VM's).
+    pub fn map_for(&self, vm: Option<&str>) -> Result<Vec<MapEntry>> {
+        let req = Request::MapList {
+            vm: vm.map(str::to_string),
+        };
+        match request(&self.control, &req, Duration::from_secs(5))? {
             Response::Map { entries } => Ok(entries),
             other => bail!("unexpected answer {other:?}"),
         }
@@ -189,7 +213,11 @@ impl Redir {
 
     /// The daemon's status.
     pub fn status(&self) -> Result<Status> {
-        match request(&self.control, &Request::Status { vm: None }, Duration::from_secs(5))? {
+        match request(
+            &self.control,
+            &Request::Status { vm: None },
+            Duration::from_secs(5),
+        )? {
             Response::Status(s) => Ok(s),
             other => bail!("unexpected answer {other:?}"),
         }
@@ -197,7 +225,11 @@ impl Redir {
 
     /// The daemon's tunnel statistics.
     pub fn stats(&self) -> Result<Stats> {
-        match request(&self.control, &Request::Stats { vm: None }, Duration::from_secs(5))? {
+        match request(
+            &self.control,
+            &Request::Stats { vm: None },
+            Duration::from_secs(5),
+        )? {
             Response::Stats(s) => Ok(s),
             other => bail!("unexpected answer {other:?}"),
         }
@@ -215,7 +247,11 @@ impl Redir {
 
     /// Resource `name`'s row of the map.
     fn entry(&self, name: &str) -> Result<MapEntry> {
-        let m = self.map()?;
+        self.entry_for(None, name)
+    }
+
+    fn entry_for(&self, vm: Option<&str>, name: &str) -> Result<MapEntry> {
+        let m = self.map_for(vm)?;
         m.iter()
             .find(|e| e.name == name)
             .cloned()
@@ -225,6 +261,11 @@ impl Redir {
     /// The vIP of resource `name`.
     pub fn vip(&self, name: &str) -> Result<Ipv4Addr> {
         Ok(self.entry(name)?.vip.parse()?)
+    }
+
+    /// The vIP of resource `name` of VM `vm`.
+    pub fn vip_for(&self, vm: &str, name: &str) -> Result<Ipv4Addr> {
+        Ok(self.entry_for(Some(vm), name)?.vip.parse()?)
     }
 
     /// The IPv6 vIP of resource `name`.

@@ -465,6 +465,65 @@ impl Testbed {
         Ok(ns)
     }
 
+    /// A further VM `vm{n}` (n from 2 to 99) on its own link to the host:
+    /// its namespace, and the host end of its NIC (returned, named
+    /// `vm{n}`), addresses 10.200.n.2 (VM) and 10.200.n.1 (host), the
+    /// virtual subnet and everything else routed via the host, as for the
+    /// first VM. Removed with the testbed.
+    pub fn add_vm(&self, n: u8) -> Result<(Netns, String)> {
+        if !(2..100).contains(&n) {
+            bail!("add_vm: n must be 2 to 99");
+        }
+        let ns = self.add_netns(&format!("vm{n}"))?;
+        let iface = format!("vm{n}");
+        let (vm_ip, host_ip) = (format!("10.200.{n}.2"), format!("10.200.{n}.1"));
+        ip(&[
+            "-n",
+            self.host.name(),
+            "link",
+            "add",
+            &iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        ip(&[
+            "-n",
+            self.host.name(),
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            &iface,
+        ])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{vm_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", self.host.name(), "link", "set", &iface, "up"])?;
+        ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "route",
+            "add",
+            "100.77.0.0/16",
+            "via",
+            &host_ip,
+        ])?;
+        ip(&["-n", ns.name(), "route", "add", "default", "via", &host_ip])?;
+        Ok((ns, iface))
+    }
+
     /// Gives namespace `ns` its own /etc/resolv.conf (for programs started
     /// with `ip netns exec`); removed with the testbed.
     pub fn set_resolv_conf(&self, ns: &Netns, content: &str) -> Result<()> {

@@ -52,7 +52,7 @@ fn ids() -> &'static Ids {
 fn ends_preamble(m: &Msg) -> bool {
     matches!(
         m,
-        Msg::Resume { .. } | Msg::Welcome { .. } | Msg::Refused { .. }
+        Msg::Resume { .. } | Msg::Welcome { .. } | Msg::Refused { .. } | Msg::Later { .. }
     )
 }
 

@@ -221,6 +221,8 @@ struct Agent {
     connecting: HashMap<SocketAddr, usize>,
     /// Flows waiting for a connect slot per target address, oldest first.
     connect_queue: HashMap<SocketAddr, VecDeque<u64>>,
+    /// The host's last "not now", logged once until it changes.
+    later: Option<String>,
     /// The "cannot ping" warning was logged (once is enough).
     icmp_warned: bool,
     last_ping: Instant,
@@ -297,6 +299,7 @@ fn run(args: Args) -> Result<()> {
         next_serial: 1,
         connecting: HashMap::new(),
         connect_queue: HashMap::new(),
+        later: None,
         icmp_warned: false,
         last_ping: Instant::now(),
         fatal: None,
@@ -428,6 +431,12 @@ impl Agent {
     /// The connection is gone: flows stay (the session resumes on the next
     /// one), and the agent dials again after a backoff.
     fn tunnel_lost(&mut self, why: &str, now: Instant) {
+        self.close_tunnel(why, now, false);
+    }
+
+    /// [`Agent::tunnel_lost`], logging a connection that never came up
+    /// only at debug level when `quiet` (said once already).
+    fn close_tunnel(&mut self, why: &str, now: Instant, quiet: bool) {
         let Some(t) = self.tunnel.take() else {
             return;
         };
@@ -440,6 +449,8 @@ impl Agent {
                 s.session.connection_lost();
                 s.lost_at = Some(now);
             }
+        } else if quiet {
+            tracing::debug!("{why}; retrying in {:?}", self.backoff);
         } else {
             tracing::info!(
                 "cannot reach netredird at {}: {why}; retrying in {:?}",
@@ -661,6 +672,15 @@ impl Agent {
             Msg::Refused { reason } => {
                 self.fatal = Some(format!("netredird refused this agent: {reason}"));
             }
+            Msg::Later { reason } => {
+                // Not now (the VM is not running): said once, then quietly
+                // tried again until it is.
+                if self.later.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!("netredird: {reason}; trying again until it is");
+                    self.later = Some(reason.clone());
+                }
+                self.close_tunnel(&format!("not now: {reason}"), now, true);
+            }
             Msg::Welcome {
                 session,
                 received,
@@ -726,6 +746,7 @@ impl Agent {
                     tracing::info!(server = %self.server[0], "connected to netredird; exports announced");
                 }
                 self.backoff = Duration::from_millis(100);
+                self.later = None;
                 let t = self.tunnel.as_mut().expect("live");
                 let s = self.sess.as_mut().expect("set");
                 if let Err(e) = t.link.as_mut().expect("link").enter_records(&mut s.session) {

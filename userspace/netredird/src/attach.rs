@@ -33,9 +33,7 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
     }
     let iface = spec.iface.as_str();
     if !interface_exists(iface) {
-        bail!(
-            "cannot attach to {iface}: no such interface (give the host end of the VM's NIC)"
-        );
+        bail!("cannot attach to {iface}: no such interface (give the host end of the VM's NIC)");
     }
     let subnet = match &spec.subnet {
         Some(s) => s
@@ -49,7 +47,8 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
             .map_err(|e| anyhow::anyhow!("--prefix6 {s}: {e}"))?,
         None => d.prefix6,
     };
-    let mac = interface_mac(iface).with_context(|| format!("cannot read the MAC address of {iface}"))?;
+    let mac =
+        interface_mac(iface).with_context(|| format!("cannot read the MAC address of {iface}"))?;
     let mut steer = Steer::load()?;
     steer.configure(
         subnet.network(),
@@ -98,7 +97,11 @@ pub fn attach(spec: &AttachSpec, d: &Defaults, dp: &Sender<DpRequest>, waker: &W
     // The cheap check first: a name or NIC in use is not worth a program load.
     let (tx, rx) = crossbeam_channel::bounded(1);
     if dp
-        .send(DpRequest::Taken(spec.name.trim().to_string(), spec.iface.clone(), tx))
+        .send(DpRequest::Taken(
+            spec.name.trim().to_string(),
+            spec.iface.clone(),
+            tx,
+        ))
         .is_err()
     {
         return error("data path is not running".into());

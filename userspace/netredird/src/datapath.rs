@@ -547,7 +547,12 @@ impl Vm {
         VmInfo {
             name: self.name.clone(),
             iface: self.iface.clone(),
-            mode: if self.dedicated { "dedicated" } else { "shared" }.into(),
+            mode: if self.dedicated {
+                "dedicated"
+            } else {
+                "shared"
+            }
+            .into(),
             agent_connected: self.active.is_some(),
             agent: self.hs.as_ref().map(|h| h.agent.clone()),
             flows: self.engine.flow_count() as u64,
@@ -748,12 +753,13 @@ impl Loop {
                 .iter()
                 .find(|(_, v)| v.name == name)
                 .map(|(id, _)| *id)
-                .ok_or_else(|| {
-                    format!("no VM {name:?} is attached (see `netredirctl vm list`)")
-                }),
+                .ok_or_else(|| format!("no VM {name:?} is attached (see `netredirctl vm list`)")),
             None => match self.vms.keys().collect::<Vec<_>>().as_slice() {
                 [id] => Ok(**id),
-                [] => Err("no VM is attached: attach one with `netredirctl vm attach NAME --iface IF`".into()),
+                [] => Err(
+                    "no VM is attached: attach one with `netredirctl vm attach NAME --iface IF`"
+                        .into(),
+                ),
                 _ => Err(format!(
                     "{} VMs are attached: say which with --vm NAME (see `netredirctl vm list`)",
                     self.vms.len()
@@ -1069,10 +1075,19 @@ impl Loop {
         tracing::warn!("refused tunnel connection: {why}");
         self.bump(counter);
         self.bump("tunnel_refused");
-        if let Some(c) = self.conn(cgen) {
-            c.link.send_preamble(&Msg::Refused {
+        self.close_preamble(
+            cgen,
+            Msg::Refused {
                 reason: why.to_string(),
-            });
+            },
+        );
+    }
+
+    /// Ends a connection in its preamble with `last` (a refusal, or "not
+    /// now"), sent before the socket shuts.
+    fn close_preamble(&mut self, cgen: u64, last: Msg) {
+        if let Some(c) = self.conn(cgen) {
+            c.link.send_preamble(&last);
             c.link.close();
             let mut out = std::mem::take(&mut c.out);
             c.link.flush(None, &mut out);
@@ -1206,18 +1221,24 @@ impl Loop {
         self.reap();
     }
 
-    /// The attached VM an agent with key `fp` reaches, or why none.
-    fn vm_for(&self, fp: &Fingerprint, paired_vm: Option<&str>) -> Result<u64, String> {
+    /// The attached VM an agent with key `fp` reaches, or why none:
+    /// `Ok(Err(why))` for "not now" (its VM is not attached: the agent
+    /// tries again), `Err(why)` for "never" (refused).
+    fn vm_for(
+        &self,
+        fp: &Fingerprint,
+        paired_vm: Option<&str>,
+    ) -> Result<Result<u64, String>, String> {
         let key = &fp.to_hex()[..16];
         if let Some(name) = paired_vm {
-            return self
+            return Ok(self
                 .vms
                 .iter()
                 .find(|(_, v)| v.name == name)
                 .map(|(id, _)| *id)
                 .ok_or_else(|| {
                     format!("paired with VM {name}, which is not attached on this host now")
-                });
+                }));
         }
         let mine: Vec<(u64, &str)> = self
             .vms
@@ -1226,7 +1247,7 @@ impl Loop {
             .map(|(id, v)| (*id, v.name.as_str()))
             .collect();
         match mine.as_slice() {
-            [(id, _)] => Ok(*id),
+            [(id, _)] => Ok(Ok(*id)),
             [] => {
                 let paired: Vec<String> = self
                     .cfg
@@ -1241,10 +1262,10 @@ impl Loop {
                         "this agent (key {key}) is not paired with any VM here: run netredir-agent once with --pair CODE (from `netredirctl pair --vm NAME` on the host)"
                     ))
                 } else {
-                    Err(format!(
-                        "this agent (key {key}) is paired with VM {}, which is not attached on this host now",
+                    Ok(Err(format!(
+                        "VM {} (paired with this agent) is not attached on this host now",
                         paired.join(", ")
-                    ))
+                    )))
                 }
             }
             several => Err(format!(
@@ -1285,7 +1306,9 @@ impl Loop {
                     Ok(true) => {
                         let vm = vm.expect("redeemed");
                         tracing::info!(agent = %name, key = %fp, %vm, "agent paired");
-                        if let Some(id) = self.vms.iter().find(|(_, v)| v.name == vm).map(|(i, _)| *i) {
+                        if let Some(id) =
+                            self.vms.iter().find(|(_, v)| v.name == vm).map(|(i, _)| *i)
+                        {
                             self.vms.get_mut(&id).expect("found").bump("pairings");
                         } else {
                             self.bump("pairings");
@@ -1314,7 +1337,12 @@ impl Loop {
                 };
                 let paired_vm = conn.paired_vm.clone();
                 match self.vm_for(&fp, paired_vm.as_deref()) {
-                    Ok(id) => self.start_session(cgen, id, fp, name, session, received, now),
+                    Ok(Ok(id)) => self.start_session(cgen, id, fp, name, session, received, now),
+                    Ok(Err(why)) => {
+                        tracing::debug!("tunnel connection told to come back later: {why}");
+                        self.bump("tunnel_later_vm_detached");
+                        self.close_preamble(cgen, Msg::Later { reason: why });
+                    }
                     Err(why) => self.refuse(cgen, "tunnel_refused_unpaired", &why),
                 }
             }
@@ -1361,7 +1389,9 @@ impl Loop {
                     hs.agent = name.clone();
                     tracing::info!(vm = %vm.name, agent = %name, session = format_args!("{:#x}", hs.id), "session resumed");
                 }
-                Err(e) => tracing::warn!(vm = %vm.name, "cannot resume the session: {e}; starting a new one"),
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, "cannot resume the session: {e}; starting a new one")
+                }
             }
         }
         if resumed {
@@ -1603,12 +1633,11 @@ impl Loop {
             if c.phase == Phase::Closing && c.out.is_empty() {
                 continue;
             }
-            let session = c
-                .vm
-                .and_then(|id| self.vms.get_mut(&id))
-                .filter(|v| v.active == Some(c.cgen))
-                .and_then(|v| v.hs.as_mut())
-                .map(|h| &mut h.session);
+            let session =
+                c.vm.and_then(|id| self.vms.get_mut(&id))
+                    .filter(|v| v.active == Some(c.cgen))
+                    .and_then(|v| v.hs.as_mut())
+                    .map(|h| &mut h.session);
             let mut out = std::mem::take(&mut c.out);
             if c.phase != Phase::Closing {
                 c.link.flush(session, &mut out);

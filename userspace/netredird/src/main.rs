@@ -199,9 +199,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(iface) = &args.iface
         && !interface_exists(iface)
     {
-        bail!(
-            "cannot attach to {iface}: no such interface (give the host end of the VM's NIC)"
-        );
+        bail!("cannot attach to {iface}: no such interface (give the host end of the VM's NIC)");
     }
     // Bind first: a busy port should not leave XDP half set up.
     let listener = TcpListener::bind(args.listen).map_err(|e| match e.kind() {

@@ -146,7 +146,7 @@ impl Link {
 fn ends_preamble(m: &Msg) -> bool {
     matches!(
         m,
-        Msg::Resume { .. } | Msg::Welcome { .. } | Msg::Refused { .. }
+        Msg::Resume { .. } | Msg::Welcome { .. } | Msg::Refused { .. } | Msg::Later { .. }
     )
 }
 

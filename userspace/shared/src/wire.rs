@@ -167,6 +167,13 @@ pub enum Msg {
         /// For the agent's log.
         reason: String,
     },
+    /// Host → agent: not now (its VM is not attached, the host is
+    /// busy), and why; the agent tries again later, unlike [`Msg::Refused`].
+    /// Then the connection closes.
+    Later {
+        /// For the agent's log.
+        reason: String,
+    },
     /// Agent → host: the secret half of a pairing code.
     Pair {
         /// The code's secret bytes.
@@ -247,6 +254,7 @@ impl fmt::Debug for Msg {
             Msg::Ping { nonce } => write!(f, "Ping({nonce})"),
             Msg::Pong { nonce } => write!(f, "Pong({nonce})"),
             Msg::Refused { reason } => write!(f, "Refused({reason:?})"),
+            Msg::Later { reason } => write!(f, "Later({reason:?})"),
             Msg::Pair { .. } => write!(f, "Pair(..)"),
             Msg::OpenUdp {
                 flow,
@@ -307,6 +315,7 @@ mod kind {
     pub const ECHO: u8 = 0x13;
     pub const ECHO_REPLY: u8 = 0x14;
     pub const Z_END: u8 = 0x15;
+    pub const LATER: u8 = 0x16;
 }
 
 const HEADER_LEN: usize = 4;
@@ -351,6 +360,7 @@ impl Msg {
             Msg::Ping { .. } => kind::PING,
             Msg::Pong { .. } => kind::PONG,
             Msg::Refused { .. } => kind::REFUSED,
+            Msg::Later { .. } => kind::LATER,
             Msg::Pair { .. } => kind::PAIR,
             Msg::OpenUdp { .. } => kind::OPEN_UDP,
             Msg::Datagram { .. } => kind::DATAGRAM,
@@ -438,7 +448,7 @@ impl Msg {
             Msg::Ping { nonce } | Msg::Pong { nonce } => {
                 out.extend_from_slice(&nonce.to_be_bytes())
             }
-            Msg::Refused { reason } => put_str(out, reason),
+            Msg::Refused { reason } | Msg::Later { reason } => put_str(out, reason),
             Msg::Pair { secret } => {
                 let n = secret.len().min(255);
                 out.push(n as u8);
@@ -567,6 +577,7 @@ impl Msg {
             kind::PING => Msg::Ping { nonce: r.u64()? },
             kind::PONG => Msg::Pong { nonce: r.u64()? },
             kind::REFUSED => Msg::Refused { reason: r.str()? },
+            kind::LATER => Msg::Later { reason: r.str()? },
             kind::OPEN_UDP => Msg::OpenUdp {
                 flow: r.u32()?,
                 resource: r.u32()?,
@@ -791,6 +802,9 @@ mod tests {
             Msg::Refused {
                 reason: "not paired".into(),
             },
+            Msg::Later {
+                reason: "VM not attached".into(),
+            },
             Msg::Pair {
                 secret: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
             },
@@ -942,6 +956,7 @@ mod tests {
             any::<u64>().prop_map(|nonce| Msg::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Msg::Pong { nonce }),
             "\\PC{0,40}".prop_map(|reason| Msg::Refused { reason }),
+            "\\PC{0,40}".prop_map(|reason| Msg::Later { reason }),
             proptest::collection::vec(any::<u8>(), 0..32).prop_map(|secret| Msg::Pair { secret }),
             (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(flow, resource, port)| {
                 Msg::OpenUdp {

@@ -111,7 +111,12 @@ impl Sessions {
         }
         for i in 0..n {
             wait_until("netredird to answer", Duration::from_secs(60), || {
-                request(&control(i), &Request::Status { vm: None }, Duration::from_secs(2)).is_ok()
+                request(
+                    &control(i),
+                    &Request::Status { vm: None },
+                    Duration::from_secs(2),
+                )
+                .is_ok()
             })
             .with_context(|| s.tb.log_tail(&format!("netredird-{i}")))?;
             let code = match request(

@@ -1,0 +1,193 @@
+//! Many VMs on one netredird, attached and detached at runtime, in
+//! namespaces: each VM with its own agent (one per VM, own key) and
+//! printer; a detach resets only that VM's flows; a re-attached VM keeps
+//! its vIPs and its agent comes back without pairing again. Needs root,
+//! iproute2 and socat (CI has them).
+
+use netredir_benches::testbed::{LAN_IP, bin, wait_until};
+use netredir_benches::{Redir, job_bytes, print_job, sha256_hex};
+use netredir_shared::control::VmInfo;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Runs `netredirctl ARGS` against `r`'s daemon: (ok, stdout, stderr).
+fn ctl(r: &Redir, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin("netredirctl").unwrap())
+        .arg("--control")
+        .arg(&r.control)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn vms(r: &Redir) -> Vec<VmInfo> {
+    let (ok, json, err) = ctl(r, &["vm", "list", "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn two_vms_on_one_daemon_print_at_once_and_a_detach_touches_only_its_own() {
+    // VM desk-a on vm0 from the command line; desk-b attached at runtime.
+    let r = Redir::with_args("vms", &["--vm", "desk-a"]).unwrap();
+    let (vm_b, if_b) = r.tb.add_vm(2).unwrap();
+    let (ok, out, err) = ctl(&r, &["vm", "attach", "desk-b", "--iface", &if_b]);
+    assert!(ok && out.contains("attached VM desk-b"), "{out}{err}");
+    let (ok, _, err) = ctl(&r, &["vm", "attach", "desk-b", "--iface", &if_b]);
+    assert!(!ok && err.contains("already attached"), "{err}");
+    let names: Vec<String> = vms(&r).into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["desk-a", "desk-b"]);
+    // With two VMs, a command must say which.
+    let (ok, _, err) = ctl(&r, &["status"]);
+    assert!(!ok && err.contains("2 VMs are attached"), "{err}");
+
+    r.digest_sink("sink-a", 9100).unwrap();
+    r.digest_sink("sink-b", 9101).unwrap();
+    let (state_a, state_b) = (r.tb.dir().join("agent-a"), r.tb.dir().join("agent-b"));
+    r.start_agent_for(
+        Some("desk-a"),
+        &state_a,
+        "agent-a",
+        &[&format!("pa={LAN_IP}:9100")],
+        &[],
+    )
+    .unwrap();
+    // desk-b's agent also exports a printer that takes a connection and
+    // then never reads (for the detach below).
+    let stuck =
+        r.tb.lan
+            .enter(|| TcpListener::bind((LAN_IP, 9102)))
+            .unwrap()
+            .unwrap();
+    let hold = std::thread::spawn(move || stuck.accept().map(|(s, _)| s));
+    let exports_b = [format!("pb={LAN_IP}:9101"), format!("stuck={LAN_IP}:9102")];
+    let exports_b: Vec<&str> = exports_b.iter().map(String::as_str).collect();
+    r.start_agent_for(Some("desk-b"), &state_b, "agent-b", &exports_b, &[])
+        .unwrap();
+    let vip_a = r.vip_for("desk-a", "pa").unwrap();
+    let vip_b = r.vip_for("desk-b", "pb").unwrap();
+    let vip_stuck = r.vip_for("desk-b", "stuck").unwrap();
+    assert!(vms(&r).iter().all(|v| v.agent_connected));
+    // A VM sees only its own resources.
+    assert!(
+        r.map_for(Some("desk-a"))
+            .unwrap()
+            .iter()
+            .all(|e| e.name == "pa")
+    );
+
+    // Both print 8 MiB at once, each through its own engine and tunnel.
+    let (job_a, job_b) = (job_bytes(8 << 20, 1), job_bytes(8 << 20, 2));
+    let want = [sha256_hex(&job_a), sha256_hex(&job_b)];
+    let ta = {
+        let (ns, job) = (r.tb.vm.clone(), job_a.clone());
+        std::thread::spawn(move || ns.enter(|| print_job((vip_a, 9100).into(), &job)).unwrap())
+    };
+    let got_b = vm_b
+        .enter(|| print_job((vip_b, 9101).into(), &job_b))
+        .unwrap()
+        .unwrap();
+    let got_a = ta.join().unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got_a).split(' ').next(),
+        Some(want[0].as_str())
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got_b).split(' ').next(),
+        Some(want[1].as_str())
+    );
+
+    // One netredird, no thread per VM.
+    let pid = r.tb.pid("netredird").unwrap();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(threads <= 6, "{threads} threads");
+
+    // Detach desk-b in the middle of a job to a printer that stopped
+    // reading: its guest sees a reset; desk-a's job meanwhile prints whole.
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    let tb = {
+        let job = job_bytes(64 << 20, 3);
+        let ns = vm_b.clone();
+        std::thread::spawn(move || {
+            ns.enter(|| -> std::io::Result<()> {
+                let mut s = netredir_benches::connect((vip_stuck, 9102).into())?;
+                for chunk in job.chunks(64 * 1024) {
+                    s.write_all(chunk)?;
+                    w.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+                s.shutdown(Shutdown::Write)
+            })
+            .unwrap()
+        })
+    };
+    wait_until(
+        "desk-b's job to be under way",
+        Duration::from_secs(30),
+        || written.load(Ordering::SeqCst) >= 1 << 20,
+    )
+    .unwrap();
+    let _held = hold.join().unwrap().unwrap();
+    let ta = {
+        let (ns, job) = (r.tb.vm.clone(), job_a.clone());
+        std::thread::spawn(move || ns.enter(|| print_job((vip_a, 9100).into(), &job)).unwrap())
+    };
+    let (ok, out, err) = ctl(&r, &["vm", "detach", "desk-b"]);
+    assert!(ok && out.contains("detached VM desk-b"), "{out}{err}");
+    let e = tb.join().unwrap().expect_err("desk-b's job must fail");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "desk-b's guest sees a reset: {e}"
+    );
+    let got_a = ta.join().unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got_a).split(' ').next(),
+        Some(want[0].as_str())
+    );
+    let names: Vec<String> = vms(&r).into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["desk-a"]);
+    assert!(r.map_for(Some("desk-b")).is_err());
+
+    // Attached again: same vIP, and its agent (told "not now" meanwhile)
+    // comes back by itself, without a new pairing.
+    let (ok, _, err) = ctl(&r, &["vm", "attach", "desk-b", "--iface", &if_b]);
+    assert!(ok, "{err}");
+    wait_until(
+        "desk-b's agent to come back",
+        Duration::from_secs(30),
+        || {
+            r.map_for(Some("desk-b"))
+                .is_ok_and(|m| m.iter().any(|e| e.name == "pb" && e.state == "online"))
+        },
+    )
+    .unwrap();
+    assert_eq!(r.vip_for("desk-b", "pb").unwrap(), vip_b);
+    let log = std::fs::read_to_string(r.tb.dir().join("agent-b.log")).unwrap();
+    assert!(log.contains("not attached on this host now"), "told why");
+    assert_eq!(
+        log.matches("paired with the host").count(),
+        1,
+        "paired once"
+    );
+    let got_b = vm_b
+        .enter(|| print_job((vip_b, 9101).into(), &job_b))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got_b).split(' ').next(),
+        Some(want[1].as_str())
+    );
+}
