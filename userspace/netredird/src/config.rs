@@ -1,6 +1,6 @@
 //! The settings file, `/etc/netredir/netredird.toml` (or `--config PATH`):
 //! the same settings as the flags, under the same names (`state_dir` for
-//! `--state-dir`), and the VM to serve as a `[[vm]]` table. A flag given
+//! `--state-dir`), and the VMs to attach at start as `[[vm]]` tables. A flag given
 //! on the command line wins over the file; the file wins over the flags'
 //! defaults. Unknown keys are errors, so that a misspelt one is not
 //! silently ignored.
@@ -122,23 +122,43 @@ pub fn apply(mut args: Args, m: &clap::ArgMatches) -> Result<Args> {
             })
             .collect::<Result<_>>()?;
     }
-    match file.vm.as_slice() {
-        [] => {}
-        [vm] if unset("iface") => {
-            args.iface = Some(vm.iface.clone());
-            if unset("vm") {
-                args.vm = Some(vm.name.clone());
-            }
-            if unset("dedicated") {
-                args.dedicated = vm.dedicated;
-            }
+    for (i, a) in file.vm.iter().enumerate() {
+        if let Some(b) = file.vm[..i]
+            .iter()
+            .find(|b| b.name == a.name || b.iface == a.iface)
+        {
+            bail!(
+                "{}: [[vm]] {:?} on {} and {:?} on {}: each VM needs a name and an interface of its own",
+                path.display(),
+                b.name,
+                b.iface,
+                a.name,
+                a.iface
+            );
         }
-        [_] => {}
-        more => bail!(
-            "{}: {} [[vm]] tables, but a netredird serves one VM for now: run one per VM",
-            path.display(),
-            more.len()
-        ),
+    }
+    // The first is the one --iface would name (flags win over it); the
+    // others are attached beside it.
+    if let Some((vm, more)) = file.vm.split_first()
+        && unset("iface")
+    {
+        args.iface = Some(vm.iface.clone());
+        if unset("vm") {
+            args.vm = Some(vm.name.clone());
+        }
+        if unset("dedicated") {
+            args.dedicated = vm.dedicated;
+        }
+        args.more_vms = more
+            .iter()
+            .map(|v| netredir_shared::control::AttachSpec {
+                name: v.name.clone(),
+                iface: v.iface.clone(),
+                dedicated: v.dedicated,
+                subnet: None,
+                prefix6: None,
+            })
+            .collect();
     }
     Ok(args)
 }
@@ -165,7 +185,10 @@ mod tests {
     fn args_with(file: &str, argv: &[&str]) -> Result<Args> {
         let dir = std::env::temp_dir().join(format!("netredird-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.toml", argv.len()));
+        // One file per call: tests run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, file).unwrap();
         let p = path.to_string_lossy().into_owned();
         let mut all = vec!["netredird", "--config", &p];
@@ -206,14 +229,40 @@ dedicated = true
     }
 
     #[test]
+    fn several_vms_in_the_file_are_all_attached() {
+        let a = args_with(
+            "[[vm]]\nname = \"a\"\niface = \"x\"\n[[vm]]\nname = \"b\"\niface = \"y\"\ndedicated = true",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (a.vm.as_deref(), a.iface.as_deref()),
+            (Some("a"), Some("x"))
+        );
+        assert_eq!(a.more_vms.len(), 1);
+        assert_eq!(
+            (a.more_vms[0].name.as_str(), a.more_vms[0].dedicated),
+            ("b", true)
+        );
+        // --iface on the command line is the one VM then.
+        let a = args_with(
+            "[[vm]]\nname = \"a\"\niface = \"x\"\n[[vm]]\nname = \"b\"\niface = \"y\"",
+            &["--iface", "z"],
+        )
+        .unwrap();
+        assert_eq!(a.iface.as_deref(), Some("z"));
+        assert!(a.more_vms.is_empty());
+    }
+
+    #[test]
     fn mistakes_in_the_file_are_errors_that_say_where() {
         for (file, says) in [
             ("grase = 3", "unknown field"),
             ("subnet = \"100.99.0.0/33\"", "subnet"),
             ("grace = \"long\"", "grace"),
             (
-                "[[vm]]\nname = \"a\"\niface = \"x\"\n[[vm]]\nname = \"b\"\niface = \"y\"",
-                "one VM",
+                "[[vm]]\nname = \"a\"\niface = \"x\"\n[[vm]]\nname = \"a\"\niface = \"y\"",
+                "of its own",
             ),
         ] {
             let e = format!("{:#}", args_with(file, &[]).unwrap_err());

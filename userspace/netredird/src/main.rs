@@ -1,20 +1,24 @@
-//! netredird: the host daemon for one VM's network redirection.
+//! netredird: the host daemon, one per VDI host, for every VM's network
+//! redirection.
 //!
-//! Theory of operation. At start it loads `steer`, points it at the
-//! virtual subnet and attaches it to the host end of the VM's NIC: with
-//! `--dedicated` as native XDP with the AF_XDP socket on that NIC; else (a
-//! shared NIC) as a TC classifier that moves only the subnet's frames into
-//! a veth pair of netredird's own, where XDP and the AF_XDP socket sit, so
-//! the VM's other traffic keeps the kernel's fast path. Then three threads
-//! run:
-//! - the data path ([`datapath`]): one io_uring loop that owns the AF_XDP
-//!   socket, the tunnel listener and connection, and the VM's engine;
+//! Theory of operation. VMs attach at runtime (`netredirctl vm attach`,
+//! or `--iface` at start): for each, [`attach`] loads `steer`, points it at
+//! the VM's virtual subnet and attaches it to the host end of the VM's
+//! NIC: with `--dedicated` as native XDP with the AF_XDP socket on that
+//! NIC; else (a shared NIC) as a TC classifier that moves only the
+//! subnet's frames into a veth pair of netredird's own, where XDP and the
+//! AF_XDP socket sit, so the VM's other traffic keeps the kernel's fast
+//! path. Threads:
+//! - the data path ([`datapath`]): one io_uring loop that owns the tunnel
+//!   listener and connections and every VM's AF_XDP socket and engine;
 //! - the control server ([`control`]): answers `netredirctl` on a unix
-//!   socket, asking the data path over a crossbeam channel;
+//!   socket, asking the data path over a crossbeam channel (and preparing
+//!   a VM to attach on its own thread);
 //! - with `--metrics`, the metrics server ([`metrics`]): Prometheus text
 //!   over HTTP, asking the data path the same way;
 //! - main: waits for SIGINT/SIGTERM (or the data path failing), then stops
-//!   the data path, removes the control socket and detaches XDP.
+//!   the data path (which detaches every VM) and removes the control
+//!   socket.
 
 mod attach;
 mod config;
@@ -36,8 +40,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Gives a VM on this host transparent access to resources on its user's
-/// network, through a tunnel to netredir-agent.
+/// Gives the VMs on this host transparent access to resources on their
+/// users' networks, through tunnels to netredir-agent (one daemon per
+/// host; VMs attach with `netredirctl vm attach`).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -45,14 +50,16 @@ struct Args {
     /// /etc/netredir/netredird.toml, if it is there].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Host end of the VM's NIC (tap or veth); steer is attached here
-    /// (or the `iface` of the config's `[[vm]]`).
+    /// Attach one VM at start, on this host end of its NIC (tap, vnet or
+    /// veth; or the `iface` of the config's `[[vm]]`). Without it netredird
+    /// starts with no VM: attach them with `netredirctl vm attach`.
     #[arg(long)]
     iface: Option<String>,
     /// Address and port to accept agents on.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7900")]
     listen: SocketAddr,
-    /// The virtual subnet that resources get addresses in.
+    /// The virtual subnet that resources get addresses in (each VM's own;
+    /// the default for `vm attach`).
     #[arg(long, value_name = "CIDR", default_value = DEFAULT_SUBNET)]
     subnet: Ipv4Subnet,
     /// The virtual IPv6 /64 beside the subnet (a ULA): each resource gets
@@ -62,7 +69,7 @@ struct Args {
     /// Unix socket of the control API (netredirctl --control).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
-    /// The VM's NIC carries only netredir traffic: steer by XDP right on
+    /// The --iface VM's NIC carries only netredir traffic: steer by XDP right on
     /// it, answer its DHCP requests (address, DNS server, route for the
     /// subnet) and send IPv6 router advertisements (SLAAC in the prefix,
     /// DNS server, no default route). Without it the NIC is shared: a TC
@@ -72,7 +79,7 @@ struct Args {
     /// DNS zone the VM resolves resources in (NAME.ZONE).
     #[arg(long, value_name = "ZONE", default_value = "netredir.internal")]
     zone: String,
-    /// Name of the VM session this daemon serves; pairings are bound to
+    /// Name of the --iface VM (its libvirt domain); pairings are bound to
     /// it [default: the interface name].
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
@@ -113,6 +120,9 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log: String,
+    /// The config file's further `[[vm]]` tables, attached at start.
+    #[arg(skip)]
+    more_vms: Vec<AttachSpec>,
 }
 
 fn parse_resource_mode(s: &str) -> Result<(String, Compression), String> {
@@ -291,6 +301,13 @@ fn run(args: Args) -> Result<()> {
             stop(datapath);
             control.remove();
             bail!("{message}");
+        }
+    }
+    // The config file's other VMs: one whose NIC is not there (the VM is
+    // not running) must not keep the others from being served.
+    for spec in &args.more_vms {
+        if let Response::Error { message } = attach::attach(spec, &defaults, &tx, &waker) {
+            tracing::error!(vm = %spec.name, iface = %spec.iface, "cannot attach: {message}; serving the others");
         }
     }
     control.spawn(tx.clone(), waker.clone(), defaults.clone())?;
