@@ -59,6 +59,15 @@ impl Redir {
         Ok(r)
     }
 
+    /// netredird with no VM attached (they come by `vm attach`).
+    pub fn without_vm(tag: &str, daemon_args: &[&str]) -> Result<Self> {
+        let tb = Testbed::new(tag)?;
+        let control = tb.dir().join("control.sock");
+        let r = Self { tb, control };
+        r.start(&[], false, daemon_args)?;
+        Ok(r)
+    }
+
     /// Starts netredird on the host end of the VM's NIC.
     pub fn start_daemon(&self, extra: &[&str]) -> Result<()> {
         self.start_daemon_env(&[], extra)
@@ -66,6 +75,10 @@ impl Redir {
 
     /// The same with `env` (`NAME=VALUE`) in its environment.
     pub fn start_daemon_env(&self, env: &[&str], extra: &[&str]) -> Result<()> {
+        self.start(env, true, extra)
+    }
+
+    fn start(&self, env: &[&str], with_vm: bool, extra: &[&str]) -> Result<()> {
         let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
         let control = self.control.to_string_lossy().into_owned();
         let state = self.host_state().to_string_lossy().into_owned();
@@ -73,8 +86,6 @@ impl Redir {
             // Hermetic: never the host's own /etc/netredir/netredird.toml.
             "--config",
             "/dev/null",
-            "--iface",
-            HOST_VM_IFACE,
             "--listen",
             &listen,
             "--control",
@@ -84,6 +95,9 @@ impl Redir {
             "--log",
             "debug",
         ];
+        if with_vm {
+            args.extend(["--iface", HOST_VM_IFACE]);
+        }
         args.extend_from_slice(extra);
         let daemon = bin("netredird")?;
         if env.is_empty() {
@@ -99,7 +113,10 @@ impl Redir {
         wait_until(
             "netredird to answer on its control socket",
             Duration::from_secs(20),
-            || !self.tb.running("netredird") || self.status().is_ok(),
+            || {
+                !self.tb.running("netredird")
+                    || request(&self.control, &Request::VmList, Duration::from_secs(5)).is_ok()
+            },
         )?;
         if !self.tb.running("netredird") {
             bail!(

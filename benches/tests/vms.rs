@@ -191,3 +191,93 @@ fn two_vms_on_one_daemon_print_at_once_and_a_detach_touches_only_its_own() {
         Some(want[1].as_str())
     );
 }
+
+/// Runs the libvirt hook as libvirtd does: `netredirctl libvirt-hook
+/// DOMAIN OP SUBOP EXTRA` with `xml` on stdin; (exit ok, stdout, stderr).
+fn hook(r: &Redir, domain: &str, op: &str, xml: &str) -> (bool, String, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin("netredirctl").unwrap())
+        .arg("--control")
+        .arg(&r.control)
+        .args(["libvirt-hook", domain, op, "begin", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn domain_xml(name: &str, dev: &str, alias: &str) -> String {
+    format!(
+        "<domain type='kvm' id='3'><name>{name}</name><devices>\
+         <interface type='network'><target dev='{dev}'/><alias name='{alias}'/></interface>\
+         </devices></domain>"
+    )
+}
+
+#[test]
+fn the_libvirt_hook_attaches_a_started_domain_and_detaches_it_when_it_stops() {
+    let r = Redir::without_vm("hook", &[]).unwrap();
+    assert!(vms(&r).is_empty());
+    let (ok, _, err) = ctl(&r, &["status"]);
+    assert!(!ok && err.contains("no VM is attached"), "{err}");
+    // A domain without a netredir NIC: nothing happens.
+    let plain = domain_xml("other", "vm0", "net0");
+    let (ok, out, err) = hook(&r, "other", "started", &plain);
+    assert!(ok && out.is_empty() && err.is_empty(), "{out}{err}");
+    assert!(vms(&r).is_empty());
+    // The desktop starts: attached under its domain name, on its vnet.
+    let xml = domain_xml("desk-c", "vm0", "ua-netredir");
+    let (ok, out, err) = hook(&r, "desk-c", "started", &xml);
+    assert!(ok && out.contains("attached desk-c on vm0"), "{out}{err}");
+    let v = vms(&r);
+    assert_eq!(
+        (
+            v.len(),
+            v[0].name.as_str(),
+            v[0].iface.as_str(),
+            v[0].mode.as_str()
+        ),
+        (1, "desk-c", "vm0", "shared")
+    );
+    // It works end to end.
+    r.echo("lan-echo", 7007).unwrap();
+    r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
+        .unwrap();
+    let vip = r.vip("echo").unwrap();
+    let back =
+        r.tb.vm
+            .enter(|| print_job((vip, 7007).into(), b"via the hook"))
+            .unwrap()
+            .unwrap();
+    assert_eq!(back, b"via the hook");
+    // libvirtd restarting finds it running: no change, no error.
+    let (ok, _, err) = hook(&r, "desk-c", "reconnect", &xml);
+    assert!(ok && err.is_empty(), "{err}");
+    assert_eq!(vms(&r).len(), 1);
+    // It stops: detached; stopping again (or release) is quiet.
+    let (ok, out, err) = hook(&r, "desk-c", "stopped", &xml);
+    assert!(ok && out.contains("detached desk-c"), "{out}{err}");
+    assert!(vms(&r).is_empty());
+    let (ok, _, err) = hook(&r, "desk-c", "release", &xml);
+    assert!(ok && err.is_empty(), "{err}");
+    // A failure is said, and never fails the domain's start.
+    let (ok, _, err) = hook(&r, "desk-d", "started", "<domain");
+    assert!(ok && err.contains("does not parse"), "{err}");
+    let missing = domain_xml("desk-e", "vnet-none", "ua-netredir");
+    let (ok, _, err) = hook(&r, "desk-e", "started", &missing);
+    assert!(ok && err.contains("no such interface"), "{err}");
+    assert!(vms(&r).is_empty());
+}

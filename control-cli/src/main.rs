@@ -1,5 +1,7 @@
 //! netredirctl: asks netredird over its control socket and prints the
-//! answer for people (tables) or programs (`--json`).
+//! answer for people (tables) or programs (`--json`); also libvirt's hook.
+
+mod hook;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -70,6 +72,21 @@ enum Cmd {
     Pairs {
         #[command(subcommand)]
         cmd: PairsCmd,
+    },
+    /// The libvirt hook (`/etc/libvirt/hooks/qemu.d/netredir` runs it, the
+    /// domain's XML on stdin): on `started`, attaches the domain's NIC
+    /// that carries the alias `ua-netredir` (or `ua-netredir-dedicated`)
+    /// under the domain's name; on `stopped`/`release`, detaches it. A
+    /// failure is said on stderr and never stops the domain (exit 0).
+    LibvirtHook {
+        /// The domain's name (the VM's identity).
+        domain: String,
+        /// libvirt's operation (`started`, `stopped`, `release`, ...).
+        operation: String,
+        /// libvirt's sub-operation (unused).
+        sub_operation: Option<String>,
+        /// libvirt's extra argument (unused).
+        extra: Option<String>,
     },
     /// Forgets a paired agent: it cannot connect again without a new code
     /// from `netredirctl pair`, and its session ends now (flows reset).
@@ -168,8 +185,74 @@ fn ask_within(args: &Args, req: Request, secs: u64) -> Result<Response> {
     }
 }
 
+/// Most domain XML read from stdin.
+const MAX_XML: u64 = 16 << 20;
+
+fn libvirt_hook(args: &Args, domain: &str, operation: &str) -> Result<()> {
+    use std::io::Read;
+    // Read all libvirt writes, whatever the operation: it expects that.
+    let mut xml = String::new();
+    std::io::stdin()
+        .take(MAX_XML)
+        .read_to_string(&mut xml)
+        .map_err(|e| anyhow::anyhow!("cannot read the domain XML on stdin: {e}"))?;
+    match hook::action(operation) {
+        hook::Action::Nothing => Ok(()),
+        hook::Action::Attach => {
+            let nics = hook::nics(&xml)?;
+            let Some((nic, rest)) = nics.split_first() else {
+                return Ok(());
+            };
+            if !rest.is_empty() {
+                eprintln!(
+                    "netredir hook: {domain}: {} NICs are marked for netredir; attaching {} only",
+                    nics.len(),
+                    nic.iface
+                );
+            }
+            let spec = AttachSpec {
+                name: domain.to_string(),
+                iface: nic.iface.clone(),
+                dedicated: nic.dedicated,
+                subnet: None,
+                prefix6: None,
+            };
+            match ask_within(args, Request::VmAttach(spec), 20) {
+                Ok(_) => {
+                    println!("netredir hook: attached {domain} on {}", nic.iface);
+                    Ok(())
+                }
+                // libvirtd reconnecting to a running domain: already there.
+                Err(e) if e.to_string().contains("already attached") => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        hook::Action::Detach => match ask(
+            args,
+            Request::VmDetach {
+                name: domain.to_string(),
+            },
+        ) {
+            Ok(_) => {
+                println!("netredir hook: detached {domain}");
+                Ok(())
+            }
+            // A domain without a netredir NIC was never attached.
+            Err(e) if e.to_string().contains("is attached") => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     match &args.cmd {
+        Cmd::LibvirtHook {
+            domain, operation, ..
+        } => {
+            if let Err(e) = libvirt_hook(&args, domain, operation) {
+                eprintln!("netredir hook: {domain} {operation}: {e:#}");
+            }
+        }
         Cmd::Map {
             cmd: MapCmd::List { vm, json },
         } => {
