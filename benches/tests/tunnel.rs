@@ -410,10 +410,13 @@ fn the_tunnel_killed_three_times_mid_job_loses_nothing() {
     assert!(st.reconnects >= 3, "{st:?}");
 }
 
-/// Resident memory a daemon may use with one stalled flow and one busy one:
-/// the UMEM (16 MiB), per flow two socket buffers and a window (768 KiB),
-/// the replay buffer (8 MiB), compression contexts, code and heap.
+/// Resident memory the agent may use with one stalled flow and one busy
+/// one: per flow its window and buffers, the replay buffer (8 MiB),
+/// compression contexts, code and heap.
 const DAEMON_RSS_BOUND: u64 = 96 << 20;
+/// The same for netredird, which also has the host's UMEM (64 MiB, shared
+/// by all VMs, locked in RAM) and per flow two socket buffers and a window.
+const HOST_RSS_BOUND: u64 = DAEMON_RSS_BOUND + (48 << 20);
 
 #[test]
 fn a_stalled_printer_does_not_hold_up_another_flow_and_memory_stays_bounded() {
@@ -478,7 +481,7 @@ fn a_stalled_printer_does_not_hold_up_another_flow_and_memory_stays_bounded() {
         "the busy flow lost bytes"
     );
     let rss = r.tb.rss("netredird").unwrap();
-    assert!(rss < DAEMON_RSS_BOUND, "netredird uses {} MiB", rss >> 20);
+    assert!(rss < HOST_RSS_BOUND, "netredird uses {} MiB", rss >> 20);
     let agent_rss = r.tb.rss("agent").unwrap();
     assert!(
         agent_rss < DAEMON_RSS_BOUND,

@@ -7,19 +7,21 @@ use crate::datapath::{Request as DpRequest, VmSetup};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
 use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
-use netredir_datapath::xsk::Xsk;
+use netredir_datapath::xsk::{Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_uring::Waker;
 use std::time::Duration;
 
 /// What a VM gets unless its attach says otherwise (the daemon's flags).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Defaults {
     /// Virtual subnet.
     pub subnet: Ipv4Subnet,
     /// Virtual IPv6 /64.
     pub prefix6: Ipv6Prefix,
+    /// The host's UMEM, which every VM's AF_XDP socket shares.
+    pub pool: Pool,
 }
 
 /// Steer attached and the AF_XDP socket open for `spec`, or why not.
@@ -57,13 +59,13 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         spec.dedicated,
     )?;
     let xsk = if spec.dedicated {
-        let xsk = Xsk::open(iface, 0)?;
+        let xsk = Xsk::open(&d.pool, iface, 0)?;
         steer.register_xsk(0, xsk.fd())?;
         steer.attach(iface)?;
         xsk
     } else {
         let inner = steer.make_pair(iface)?;
-        let xsk = Xsk::open(&inner, 0)?;
+        let xsk = Xsk::open(&d.pool, &inner, 0)?;
         steer.register_xsk(0, xsk.fd())?;
         steer.attach_shared(iface)?;
         xsk

@@ -47,6 +47,7 @@ struct File {
     new_flows_per_sec: Option<u32>,
     flow_buffer_kib: Option<usize>,
     max_buffer_mib: Option<usize>,
+    umem_mib: Option<usize>,
     log: Option<String>,
     #[serde(default)]
     vm: Vec<Vm>,
@@ -91,6 +92,7 @@ pub fn apply(mut args: Args, m: &clap::ArgMatches) -> Result<Args> {
         new_flows_per_sec,
         flow_buffer_kib,
         max_buffer_mib,
+        umem_mib,
         log,
         zone
     );

@@ -256,6 +256,10 @@ struct Loop {
     reported_preauth: u64,
     /// Accept waits until then (no descriptor was left).
     accept_paused: Option<Instant>,
+    /// Sockets of detached VMs, kept until their cancelled poll has
+    /// completed: the kernel holds the socket until then, and its frames
+    /// go back to the pool only once it is closed.
+    retiring: HashMap<u64, Xsk>,
 }
 
 /// Runs the loop until `Request::Shutdown` or a fatal error.
@@ -271,6 +275,7 @@ pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> 
         counters: HashMap::new(),
         reported_preauth: 0,
         accept_paused: None,
+        retiring: HashMap::new(),
     };
     let listen_fd = l.cfg.listener.as_raw_fd();
     l.reactor.accept(listen_fd, Tag::Accept);
@@ -655,6 +660,11 @@ impl Vm {
         counters.extend(own.into_iter().map(|(k, v)| (format!("daemon.{k}"), v)));
         counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
         counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
+        counters.push(("xsk.frames_held".into(), self.xsk.frames_held() as u64));
+        counters.push(("xsk.pool_dry".into(), self.xsk.pool_dry));
+        let pool = self.xsk.pool();
+        counters.push(("umem.frames".into(), u64::from(pool.frames())));
+        counters.push(("umem.frames_free".into(), pool.free_frames() as u64));
         if let Some(h) = &self.hs {
             let s = h.session.stats();
             counters.push(("session.skipped".into(), s.skipped));
@@ -925,13 +935,22 @@ impl Loop {
         };
         vm.end_session(now, "the VM was detached");
         vm.frames_out();
-        if let Some(op) = vm.xsk_op.take() {
-            self.reactor.cancel(op);
-        }
         for c in self.conns.iter_mut().filter(|c| c.vm == Some(id)) {
             c.vm = None;
         }
         tracing::info!(vm = %vm.name, iface = %vm.iface, "VM detached");
+        let Vm {
+            xsk, steer, xsk_op, ..
+        } = vm;
+        // The programs go first: nothing is steered to the socket anymore.
+        drop(steer);
+        match xsk_op {
+            Some(op) => {
+                self.reactor.cancel(op);
+                self.retiring.insert(id, xsk);
+            }
+            None => drop(xsk),
+        }
     }
 
     fn complete(&mut self, c: Completion<Tag>, now: Instant, listen_fd: RawFd, wake_fd: RawFd) {
@@ -941,6 +960,9 @@ impl Loop {
                     let engine = &mut vm.engine;
                     vm.xsk.receive(|f| engine.handle_frame(f, now));
                     vm.xsk_op = Some(self.reactor.poll_in(vm.xsk.fd(), Tag::Xsk(id)));
+                } else {
+                    // A detached VM's poll, cancelled: its socket may go.
+                    self.retiring.remove(&id);
                 }
             }
             Tag::Wake => {

@@ -29,6 +29,7 @@ mod metrics;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use netredir_datapath::steer::interface_exists;
+use netredir_datapath::xsk::FRAME_SIZE;
 use netredir_shared::control::{AttachSpec, DEFAULT_CONTROL_PATH, Response};
 use netredir_shared::pairing::PairStore;
 use netredir_shared::session::Compression;
@@ -110,6 +111,11 @@ struct Args {
     /// flows in the same memory.
     #[arg(long, value_name = "KIB", default_value_t = 256)]
     flow_buffer_kib: usize,
+    /// Memory for frames between the VMs' NICs and netredird, MiB, shared
+    /// by every VM (an idle one keeps 64 KiB of it, a busy one up to
+    /// 2 MiB): the UMEM of the AF_XDP sockets, locked in RAM.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    umem_mib: usize,
     /// Most memory all of the VM's TCP flows may hold in buffers, MiB.
     #[arg(long, value_name = "MIB", default_value_t = 96)]
     max_buffer_mib: usize,
@@ -243,6 +249,9 @@ fn run(args: Args) -> Result<()> {
     if args.new_flows_per_sec == 0 || args.max_flows == 0 {
         bail!("--new-flows-per-sec and --max-flows must be at least 1");
     }
+    if !(8..=4096).contains(&args.umem_mib) {
+        bail!("--umem-mib must be 8 to 4096");
+    }
     if args.max_buffer_mib * 1024 < 3 * args.flow_buffer_kib {
         bail!("--max-buffer-mib is too small for even one flow of --flow-buffer-kib");
     }
@@ -268,9 +277,12 @@ fn run(args: Args) -> Result<()> {
         flow_buffer: args.flow_buffer_kib * 1024,
         max_buffer: args.max_buffer_mib << 20,
     };
+    let pool = netredir_datapath::xsk::Pool::new((args.umem_mib << 20) as u32 / FRAME_SIZE)
+        .context("cannot set up the host's UMEM (--umem-mib)")?;
     let defaults = Arc::new(attach::Defaults {
         subnet: args.subnet,
         prefix6: args.prefix6,
+        pool,
     });
     let dp_waker = waker.clone();
     let datapath = std::thread::Builder::new()
