@@ -1,9 +1,8 @@
 //! `density`: what many VMs and many flows cost.
 //!
-//! - Idle sessions: N VMs, each with its NIC, its netredird and its agent
-//!   (one daemon per VM today; [`Sessions`] is the one place that starts
-//!   them, so the many-VMs-per-daemon form slots in there), paired and
-//!   connected, then left idle: resident memory and CPU per session.
+//! - Idle sessions: N VMs on one netredird, each with its NIC and its
+//!   agent, attached at runtime, paired and connected, then left idle:
+//!   resident memory and CPU per VM, attach time.
 //! - Flow set-up rate: connections a second one VM opens through netredir
 //!   (connect, one byte each way, close) with the new-flow limit raised.
 //! - 10k concurrent flows in one VM: time to open them, and the memory of
@@ -12,9 +11,9 @@
 
 use crate::Opts;
 use anyhow::{Context, Result, bail};
-use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, Testbed, bin, wait_until};
+use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, TUNNEL_PORT, Testbed, bin, wait_until};
 use netredir_benches::{Redir, connect};
-use netredir_shared::control::{Request, Response, request};
+use netredir_shared::control::{AttachSpec, Request, Response, request};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -44,25 +43,59 @@ fn cpu(pid: u32) -> f64 {
     (t(11) + t(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// N VM sessions on one testbed: a NIC, a daemon and an agent each.
+/// N VMs on one testbed and one netredird: a NIC and an agent (its own
+/// key) each, attached at runtime, paired and connected.
 struct Sessions {
     tb: Testbed,
-    daemons: Vec<u32>,
+    daemon: u32,
     agents: Vec<u32>,
+    /// netredird's resident memory before the first VM.
+    rss0: u64,
+    /// Mean time of one `vm attach`, seconds.
+    attach: f64,
 }
 
 impl Sessions {
     fn start(n: usize) -> Result<Self> {
         let tb = Testbed::new("bench-density")?;
-        let mut s = Self {
-            tb,
-            daemons: Vec::new(),
-            agents: Vec::new(),
-        };
         let netredird = bin("netredird")?;
         let agent = bin("netredir-agent")?;
-        let dir = s.tb.dir().to_path_buf();
-        let control = |i: usize| dir.join(format!("c{i}.sock"));
+        let dir = tb.dir().to_path_buf();
+        let control = dir.join("control.sock");
+        let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
+        let c = control.display().to_string();
+        let state = dir.join("host").display().to_string();
+        let daemon = tb.spawn(
+            &tb.host,
+            "netredird",
+            &netredird,
+            &[
+                "--config",
+                "/dev/null",
+                "--listen",
+                &listen,
+                "--control",
+                &c,
+                "--state-dir",
+                &state,
+                "--log",
+                "warn",
+            ],
+        )?;
+        let ask = |req: &Request| request(&control, req, Duration::from_secs(20));
+        wait_until("netredird to answer", Duration::from_secs(60), || {
+            ask(&Request::VmList).is_ok()
+        })
+        .with_context(|| tb.log_tail("netredird"))?;
+        let rss0 = rss(daemon);
+        let mut s = Self {
+            tb,
+            daemon,
+            agents: Vec::new(),
+            rss0,
+            attach: 0.0,
+        };
+        let mut attaching = Duration::ZERO;
         for i in 0..n {
             let (v, e) = (format!("v{i}"), format!("e{i}"));
             s.tb.host.run(
@@ -82,52 +115,28 @@ impl Sessions {
             )?;
             s.tb.host.run("ip", &["link", "set", &v, "up"])?;
             s.tb.vm.run("ip", &["link", "set", &e, "up"])?;
-            let listen = format!("{HOST_WAN_IP}:{}", 8000 + i);
-            let c = control(i).display().to_string();
-            let state = dir.join(format!("h{i}")).display().to_string();
-            let vm = format!("vm{i}");
-            let pid = s.tb.spawn(
-                &s.tb.host,
-                &format!("netredird-{i}"),
-                &netredird,
-                &[
-                    "--config",
-                    "/dev/null",
-                    "--iface",
-                    &v,
-                    "--listen",
-                    &listen,
-                    "--control",
-                    &c,
-                    "--state-dir",
-                    &state,
-                    "--vm",
-                    &vm,
-                    "--log",
-                    "warn",
-                ],
-            )?;
-            s.daemons.push(pid);
+            let spec = AttachSpec {
+                name: format!("vm{i}"),
+                iface: v,
+                dedicated: false,
+                subnet: None,
+                prefix6: None,
+            };
+            let t = Instant::now();
+            match ask(&Request::VmAttach(spec))? {
+                Response::Attached(_) => {}
+                other => bail!("vm attach vm{i}: {other:?}"),
+            }
+            attaching += t.elapsed();
         }
+        s.attach = attaching.as_secs_f64() / n.max(1) as f64;
         for i in 0..n {
-            wait_until("netredird to answer", Duration::from_secs(60), || {
-                request(
-                    &control(i),
-                    &Request::Status { vm: None },
-                    Duration::from_secs(2),
-                )
-                .is_ok()
-            })
-            .with_context(|| s.tb.log_tail(&format!("netredird-{i}")))?;
-            let code = match request(
-                &control(i),
-                &Request::Pair { vm: None },
-                Duration::from_secs(5),
-            )? {
+            let code = match ask(&Request::Pair {
+                vm: Some(format!("vm{i}")),
+            })? {
                 Response::Pair { code, .. } => code,
                 other => bail!("unexpected answer {other:?}"),
             };
-            let connect = format!("{HOST_WAN_IP}:{}", 8000 + i);
             let state = dir.join(format!("a{i}")).display().to_string();
             let export = format!("printer={LAN_IP}:9100");
             let pid = s.tb.spawn(
@@ -136,7 +145,7 @@ impl Sessions {
                 &agent,
                 &[
                     "--connect",
-                    &connect,
+                    &listen,
                     "--pair",
                     &code,
                     "--state-dir",
@@ -150,9 +159,10 @@ impl Sessions {
             s.agents.push(pid);
         }
         for i in 0..n {
-            wait_until("the agent to connect", Duration::from_secs(60), || {
+            let vm = Some(format!("vm{i}"));
+            wait_until("the agent to connect", Duration::from_secs(120), || {
                 matches!(
-                    request(&control(i), &Request::Status { vm: None }, Duration::from_secs(2)),
+                    request(&control, &Request::Status { vm: vm.clone() }, Duration::from_secs(5)),
                     Ok(Response::Status(st)) if st.agent_connected
                 )
             })
@@ -167,19 +177,19 @@ fn mib(b: f64) -> f64 {
 }
 
 fn idle_sessions(o: &Opts, report: &mut String) -> Result<()> {
-    let sizes: &[usize] = if o.quick { &[4] } else { &[10, 100, 500] };
+    let sizes: &[usize] = if o.quick { &[4] } else { &[1, 100, 500] };
     let window = Duration::from_secs(if o.quick { 3 } else { 10 });
     writeln!(report, "### Idle sessions\n")?;
     writeln!(
         report,
-        "One netredird and one agent per VM, paired, connected and idle ({}s window; heartbeats every 5 s).\n",
+        "One netredird for all VMs (attached at runtime) and one agent per VM, paired, connected and idle ({}s window; heartbeats every 5 s). netredird's memory per VM is its growth over its memory with no VM (which holds the host's 64 MiB UMEM).\n",
         window.as_secs()
     )?;
     writeln!(
         report,
-        "| sessions | netredird RSS per session MiB | agent RSS per session MiB | CPU per session, % of a core (both) | start-up s |"
+        "| VMs | netredird RSS MiB (with no VM) | netredird per VM KiB | agent RSS per VM MiB | CPU per VM, % of a core (both daemons) | netredird threads | attach ms per VM | start-up s |"
     )?;
-    writeln!(report, "|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|")?;
     let mut series: Vec<(String, Vec<f64>)> = vec![
         ("netredird".into(), Vec::new()),
         ("agent".into(), Vec::new()),
@@ -189,28 +199,37 @@ fn idle_sessions(o: &Opts, report: &mut String) -> Result<()> {
         let t = Instant::now();
         let s = Sessions::start(n)?;
         let startup = t.elapsed().as_secs_f64();
-        let all: Vec<u32> = s.daemons.iter().chain(&s.agents).copied().collect();
+        let all: Vec<u32> = std::iter::once(s.daemon)
+            .chain(s.agents.iter().copied())
+            .collect();
         let before: f64 = all.iter().map(|&p| cpu(p)).sum();
         std::thread::sleep(window);
         let used: f64 = all.iter().map(|&p| cpu(p)).sum::<f64>() - before;
-        let d_rss: u64 = s.daemons.iter().map(|&p| rss(p)).sum();
+        let d_rss = rss(s.daemon);
         let a_rss: u64 = s.agents.iter().map(|&p| rss(p)).sum();
+        let threads = std::fs::read_dir(format!("/proc/{}/task", s.daemon))
+            .map(|d| d.count())
+            .unwrap_or(0);
         let nf = n as f64;
+        let per_vm = d_rss.saturating_sub(s.rss0) as f64 / nf;
         writeln!(
             report,
-            "| {n} | {:.1} | {:.1} | {:.3} | {startup:.1} |",
-            mib(d_rss as f64) / nf,
+            "| {n} | {:.1} ({:.1}) | {:.0} | {:.1} | {:.3} | {threads} | {:.0} | {startup:.1} |",
+            mib(d_rss as f64),
+            mib(s.rss0 as f64),
+            per_vm / 1024.0,
             mib(a_rss as f64) / nf,
-            used / window.as_secs_f64() / nf * 100.0
+            used / window.as_secs_f64() / nf * 100.0,
+            s.attach * 1000.0
         )?;
-        series[0].1.push(mib(d_rss as f64) / nf);
+        series[0].1.push(mib(per_vm));
         series[1].1.push(mib(a_rss as f64) / nf);
         drop(s);
     }
     crate::plot::bars(
         &o.out.join("density.png"),
         &crate::plot::Bars {
-            title: "Resident memory per idle VM session".into(),
+            title: "Resident memory per idle VM (one netredird for all)".into(),
             y_label: "MiB".into(),
             groups: sizes.iter().map(|n| format!("{n} sessions")).collect(),
             series,
