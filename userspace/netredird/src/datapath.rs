@@ -252,8 +252,8 @@ struct Loop {
     /// known); a VM's status shows them beside its own.
     counters: HashMap<&'static str, u64>,
     /// Tunnel connections refused before authentication, as of the last
-    /// warning about them.
-    reported_preauth: u64,
+    /// warning about them (one line per 10 s at most).
+    reported_preauth: (Instant, u64),
     /// Accept waits until then (no descriptor was left).
     accept_paused: Option<Instant>,
     /// Sockets of detached VMs, kept until their cancelled poll has
@@ -273,7 +273,7 @@ pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> 
         conns: Vec::new(),
         next_cgen: 1,
         counters: HashMap::new(),
-        reported_preauth: 0,
+        reported_preauth: (Instant::now(), 0),
         accept_paused: None,
         retiring: HashMap::new(),
     };
@@ -1567,15 +1567,17 @@ impl Loop {
             }
             vm.reported = (now, cur);
         }
-        let limit = self.counter("tunnel_refused_handshake_limit");
-        let slow = self.counter("tunnel_refused_slow_handshake");
-        if limit + slow > self.reported_preauth {
-            tracing::warn!(
-                handshake_limit = limit,
-                no_handshake_in_time = slow,
-                "tunnel connections closed before authentication (totals)"
-            );
-            self.reported_preauth = limit + slow;
+        if now.saturating_duration_since(self.reported_preauth.0) >= Duration::from_secs(10) {
+            let limit = self.counter("tunnel_refused_handshake_limit");
+            let slow = self.counter("tunnel_refused_slow_handshake");
+            if limit + slow > self.reported_preauth.1 {
+                tracing::warn!(
+                    handshake_limit = limit,
+                    no_handshake_in_time = slow,
+                    "tunnel connections closed before authentication (totals)"
+                );
+            }
+            self.reported_preauth = (now, limit + slow);
         }
         // Handshakes that take too long (or never start) are dropped.
         let slow: Vec<u64> = self
