@@ -1,4 +1,5 @@
-//! Loading `steer`, attaching it to the VM's NIC, and talking to its maps.
+//! Loading `steer` once per host, attaching it to each VM's NIC, and
+//! talking to its maps (keyed by ifindex and VM slot).
 //!
 //! Two modes. Dedicated NIC ([`Steer::attach`]): the XDP program `steer`
 //! on the host end of the VM's NIC, AF_XDP on that NIC. Shared NIC
@@ -10,13 +11,17 @@
 //! turn off TSO for all of it).
 
 use crate::netlink;
-use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
-use netredir_ebpf_common::{SteerConfig, reason};
+use netredir_ebpf_common::{MAX_VMS, SteerConfig, reason};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The compiled `steer` object, built by this crate's build script.
 pub static STEER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer"));
@@ -86,17 +91,67 @@ pub enum SteerError {
     },
 }
 
-/// A loaded (and maybe attached) `steer`. Dropping it detaches the
-/// programs and removes the veth pair it made.
+/// `steer`, loaded once per host, serving every attached VM: each VM has a
+/// slot (its AF_XDP socket in `XSKS`, its row of counters) and `CONFIG`
+/// entries for its interfaces. Dropping it detaches every VM.
 pub struct Steer {
     ebpf: Ebpf,
-    config: Array<MapData, SteerConfig>,
+    config: HashMap<MapData, u32, SteerConfig>,
     xsks: XskMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
-    /// What was last written to `CONFIG`.
-    cfg: SteerConfig,
+    vms: BTreeMap<u32, VmLinks>,
+}
+
+/// What one VM has in the kernel, to undo at detach.
+#[derive(Debug, Default)]
+struct VmLinks {
+    /// Its `CONFIG` keys (ifindexes).
+    keys: Vec<u32>,
+    xdp: Vec<(&'static str, XdpLinkId)>,
+    tc: Vec<(&'static str, SchedClassifierLinkId)>,
     /// Shared NIC: netredir's veth pair (outer end, inner end).
     pair: Option<(String, String)>,
+}
+
+/// Which frames of a VM are its: the subnet, the /64, and on a dedicated
+/// NIC DHCP requests and router solicitations too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// IPv4 network of the virtual subnet.
+    pub network: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The virtual IPv6 /64, if any.
+    pub prefix6: Option<Ipv6Addr>,
+    /// The NIC is only for netredir.
+    pub dedicated: bool,
+}
+
+impl Target {
+    /// The map value for VM `slot` (no pair yet).
+    pub fn config(&self, slot: u32) -> SteerConfig {
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len.min(32))
+        };
+        SteerConfig {
+            subnet_v4: u32::from_ne_bytes((u32::from(self.network) & mask).to_be_bytes()),
+            mask_v4: u32::from_ne_bytes(mask.to_be_bytes()),
+            flags: if self.dedicated {
+                netredir_ebpf_common::FLAG_DHCP
+            } else {
+                0
+            },
+            slot,
+            prefix_v6: self.prefix6.map_or([0; 8], |p| {
+                let o = p.octets();
+                [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
+            }),
+            pair_ifindex: 0,
+            nic_ifindex: 0,
+        }
+    }
 }
 
 /// The largest MTU native XDP takes on a veth without multi-buffer
@@ -123,7 +178,7 @@ fn is_perm(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl Steer {
-    /// Loads the program and its maps into the kernel (not attached yet).
+    /// Loads the programs and their maps into the kernel (nothing attached).
     pub fn load() -> Result<Self, SteerError> {
         let mut ebpf = Ebpf::load(STEER_OBJECT).map_err(|e| match &e {
             EbpfError::MapError(m) if is_perm(m) => SteerError::Permission,
@@ -165,13 +220,54 @@ impl Steer {
             config,
             xsks,
             counters,
-            cfg: SteerConfig::default(),
-            pair: None,
+            vms: BTreeMap::new(),
         })
     }
 
-    /// Attaches in native (driver) mode to `iface`; detached on drop.
-    pub fn attach(&mut self, iface: &str) -> Result<(), SteerError> {
+    /// A free VM slot, taken until [`Steer::detach`].
+    pub fn alloc_slot(&mut self) -> Result<u32, SteerError> {
+        let slot = (1..MAX_VMS)
+            .find(|s| !self.vms.contains_key(s))
+            .ok_or_else(|| SteerError::Object(format!("all {} VM slots taken", MAX_VMS - 1)))?;
+        self.vms.insert(slot, VmLinks::default());
+        Ok(slot)
+    }
+
+    fn links(&mut self, slot: u32) -> Result<&mut VmLinks, SteerError> {
+        self.vms
+            .get_mut(&slot)
+            .ok_or_else(|| SteerError::Object(format!("VM slot {slot} not taken")))
+    }
+
+    /// Sets what the programs do on the interface with this ifindex.
+    pub fn set_config(&mut self, ifindex: u32, cfg: SteerConfig) -> Result<(), SteerError> {
+        self.config
+            .insert(ifindex, cfg, 0)
+            .map_err(|source| SteerError::Map {
+                map: "CONFIG",
+                source,
+            })?;
+        if let Some(v) = self.vms.get_mut(&cfg.slot)
+            && !v.keys.contains(&ifindex)
+        {
+            v.keys.push(ifindex);
+        }
+        Ok(())
+    }
+
+    /// Sends VM `slot`'s frames to the AF_XDP socket `fd`.
+    pub fn register_xsk(&mut self, slot: u32, fd: RawFd) -> Result<(), SteerError> {
+        self.xsks
+            .set(slot, fd, 0)
+            .map_err(|source| SteerError::Map {
+                map: "XSKS",
+                source,
+            })
+    }
+
+    /// Dedicated NIC: `steer` in native (driver) mode on `iface`, for VM
+    /// `slot`'s `target` (its socket registered first).
+    pub fn attach(&mut self, slot: u32, iface: &str, target: &Target) -> Result<(), SteerError> {
         if !interface_exists(iface) {
             return Err(SteerError::NoSuchInterface(iface.into()));
         }
@@ -183,8 +279,12 @@ impl Steer {
                 mtu,
             });
         }
+        let idx = netlink::ifindex(iface).map_err(|_| SteerError::NoSuchInterface(iface.into()))?;
+        self.links(slot)?;
+        self.set_config(idx, target.config(slot))?;
         let prog = xdp_program(&mut self.ebpf, "steer")?;
-        prog.attach(iface, XdpMode::Driver)
+        let link = prog
+            .attach(iface, XdpMode::Driver)
             .map_err(|source| match &source {
                 e if is_perm(e) => SteerError::Permission,
                 _ => SteerError::Attach {
@@ -192,14 +292,16 @@ impl Steer {
                     source,
                 },
             })?;
+        self.links(slot)?.xdp.push(("steer", link));
         Ok(())
     }
 
-    /// Shared NIC, first step: makes netredir's veth pair for `nic` (its
-    /// MTU up to [`MAX_XDP_MTU`], no addresses, IPv6 off, up) and returns the name of the
-    /// end the AF_XDP socket binds to. A pair left by an earlier run is
-    /// replaced; this one is removed on drop.
-    pub fn make_pair(&mut self, nic: &str) -> Result<String, SteerError> {
+    /// Shared NIC, first step: makes VM `slot`'s veth pair for `nic` (its
+    /// MTU up to [`MAX_XDP_MTU`], no addresses, IPv6 off, up) and returns
+    /// the name of the end the AF_XDP socket binds to. A pair left by an
+    /// earlier run is replaced; this one is removed at detach.
+    pub fn make_pair(&mut self, slot: u32, nic: &str) -> Result<String, SteerError> {
+        self.links(slot)?;
         let idx = netlink::ifindex(nic).map_err(|_| SteerError::NoSuchInterface(nic.into()))?;
         let (outer, inner) = (format!("nr{idx}o"), format!("nr{idx}i"));
         let fail = |source: io::Error| SteerError::Pair {
@@ -212,7 +314,7 @@ impl Steer {
         }
         let mtu = netlink::mtu(nic).unwrap_or(1500).min(MAX_XDP_MTU);
         netlink::create_veth(&outer, &inner, mtu).map_err(fail)?;
-        self.pair = Some((outer.clone(), inner.clone()));
+        self.links(slot)?.pair = Some((outer.clone(), inner.clone()));
         for end in [&outer, &inner] {
             // No addresses, so no IPv6 autoconfiguration chatter either.
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6"), "1");
@@ -223,23 +325,35 @@ impl Steer {
 
     /// Shared NIC, second step (after the AF_XDP socket is registered):
     /// `steer_pair` on the pair's inner end, `reflect` on its outer end,
-    /// and last `steer_tc` on the VM's NIC. Detached on drop.
-    pub fn attach_shared(&mut self, nic: &str) -> Result<(), SteerError> {
-        let Some((outer, inner)) = self.pair.clone() else {
+    /// and last `steer_tc` on the VM's NIC. Undone at detach.
+    pub fn attach_shared(
+        &mut self,
+        slot: u32,
+        nic: &str,
+        target: &Target,
+    ) -> Result<(), SteerError> {
+        let Some((outer, inner)) = self.links(slot)?.pair.clone() else {
             return Err(SteerError::Object("attach_shared before make_pair".into()));
         };
         let index = |name: &str| {
             netlink::ifindex(name).map_err(|_| SteerError::NoSuchInterface(name.into()))
         };
-        self.cfg.pair_ifindex = index(&outer)?;
-        self.cfg.nic_ifindex = index(nic)?;
-        self.write_config()?;
-        xdp_program(&mut self.ebpf, "steer_pair")?
+        let (o, i, n) = (index(&outer)?, index(&inner)?, index(nic)?);
+        let cfg = SteerConfig {
+            pair_ifindex: o,
+            nic_ifindex: n,
+            ..target.config(slot)
+        };
+        for key in [i, o, n] {
+            self.set_config(key, cfg)?;
+        }
+        let link = xdp_program(&mut self.ebpf, "steer_pair")?
             .attach(&inner, XdpMode::Driver)
             .map_err(|source| SteerError::Attach {
                 iface: inner.clone(),
                 source,
             })?;
+        self.links(slot)?.xdp.push(("steer_pair", link));
         // Before TCX (6.6) aya attaches through netlink, under a clsact
         // qdisc that must be there first: add it (it may be already).
         let tcx = aya::util::KernelVersion::current()
@@ -248,7 +362,7 @@ impl Steer {
             if !tcx && let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
                 tracing::debug!(iface, "clsact qdisc not added (there already?): {e}");
             }
-            tc_program(&mut self.ebpf, prog)?
+            let link = tc_program(&mut self.ebpf, prog)?
                 .attach(iface, TcAttachType::Ingress)
                 .map_err(|source| match &source {
                     e if is_perm(e) => SteerError::Permission,
@@ -258,26 +372,58 @@ impl Steer {
                         source,
                     },
                 })?;
+            self.links(slot)?.tc.push((prog, link));
         }
         Ok(())
     }
 
-    /// Removes netredir's veth pair now (also done on drop), taking the
-    /// programs on it along: the VM's NIC keeps only the classifier, which
-    /// then has nowhere to send frames and passes them all.
-    pub fn remove_pair(&mut self) {
-        if let Some((outer, _)) = self.pair.take() {
-            self.cfg.pair_ifindex = 0;
-            let _ = self.write_config();
-            if let Err(e) = netlink::delete_link(&outer) {
-                tracing::warn!("cannot remove netredir's veth pair {outer}: {e}");
+    /// Undoes everything VM `slot` has (programs off its interfaces, its
+    /// map entries, counters zeroed, its veth pair removed) and frees the
+    /// slot. Interfaces already gone (a stopped VM's) are no error.
+    pub fn detach(&mut self, slot: u32) {
+        let Some(v) = self.vms.remove(&slot) else {
+            return;
+        };
+        for (prog, link) in v.tc {
+            if let Ok(p) = tc_program(&mut self.ebpf, prog) {
+                let _ = p.detach(link);
             }
+        }
+        for (prog, link) in v.xdp {
+            if let Ok(p) = xdp_program(&mut self.ebpf, prog) {
+                let _ = p.detach(link);
+            }
+        }
+        for key in v.keys {
+            let _ = self.config.remove(&key);
+        }
+        let _ = self.xsks.unset(slot);
+        if let Ok(n) = aya::util::nr_cpus() {
+            for why in 0..reason::COUNT {
+                if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; n]) {
+                    let _ = self.counters.set(slot * reason::COUNT + why, zeros, 0);
+                }
+            }
+        }
+        if let Some((outer, _)) = v.pair
+            && let Err(e) = netlink::delete_link(&outer)
+        {
+            tracing::warn!("cannot remove netredir's veth pair {outer}: {e}");
         }
     }
 
-    /// The names of netredir's veth pair (outer, inner), in shared mode.
-    pub fn pair(&self) -> Option<(&str, &str)> {
-        self.pair.as_ref().map(|(o, i)| (o.as_str(), i.as_str()))
+    /// What the programs do on the interface with this ifindex, if set.
+    pub fn config_of(&self, ifindex: u32) -> Option<SteerConfig> {
+        self.config.get(&ifindex, 0).ok()
+    }
+
+    /// VM `slot`'s veth pair (outer, inner), in shared mode.
+    pub fn pair(&self, slot: u32) -> Option<(&str, &str)> {
+        self.vms
+            .get(&slot)?
+            .pair
+            .as_ref()
+            .map(|(o, i)| (o.as_str(), i.as_str()))
     }
 
     /// The dedicated-NIC program, for `BPF_PROG_TEST_RUN` in tests.
@@ -290,70 +436,14 @@ impl Steer {
         tc_program(&mut self.ebpf, "steer_tc")
     }
 
-    /// Tells `steer` which IPv4 subnet to take (and no IPv6).
-    pub fn set_subnet(&mut self, network: Ipv4Addr, prefix_len: u8) -> Result<(), SteerError> {
-        self.configure(network, prefix_len, None, false)
-    }
-
-    /// Tells `steer` which IPv4 subnet and IPv6 /64 (`prefix6`) to take,
-    /// and whether DHCP requests and router solicitations are ours too (a
-    /// NIC dedicated to netredir).
-    pub fn configure(
-        &mut self,
-        network: Ipv4Addr,
-        prefix_len: u8,
-        prefix6: Option<Ipv6Addr>,
-        dhcp: bool,
-    ) -> Result<(), SteerError> {
-        let mask = if prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix_len)
-        };
-        self.cfg = SteerConfig {
-            subnet_v4: u32::from_ne_bytes((u32::from(network) & mask).to_be_bytes()),
-            mask_v4: u32::from_ne_bytes(mask.to_be_bytes()),
-            flags: if dhcp {
-                netredir_ebpf_common::FLAG_DHCP
-            } else {
-                0
-            },
-            _pad: 0,
-            prefix_v6: prefix6.map_or([0; 8], |p| {
-                let o = p.octets();
-                [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
-            }),
-            ..self.cfg
-        };
-        self.write_config()
-    }
-
-    fn write_config(&mut self) -> Result<(), SteerError> {
-        self.config
-            .set(0, self.cfg, 0)
-            .map_err(|source| SteerError::Map {
-                map: "CONFIG",
-                source,
-            })
-    }
-
-    /// Sends frames of receive queue `queue` to the AF_XDP socket `fd`.
-    pub fn register_xsk(&mut self, queue: u32, fd: RawFd) -> Result<(), SteerError> {
-        self.xsks
-            .set(queue, fd, 0)
-            .map_err(|source| SteerError::Map {
-                map: "XSKS",
-                source,
-            })
-    }
-
-    /// Counter totals over all CPUs, indexed by `reason`.
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+    /// VM `slot`'s counter totals over all CPUs, indexed by `reason` (slot
+    /// 0: frames on an interface of no VM).
+    pub fn counters(&self, slot: u32) -> Vec<(&'static str, u64)> {
         (0..reason::COUNT)
             .map(|i| {
                 let v = self
                     .counters
-                    .get(&i, 0)
+                    .get(&(slot * reason::COUNT + i), 0)
                     .map(|v| v.iter().sum())
                     .unwrap_or(0);
                 (reason::NAMES[i as usize], v)
@@ -364,9 +454,58 @@ impl Steer {
 
 impl Drop for Steer {
     fn drop(&mut self) {
-        // The programs detach as the object goes; the pair goes first.
-        self.remove_pair();
+        // The programs detach as the object goes; the pairs go first.
+        let slots: Vec<u32> = self.vms.keys().copied().collect();
+        for slot in slots {
+            self.detach(slot);
+        }
     }
+}
+
+/// The host's `steer`, shared by the threads that attach VMs and the one
+/// that detaches them.
+pub type SharedSteer = Arc<Mutex<Steer>>;
+
+/// One VM's part of the host's `steer`: its slot, detached when dropped.
+pub struct VmSteer {
+    steer: SharedSteer,
+    slot: u32,
+}
+
+impl VmSteer {
+    /// Takes a slot of `steer` for a new VM.
+    pub fn new(steer: &SharedSteer) -> Result<Self, SteerError> {
+        let slot = lock(steer).alloc_slot()?;
+        Ok(Self {
+            steer: steer.clone(),
+            slot,
+        })
+    }
+
+    /// Its slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The host's `steer`, locked, to set this VM up.
+    pub fn lock(&self) -> MutexGuard<'_, Steer> {
+        lock(&self.steer)
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.lock().counters(self.slot)
+    }
+}
+
+impl Drop for VmSteer {
+    fn drop(&mut self) {
+        self.lock().detach(self.slot);
+    }
+}
+
+fn lock(s: &SharedSteer) -> MutexGuard<'_, Steer> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, SteerError> {

@@ -3,7 +3,7 @@
 //! Needs root (CAP_BPF), which CI has.
 
 use aya::{TestRun, TestRunOptions};
-use netredir_datapath::steer::Steer;
+use netredir_datapath::steer::{Steer, Target};
 use netredir_ebpf_common::reason;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -59,14 +59,49 @@ fn run_tc(steer: &mut Steer, frame: &[u8]) -> u32 {
     .return_value
 }
 
+/// The slot these tests give their one VM.
+const SLOT: u32 = 1;
+
+/// The ifindex of this namespace's `lo`: BPF_PROG_TEST_RUN runs programs
+/// on it, so the tests configure it as their VM's interface.
+fn lo() -> u32 {
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    assert!(i > 0, "no lo");
+    i
+}
+
+/// Frames on `lo` are VM `SLOT`'s, with this subnet and prefix.
+fn configure(
+    steer: &mut Steer,
+    network: Ipv4Addr,
+    prefix_len: u8,
+    prefix6: Option<Ipv6Addr>,
+    dedicated: bool,
+) {
+    let t = Target {
+        network,
+        prefix_len,
+        prefix6,
+        dedicated,
+    };
+    steer.set_config(lo(), t.config(SLOT)).expect("config");
+}
+
+/// Counter `why` of the test's VM plus that of frames of no VM.
 fn counter(steer: &Steer, why: u32) -> u64 {
     let name = reason::NAMES[why as usize];
-    steer
-        .counters()
-        .into_iter()
-        .find(|(k, _)| *k == name)
-        .expect("counter")
-        .1
+    [0, SLOT]
+        .iter()
+        .map(|&slot| {
+            steer
+                .counters(slot)
+                .into_iter()
+                .find(|(k, _)| *k == name)
+                .expect("counter")
+                .1
+        })
+        .sum()
 }
 
 /// Runs `frame`, checks the verdict and that exactly counter `why` moved by one.
@@ -128,9 +163,7 @@ fn golden_frames_get_their_verdicts_and_counters() {
         XDP_PASS,
         reason::PASS_UNCONFIGURED,
     );
-    steer
-        .set_subnet(Ipv4Addr::new(100, 77, 0, 0), 16)
-        .expect("config");
+    configure(&mut steer, Ipv4Addr::new(100, 77, 0, 0), 16, None, false);
     expect(
         &mut steer,
         "subnet TCP, no socket",
@@ -141,7 +174,9 @@ fn golden_frames_get_their_verdicts_and_counters() {
 
     let xsk = unbound_xsk();
     use std::os::fd::AsRawFd;
-    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    steer
+        .register_xsk(SLOT, xsk.as_raw_fd())
+        .expect("XSKS insert");
 
     expect(
         &mut steer,
@@ -296,10 +331,10 @@ fn dhcp_is_steered_only_on_a_dedicated_nic() {
     let mut steer = Steer::load().expect("load steer (needs root)");
     let xsk = unbound_xsk();
     use std::os::fd::AsRawFd;
-    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
     steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, None, false)
-        .expect("config");
+        .register_xsk(SLOT, xsk.as_raw_fd())
+        .expect("XSKS insert");
+    configure(&mut steer, Ipv4Addr::new(100, 77, 0, 0), 16, None, false);
     expect(
         &mut steer,
         "DHCP, shared NIC",
@@ -307,9 +342,7 @@ fn dhcp_is_steered_only_on_a_dedicated_nic() {
         XDP_PASS,
         reason::PASS_IPV4_OTHER,
     );
-    steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, None, true)
-        .expect("config");
+    configure(&mut steer, Ipv4Addr::new(100, 77, 0, 0), 16, None, true);
     expect(
         &mut steer,
         "DHCP, dedicated NIC",
@@ -331,12 +364,12 @@ fn dhcp_is_steered_only_on_a_dedicated_nic() {
 #[test]
 fn a_narrower_subnet_is_honoured() {
     let mut steer = Steer::load().expect("load steer (needs root)");
-    steer
-        .set_subnet(Ipv4Addr::new(10, 9, 8, 0), 24)
-        .expect("config");
+    configure(&mut steer, Ipv4Addr::new(10, 9, 8, 0), 24, None, false);
     let xsk = unbound_xsk();
     use std::os::fd::AsRawFd;
-    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    steer
+        .register_xsk(SLOT, xsk.as_raw_fd())
+        .expect("XSKS insert");
     expect(
         &mut steer,
         "in /24",
@@ -386,7 +419,9 @@ fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
     let mut steer = Steer::load().expect("load steer (needs root)");
     let xsk = unbound_xsk();
     use std::os::fd::AsRawFd;
-    steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
+    steer
+        .register_xsk(SLOT, xsk.as_raw_fd())
+        .expect("XSKS insert");
     let prefix: Ipv6Addr = "fd6e:7264::".parse().unwrap();
     let vip6: Ipv6Addr = "fd6e:7264::644d:4b5".parse().unwrap();
     let outside: Ipv6Addr = "fd00:200::1".parse().unwrap();
@@ -400,9 +435,7 @@ fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
         &[133, 0, 0, 0, 0, 0, 0, 0],
     );
 
-    steer
-        .set_subnet(Ipv4Addr::new(100, 77, 0, 0), 16)
-        .expect("config");
+    configure(&mut steer, Ipv4Addr::new(100, 77, 0, 0), 16, None, false);
     expect(
         &mut steer,
         "IPv6 with no prefix set",
@@ -411,9 +444,13 @@ fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
         reason::PASS_IPV6,
     );
 
-    steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), false)
-        .expect("config");
+    configure(
+        &mut steer,
+        Ipv4Addr::new(100, 77, 0, 0),
+        16,
+        Some(prefix),
+        false,
+    );
     expect(
         &mut steer,
         "TCP to an IPv6 vIP",
@@ -503,9 +540,13 @@ fn ipv6_to_the_prefix_and_ndp_for_it_are_steered_the_rest_passes() {
         reason::PASS_SHORT,
     );
 
-    steer
-        .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), true)
-        .expect("config");
+    configure(
+        &mut steer,
+        Ipv4Addr::new(100, 77, 0, 0),
+        16,
+        Some(prefix),
+        true,
+    );
     expect(
         &mut steer,
         "RS on a dedicated NIC",
@@ -530,20 +571,34 @@ fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
         let vip = Ipv4Addr::new(100, 77, 4, 181);
         let vip6: Ipv6Addr = "fd6e:7264::644d:4b5".parse().unwrap();
         let prefix: Ipv6Addr = "fd6e:7264::".parse().unwrap();
-        steer
-            .configure(Ipv4Addr::new(100, 77, 0, 0), 16, Some(prefix), false)
-            .expect("config");
+        let target = Target {
+            network: Ipv4Addr::new(100, 77, 0, 0),
+            prefix_len: 16,
+            prefix6: Some(prefix),
+            dedicated: false,
+        };
         // BPF_PROG_TEST_RUN of an skb program runs on this namespace's lo.
         netredir_datapath::netlink::set_up("lo").expect("lo up");
         // A VM's NIC stand-in in this namespace.
         netredir_datapath::netlink::create_veth("vm0", "guest0", 1500).expect("veth");
         netredir_datapath::netlink::set_up("vm0").expect("up");
-        let inner = steer.make_pair("vm0").expect("veth pair");
+        assert_eq!(steer.alloc_slot().expect("slot"), SLOT);
+        let inner = steer.make_pair(SLOT, "vm0").expect("veth pair");
         let xsk = unbound_xsk();
         use std::os::fd::AsRawFd;
-        steer.register_xsk(0, xsk.as_raw_fd()).expect("XSKS insert");
-        steer.attach_shared("vm0").expect("attach TC and XDP");
+        steer
+            .register_xsk(SLOT, xsk.as_raw_fd())
+            .expect("XSKS insert");
+        steer
+            .attach_shared(SLOT, "vm0", &target)
+            .expect("attach TC and XDP");
         assert!(inner.ends_with('i'), "{inner}");
+        // What vm0 got (the pair to send into, the VM's slot), on lo too.
+        let vm0 = netredir_datapath::netlink::ifindex("vm0").expect("vm0");
+        let cfg = steer.config_of(vm0).expect("vm0 configured");
+        assert_eq!((cfg.slot, cfg.nic_ifindex), (SLOT, vm0));
+        assert!(cfg.pair_ifindex > 0);
+        steer.set_config(lo(), cfg).expect("config");
 
         expect_tc(
             &mut steer,
@@ -620,11 +675,23 @@ fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
             reason::PASS_SHORT,
         );
 
-        // Without the pair, nothing is taken: the VM's traffic passes.
-        steer.remove_pair();
+        // Detached: its entries, socket and pair are gone; nothing is
+        // taken, the VM's traffic passes.
+        steer.detach(SLOT);
+        assert!(steer.config_of(vm0).is_none() && steer.config_of(lo()).is_none());
+        assert!(!netredir_datapath::steer::interface_exists(&inner));
         expect_tc(
             &mut steer,
-            "subnet TCP, pair gone",
+            "subnet TCP, VM detached",
+            &ipv4_tcp(vip),
+            TC_ACT_OK,
+            reason::PASS_UNCONFIGURED,
+        );
+        // A pair-less config (as while attaching) passes ours, counted.
+        steer.set_config(lo(), target.config(SLOT)).expect("config");
+        expect_tc(
+            &mut steer,
+            "subnet TCP, no pair yet",
             &ipv4_tcp(vip),
             TC_ACT_OK,
             reason::NO_SOCKET,

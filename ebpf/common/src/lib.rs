@@ -2,12 +2,13 @@
 //! every map value and the meaning of every counter index, defined once.
 #![no_std]
 
-/// Value of the one-entry `CONFIG` array: which frames `steer` (or
-/// `steer_tc`, on a shared NIC) takes, and where the shared-NIC programs
-/// send them.
+/// Value of the `CONFIG` hash map, keyed by the ifindex a program runs
+/// on: which frames `steer` (or `steer_tc`, on a shared NIC) takes for
+/// which VM, and where the shared-NIC programs send them. The programs are
+/// loaded once per host; each attached VM has entries for its NIC (and,
+/// on a shared NIC, for both ends of its veth pair).
 ///
-/// Written by netredird before it registers its AF_XDP socket; read by
-/// `steer` on every frame. Addresses are in network byte order as they
+/// Written by netredird when a VM attaches; read on every frame. Addresses are in network byte order as they
 /// appear on the wire, so the program compares without swapping.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,8 +19,9 @@ pub struct SteerConfig {
     pub mask_v4: u32,
     /// [`FLAG_DHCP`] and later flags.
     pub flags: u32,
-    /// Keeps the next field 8-byte aligned.
-    pub _pad: u32,
+    /// The VM's slot: its AF_XDP socket's index in `XSKS` and its row of
+    /// `COUNTERS` (1 to [`MAX_VMS`] - 1; 0 is frames of no VM).
+    pub slot: u32,
     /// The IPv6 /64 prefix of the virtual subnet (its first 8 bytes as on
     /// the wire); all zero means "steer no IPv6".
     pub prefix_v6: [u8; 8],
@@ -40,8 +42,12 @@ unsafe impl aya::Pod for SteerConfig {}
 /// solicitations go to netredird too.
 pub const FLAG_DHCP: u32 = 1;
 
-/// Capacity of the `XSKS` map: one AF_XDP socket per receive queue.
-pub const MAX_QUEUES: u32 = 64;
+/// VM slots: the `XSKS` map's capacity (one AF_XDP socket per VM) and
+/// `COUNTERS`' rows.
+pub const MAX_VMS: u32 = 4096;
+
+/// Capacity of `CONFIG`: up to three interfaces per VM.
+pub const MAX_IFACES: u32 = 3 * MAX_VMS;
 
 /// Why `steer` gave a frame the verdict it gave; one per-CPU counter each.
 ///

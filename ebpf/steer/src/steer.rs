@@ -13,22 +13,25 @@
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use aya_ebpf::helpers::bpf_redirect;
 use aya_ebpf::macros::{classifier, map, xdp};
-use aya_ebpf::maps::{Array, PerCpuArray, XskMap};
+use aya_ebpf::maps::{HashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::{TcContext, XdpContext};
-use netredir_ebpf_common::{FLAG_DHCP, MAX_QUEUES, SteerConfig, reason};
+use netredir_ebpf_common::{FLAG_DHCP, MAX_IFACES, MAX_VMS, SteerConfig, reason};
 
-/// Written by netredird (one entry); read here on every frame.
+/// Written by netredird, keyed by the ifindex a program runs on (a VM's
+/// NIC, the ends of its veth pair); read here on every frame. The
+/// programs are loaded once per host and serve every VM through it.
 #[map]
-static CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+static CONFIG: HashMap<u32, SteerConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
-/// Written by netredird: queue index → its AF_XDP socket. Read by the
+/// Written by netredird: VM slot → its AF_XDP socket. Read by the
 /// redirect helper.
 #[map]
-static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+static XSKS: XskMap = XskMap::with_max_entries(MAX_VMS, 0);
 
-/// Written here, read by netredird: one counter per `reason`.
+/// Written here, read by netredird: per VM slot, one counter per `reason`
+/// (slot 0: frames on an interface with no VM).
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VMS * reason::COUNT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -83,15 +86,35 @@ impl Frame for TcContext {
     }
 }
 
+/// The configuration of the interface with this ifindex, if a VM has it.
+#[inline(always)]
+fn config(ifindex: u32) -> Option<SteerConfig> {
+    // SAFETY: a read of a map value that netredird replaces whole.
+    unsafe { CONFIG.get(&ifindex) }.copied()
+}
+
 /// Dedicated NIC: classify, and ours straight into AF_XDP.
 #[xdp]
 pub fn steer(ctx: XdpContext) -> u32 {
-    let (verdict, why) = match classify(&ctx) {
-        Class::Steer(why) => to_xsk(&ctx, why),
+    let Some(cfg) = config(ctx.ingress_ifindex() as u32) else {
+        count(0, reason::PASS_UNCONFIGURED);
+        return xdp_action::XDP_PASS;
+    };
+    let (verdict, why) = match classify(&ctx, &cfg) {
+        // The VM's socket is on queue 0: frames of other queues pass.
+        Class::Steer(_) if ctx.rx_queue_index() != 0 => (xdp_action::XDP_PASS, reason::NO_SOCKET),
+        Class::Steer(why) => to_xsk(&ctx, cfg.slot, why),
         Class::Pass(why) => (xdp_action::XDP_PASS, why),
     };
-    count(why);
+    count(cfg.slot, why);
     verdict
+}
+
+/// The ifindex a TC program runs on.
+#[inline(always)]
+fn tc_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's skb is valid while the program runs.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// Shared NIC, on the VM's NIC (TC ingress): classify, and ours into
@@ -99,24 +122,27 @@ pub fn steer(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn steer_tc(ctx: TcContext) -> i32 {
     // Direct access needs the headers in the linear part of the skb.
+    let Some(cfg) = config(tc_ifindex(&ctx)) else {
+        count(0, reason::PASS_UNCONFIGURED);
+        return TC_ACT_OK as i32;
+    };
     let len = ctx.len().min(CLASSIFY_LEN);
     if ctx.pull_data(len).is_err() {
-        count(reason::PASS_SHORT);
+        count(cfg.slot, reason::PASS_SHORT);
         return TC_ACT_OK as i32;
     }
-    match classify(&ctx) {
+    match classify(&ctx, &cfg) {
         Class::Steer(why) => {
-            let pair = CONFIG.get(0).map_or(0, |c| c.pair_ifindex);
-            if pair == 0 {
-                count(reason::NO_SOCKET);
+            if cfg.pair_ifindex == 0 {
+                count(cfg.slot, reason::NO_SOCKET);
                 return TC_ACT_OK as i32;
             }
-            count(why);
+            count(cfg.slot, why);
             // SAFETY: a helper call with plain integers.
-            unsafe { bpf_redirect(pair, 0) as i32 }
+            unsafe { bpf_redirect(cfg.pair_ifindex, 0) as i32 }
         }
         Class::Pass(why) => {
-            count(why);
+            count(cfg.slot, why);
             TC_ACT_OK as i32
         }
     }
@@ -126,9 +152,13 @@ pub fn steer_tc(ctx: TcContext) -> i32 {
 /// arrives was classified already; into AF_XDP.
 #[xdp]
 pub fn steer_pair(ctx: XdpContext) -> u32 {
-    let (verdict, why) = to_xsk(&ctx, reason::COUNT);
+    let Some(cfg) = config(ctx.ingress_ifindex() as u32) else {
+        count(0, reason::NO_SOCKET);
+        return xdp_action::XDP_PASS;
+    };
+    let (verdict, why) = to_xsk(&ctx, cfg.slot, reason::COUNT);
     if why == reason::NO_SOCKET {
-        count(why);
+        count(cfg.slot, why);
     }
     verdict
 }
@@ -136,8 +166,8 @@ pub fn steer_pair(ctx: XdpContext) -> u32 {
 /// Shared NIC, on the pair's other end (TC ingress): what the engine sent
 /// goes out of the VM's NIC, to the VM.
 #[classifier]
-pub fn reflect(_ctx: TcContext) -> i32 {
-    match CONFIG.get(0).map_or(0, |c| c.nic_ifindex) {
+pub fn reflect(ctx: TcContext) -> i32 {
+    match config(tc_ifindex(&ctx)).map_or(0, |c| c.nic_ifindex) {
         0 => TC_ACT_SHOT as i32,
         // SAFETY: a helper call with plain integers.
         nic => unsafe { bpf_redirect(nic, 0) as i32 },
@@ -148,8 +178,11 @@ pub fn reflect(_ctx: TcContext) -> i32 {
 const _: () = assert!(TC_ACT_REDIRECT == 7);
 
 #[inline(always)]
-fn count(why: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(why) {
+fn count(slot: u32, why: u32) {
+    if slot >= MAX_VMS || why >= reason::COUNT {
+        return;
+    }
+    if let Some(c) = COUNTERS.get_ptr_mut(slot * reason::COUNT + why) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe { *c += 1 };
     }
@@ -180,14 +213,13 @@ fn read_addr<F: Frame>(ctx: &F, off: usize) -> Option<u32> {
 }
 
 #[inline(always)]
-fn classify<F: Frame>(ctx: &F) -> Class {
+fn classify<F: Frame>(ctx: &F, cfg: &SteerConfig) -> Class {
     let Some(ethertype) = read_be16(ctx, 12) else {
         return Class::Pass(reason::PASS_SHORT);
     };
-    let cfg = match CONFIG.get(0) {
-        Some(c) if c.mask_v4 != 0 => *c,
-        _ => return Class::Pass(reason::PASS_UNCONFIGURED),
-    };
+    if cfg.mask_v4 == 0 {
+        return Class::Pass(reason::PASS_UNCONFIGURED);
+    }
     let in_subnet = |a: u32| a & cfg.mask_v4 == cfg.subnet_v4;
     match ethertype {
         ETH_P_IP => {
@@ -224,7 +256,7 @@ fn classify<F: Frame>(ctx: &F) -> Class {
                 _ => Class::Pass(reason::PASS_ARP_OTHER),
             }
         }
-        ETH_P_IPV6 => classify_ipv6(ctx, &cfg),
+        ETH_P_IPV6 => classify_ipv6(ctx, cfg),
         _ => Class::Pass(reason::PASS_OTHER),
     }
 }
@@ -284,14 +316,13 @@ fn is_dhcp_request<F: Frame>(ctx: &F, ihl: usize) -> bool {
     read_be16(ctx, ETH_HLEN + ihl + 2) == Some(DHCP_SERVER_PORT)
 }
 
-/// Into this queue's AF_XDP socket, counted as `why`; passed (and counted
-/// as `NO_SOCKET`) if the queue has none.
+/// Into VM `slot`'s AF_XDP socket, counted as `why`; passed (and counted
+/// as `NO_SOCKET`) if it has none.
 #[inline(always)]
-fn to_xsk(ctx: &XdpContext, why: u32) -> (u32, u32) {
-    let queue = ctx.rx_queue_index();
+fn to_xsk(_ctx: &XdpContext, slot: u32, why: u32) -> (u32, u32) {
     // The low bits of the flags are the action when the slot is empty:
-    // no socket on this queue means the kernel keeps the frame.
-    match XSKS.redirect(queue, xdp_action::XDP_PASS as u64) {
+    // no socket there means the kernel keeps the frame.
+    match XSKS.redirect(slot, xdp_action::XDP_PASS as u64) {
         Ok(action) if action == xdp_action::XDP_REDIRECT => (action, why),
         _ => (xdp_action::XDP_PASS, reason::NO_SOCKET),
     }

@@ -1,12 +1,12 @@
-//! Attaching a VM: the expensive part (loading and attaching the steer
-//! programs, the veth pair of a shared NIC, the AF_XDP socket) runs on the
+//! Attaching a VM: the slow part (attaching the host's steer programs to
+//! its NIC, the veth pair of a shared NIC, the AF_XDP socket) runs on the
 //! caller's thread (main at start, a control client for `vm attach`); the
 //! data path only takes the result, so the other VMs do not wait.
 
 use crate::datapath::{Request as DpRequest, VmSetup};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
-use netredir_datapath::steer::{Steer, interface_exists, interface_mac};
+use netredir_datapath::steer::{SharedSteer, Target, VmSteer, interface_exists, interface_mac};
 use netredir_datapath::xsk::{Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
@@ -22,6 +22,8 @@ pub struct Defaults {
     pub prefix6: Ipv6Prefix,
     /// The host's UMEM, which every VM's AF_XDP socket shares.
     pub pool: Pool,
+    /// The host's steer programs, loaded once, which every VM uses.
+    pub steer: SharedSteer,
 }
 
 /// Steer attached and the AF_XDP socket open for `spec`, or why not.
@@ -51,34 +53,37 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
     };
     let mac =
         interface_mac(iface).with_context(|| format!("cannot read the MAC address of {iface}"))?;
-    let mut steer = Steer::load()?;
-    steer.configure(
-        subnet.network(),
-        subnet.prefix_len(),
-        Some(prefix6.network()),
-        spec.dedicated,
-    )?;
+    // A slot of the host's programs; on any error below, dropping it
+    // undoes what was done.
+    let steer = VmSteer::new(&d.steer)?;
+    let slot = steer.slot();
+    let target = Target {
+        network: subnet.network(),
+        prefix_len: subnet.prefix_len(),
+        prefix6: Some(prefix6.network()),
+        dedicated: spec.dedicated,
+    };
     let xsk = if spec.dedicated {
         let xsk = Xsk::open(&d.pool, iface, 0)?;
-        steer.register_xsk(0, xsk.fd())?;
-        steer.attach(iface)?;
+        let mut st = steer.lock();
+        st.register_xsk(slot, xsk.fd())?;
+        st.attach(slot, iface, &target)?;
+        drop(st);
         xsk
     } else {
-        let inner = steer.make_pair(iface)?;
+        let inner = steer.lock().make_pair(slot, iface)?;
         let xsk = Xsk::open(&d.pool, &inner, 0)?;
-        steer.register_xsk(0, xsk.fd())?;
-        steer.attach_shared(iface)?;
+        let mut st = steer.lock();
+        st.register_xsk(slot, xsk.fd())?;
+        st.attach_shared(slot, iface, &target)?;
+        drop(st);
         xsk
     };
     // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
     let mtu = netredir_datapath::netlink::mtu(iface)
         .unwrap_or(1500)
         .min(netredir_datapath::steer::MAX_XDP_MTU);
-    // Loading the programs parsed the kernel's BTF (megabytes, now free):
-    // give that heap back.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
-    tracing::debug!(vm = %name, %iface, mtu, "steer attached");
+    tracing::debug!(vm = %name, %iface, mtu, slot, "steer attached");
     Ok(VmSetup {
         name: name.to_string(),
         iface: iface.to_string(),

@@ -35,7 +35,7 @@
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
-use netredir_datapath::steer::Steer;
+use netredir_datapath::steer::VmSteer;
 use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::{
     FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
@@ -102,8 +102,8 @@ pub struct VmSetup {
     pub mtu: usize,
     /// MAC the engine answers from.
     pub mac: [u8; 6],
-    /// Its programs (detached when dropped).
-    pub steer: Steer,
+    /// Its slot of the host's programs (detached when dropped).
+    pub steer: VmSteer,
     /// Its AF_XDP socket.
     pub xsk: Xsk,
 }
@@ -221,7 +221,7 @@ struct Vm {
     /// Declared before `steer`, so dropped first: the socket goes before
     /// its programs and veth pair.
     xsk: Xsk,
-    steer: Steer,
+    steer: VmSteer,
     /// The pending poll on `xsk`, cancelled at detach.
     xsk_op: Option<OpId>,
     engine: Engine,

@@ -279,10 +279,20 @@ fn run(args: Args) -> Result<()> {
     };
     let pool = netredir_datapath::xsk::Pool::new((args.umem_mib << 20) as u32 / FRAME_SIZE)
         .context("cannot set up the host's UMEM (--umem-mib)")?;
+    // The programs are loaded once, for every VM: the verifier runs here,
+    // not at each attach.
+    let steer = Arc::new(std::sync::Mutex::new(
+        netredir_datapath::steer::Steer::load()?,
+    ));
+    // Loading parsed the kernel's BTF (megabytes, now free): give that
+    // heap back.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     let defaults = Arc::new(attach::Defaults {
         subnet: args.subnet,
         prefix6: args.prefix6,
         pool,
+        steer,
     });
     let dp_waker = waker.clone();
     let datapath = std::thread::Builder::new()
