@@ -11,7 +11,7 @@
 //! socket.
 //!
 //! VMs: any number attach and detach at runtime. The expensive part of an
-//! attach (loading and attaching the programs, the veth pair, the AF_XDP
+//! attach (attaching the host's programs, the veth pair, the AF_XDP
 //! socket) is done by the caller on its own thread; the loop only takes
 //! the result, so attaching one VM does not stall the others. Detach
 //! resets the VM's flows (the RSTs go out first), ends its session and
