@@ -64,7 +64,7 @@ impl Redir {
         let tb = Testbed::new(tag)?;
         let control = tb.dir().join("control.sock");
         let r = Self { tb, control };
-        r.start(&[], false, daemon_args)?;
+        r.start("netredird", &[], false, daemon_args)?;
         Ok(r)
     }
 
@@ -75,10 +75,16 @@ impl Redir {
 
     /// The same with `env` (`NAME=VALUE`) in its environment.
     pub fn start_daemon_env(&self, env: &[&str], extra: &[&str]) -> Result<()> {
-        self.start(env, true, extra)
+        self.start("netredird", env, true, extra)
     }
 
-    fn start(&self, env: &[&str], with_vm: bool, extra: &[&str]) -> Result<()> {
+    /// netredird again (after the first one stopped), on the same state
+    /// and control socket, as process `name` (its log `name.log`).
+    pub fn restart_daemon(&self, name: &str, extra: &[&str]) -> Result<()> {
+        self.start(name, &[], true, extra)
+    }
+
+    fn start(&self, name: &str, env: &[&str], with_vm: bool, extra: &[&str]) -> Result<()> {
         let listen = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
         let control = self.control.to_string_lossy().into_owned();
         let state = self.host_state().to_string_lossy().into_owned();
@@ -101,28 +107,25 @@ impl Redir {
         args.extend_from_slice(extra);
         let daemon = bin("netredird")?;
         if env.is_empty() {
-            self.tb.spawn(&self.tb.host, "netredird", daemon, &args)?;
+            self.tb.spawn(&self.tb.host, name, daemon, &args)?;
         } else {
             // env(1) sets them and execs netredird in the same process.
             let d = daemon.to_string_lossy().into_owned();
             let mut all: Vec<&str> = env.to_vec();
             all.push(&d);
             all.extend_from_slice(&args);
-            self.tb.spawn(&self.tb.host, "netredird", "env", &all)?;
+            self.tb.spawn(&self.tb.host, name, "env", &all)?;
         }
         wait_until(
             "netredird to answer on its control socket",
             Duration::from_secs(20),
             || {
-                !self.tb.running("netredird")
+                !self.tb.running(name)
                     || request(&self.control, &Request::VmList, Duration::from_secs(5)).is_ok()
             },
         )?;
-        if !self.tb.running("netredird") {
-            bail!(
-                "netredird exited at start:\n{}",
-                self.tb.log_tail("netredird")
-            );
+        if !self.tb.running(name) {
+            bail!("netredird exited at start:\n{}", self.tb.log_tail(name));
         }
         Ok(())
     }

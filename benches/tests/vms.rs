@@ -281,3 +281,96 @@ fn the_libvirt_hook_attaches_a_started_domain_and_detaches_it_when_it_stops() {
     assert!(ok && err.contains("no such interface"), "{err}");
     assert!(vms(&r).is_empty());
 }
+
+#[test]
+fn twenty_vms_print_at_once_each_through_its_own_agent() {
+    let r = Redir::without_vm("vms20", &[]).unwrap();
+    let mut guests = Vec::new();
+    for n in 2..22u8 {
+        let (ns, iface) = r.tb.add_vm(n).unwrap();
+        let name = format!("desk-{n}");
+        let (ok, _, err) = ctl(&r, &["vm", "attach", &name, "--iface", &iface]);
+        assert!(ok, "{name}: {err}");
+        let port = 9000 + u16::from(n);
+        r.digest_sink(&format!("sink-{n}"), port).unwrap();
+        let state = r.tb.dir().join(format!("agent-{n}"));
+        let export = format!("p{n}={LAN_IP}:{port}");
+        r.start_agent_for(Some(&name), &state, &format!("agent-{n}"), &[&export], &[])
+            .unwrap();
+        let vip = r.vip_for(&name, &format!("p{n}")).unwrap();
+        guests.push((ns, vip, port, job_bytes(8 << 20, u64::from(n))));
+    }
+    let v = vms(&r);
+    assert_eq!(v.len(), 20);
+    assert!(v.iter().all(|v| v.agent_connected), "{v:?}");
+    let handles: Vec<_> = guests
+        .into_iter()
+        .map(|(ns, vip, port, job)| {
+            std::thread::spawn(move || {
+                let got = ns
+                    .enter(|| print_job((vip, port).into(), &job))
+                    .unwrap()
+                    .unwrap();
+                (
+                    String::from_utf8_lossy(&got)
+                        .split(' ')
+                        .next()
+                        .map(str::to_string),
+                    sha256_hex(&job),
+                )
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (got, want) = h.join().unwrap();
+        assert_eq!(got.as_deref(), Some(want.as_str()), "VM {i}'s job");
+    }
+    // One process, a fixed few threads, whatever the number of VMs.
+    let pid = r.tb.pid("netredird").unwrap();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(threads <= 6, "{threads} threads");
+}
+
+#[test]
+fn a_restarted_netredird_keeps_pairings_and_vips_and_its_agents_come_back() {
+    let r = Redir::with_args("restart", &["--vm", "desk-r"]).unwrap();
+    r.digest_sink("sink", 9100).unwrap();
+    r.start_agent("agent", &[&format!("p={LAN_IP}:9100")])
+        .unwrap();
+    let vip = r.vip("p").unwrap();
+    let job = job_bytes(1 << 20, 7);
+    let want = sha256_hex(&job);
+    let print = |r: &Redir| {
+        let got =
+            r.tb.vm
+                .enter(|| print_job((vip, 9100).into(), &job))
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got).split(' ').next(),
+            Some(want.as_str())
+        );
+    };
+    print(&r);
+    r.tb.signal("netredird", libc::SIGTERM).unwrap();
+    r.tb.wait_exit("netredird", Duration::from_secs(30))
+        .unwrap();
+    r.restart_daemon("netredird-2", &["--vm", "desk-r"])
+        .unwrap();
+    // The agent dials again by itself and is let in on its pairing.
+    wait_until("the agent to come back", Duration::from_secs(30), || {
+        r.map()
+            .is_ok_and(|m| m.iter().any(|e| e.name == "p" && e.state == "online"))
+    })
+    .unwrap();
+    assert_eq!(r.vip("p").unwrap(), vip, "the same vIP");
+    let log = std::fs::read_to_string(r.tb.dir().join("agent.log")).unwrap();
+    assert_eq!(
+        log.matches("paired with the host").count(),
+        1,
+        "paired once"
+    );
+    print(&r);
+}
