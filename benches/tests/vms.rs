@@ -374,3 +374,142 @@ fn a_restarted_netredird_keeps_pairings_and_vips_and_its_agents_come_back() {
     );
     print(&r);
 }
+
+/// A TCP SYN from the first VM (10.200.0.2) to `dst:dport`, IPv4 header
+/// included (the kernel fills in the checksum and id).
+fn raw_syn(sport: u16, dst: std::net::Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 200, 0, 2];
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+#[test]
+fn one_vms_flood_does_not_stop_another_vms_print_job() {
+    // desk-a floods SYNs and UDP at full rate while desk-b prints 64 MiB:
+    // desk-b's job arrives whole, desk-a's limits take the flood, and
+    // desk-a works again afterwards. (How fast desk-b goes meanwhile is
+    // for the density benchmark, not a test.)
+    let r = Redir::with_args("vmflood", &["--vm", "desk-a"]).unwrap();
+    let (vm_b, if_b) = r.tb.add_vm(2).unwrap();
+    let (ok, _, err) = ctl(&r, &["vm", "attach", "desk-b", "--iface", &if_b]);
+    assert!(ok, "{err}");
+    r.echo("echo-a", 7007).unwrap();
+    r.digest_sink("sink-b", 9101).unwrap();
+    let (state_a, state_b) = (r.tb.dir().join("agent-a"), r.tb.dir().join("agent-b"));
+    r.start_agent_for(
+        Some("desk-a"),
+        &state_a,
+        "agent-a",
+        &[&format!("echo={LAN_IP}:7007")],
+        &[],
+    )
+    .unwrap();
+    r.start_agent_for(
+        Some("desk-b"),
+        &state_b,
+        "agent-b",
+        &[&format!("pb={LAN_IP}:9101")],
+        &[],
+    )
+    .unwrap();
+    let vip_a = r.vip_for("desk-a", "echo").unwrap();
+    let vip_b = r.vip_for("desk-b", "pb").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (ns, stop) = (r.tb.vm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            ns.enter(|| {
+                // SAFETY: raw socket(2); we write whole IPv4 packets.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(vip_a).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let mut sent = 0u64;
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    i = i.wrapping_add(1);
+                    let pkt = raw_syn((i % 50_000) as u16 + 10_000, vip_a, 7007);
+                    // SAFETY: sendto with a live buffer and sockaddr.
+                    let n = unsafe {
+                        libc::sendto(
+                            fd,
+                            pkt.as_ptr().cast(),
+                            pkt.len(),
+                            0,
+                            (&sa as *const libc::sockaddr_in).cast(),
+                            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        )
+                    };
+                    sent += u64::from(n > 0);
+                    sent += u64::from(
+                        udp.send_to(&[0u8; 512], (vip_a, 5000 + (i % 100) as u16))
+                            .is_ok(),
+                    );
+                }
+                // SAFETY: our fd.
+                unsafe { libc::close(fd) };
+                sent
+            })
+            .unwrap()
+        })
+    };
+    let job = job_bytes(64 << 20, 9);
+    let got = vm_b
+        .enter(|| print_job((vip_b, 9101).into(), &job))
+        .unwrap()
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got).split(' ').next(),
+        Some(sha256_hex(&job).as_str()),
+        "desk-b's job whole"
+    );
+    assert!(sent > 1000, "the flood ran: {sent} packets");
+    let st = match netredir_shared::control::request(
+        &r.control,
+        &netredir_shared::control::Request::Status {
+            vm: Some("desk-a".into()),
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    {
+        netredir_shared::control::Response::Status(st) => st,
+        other => panic!("{other:?}"),
+    };
+    let c = |k: &str| {
+        st.counters
+            .iter()
+            .find(|(n, _)| n == k)
+            .map_or(0, |(_, v)| *v)
+    };
+    assert!(
+        c("engine.refused_rate")
+            + c("engine.refused_limit")
+            + c("engine.syn_dropped_opening")
+            + c("engine.syn_waited")
+            > 0,
+        "desk-a's limits took the flood: {:?}",
+        st.counters
+    );
+    // desk-a still works once its flood is over.
+    wait_until("desk-a to answer again", Duration::from_secs(60), || {
+        r.tb.vm
+            .enter(|| print_job((vip_a, 7007).into(), b"after the flood"))
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|b| b == b"after the flood")
+    })
+    .unwrap();
+}
