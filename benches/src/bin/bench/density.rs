@@ -3,6 +3,8 @@
 //! - Idle sessions: N VMs on one netredird, each with its NIC and its
 //!   agent, attached at runtime, paired and connected, then left idle:
 //!   resident memory and CPU per VM, attach time.
+//! - Busy VMs: N VMs sending at once (iperf3 each): the aggregate and how
+//!   evenly one netredird shares it.
 //! - Flow set-up rate: connections a second one VM opens through netredir
 //!   (connect, one byte each way, close) with the new-flow limit raised.
 //! - 10k concurrent flows in one VM: time to open them, and the memory of
@@ -403,11 +405,111 @@ fn flows(o: &Opts, report: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// N VMs on one netredird sending at once (iperf3, one stream each, to a
+/// server of their own in the LAN): the aggregate, and how evenly it is
+/// shared.
+fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
+    let sizes: &[usize] = if o.quick { &[2] } else { &[1, 10, 50] };
+    let secs: u32 = if o.quick { 2 } else { 5 };
+    writeln!(report, "### Busy VMs\n")?;
+    writeln!(
+        report,
+        "N VMs on one netredird, each sending to its own iperf3 server in the LAN at once (one stream, {secs} s, MTU 1500), each through its own agent and tunnel.\n"
+    )?;
+    writeln!(
+        report,
+        "| VMs | aggregate Gbit/s | per VM min / mean / max Gbit/s | min / mean |"
+    )?;
+    writeln!(report, "|---|---|---|---|")?;
+    for &n in sizes {
+        crate::plot::step("density", &format!("{n} busy VMs"));
+        let r = Redir::without_vm("bench-busy", &[])?;
+        let mut runs = Vec::new();
+        for k in 0..n {
+            let (ns, iface) = r.tb.add_vm(k as u8 + 2)?;
+            let name = format!("busy{k}");
+            match request(
+                &r.control,
+                &Request::VmAttach(AttachSpec {
+                    name: name.clone(),
+                    iface,
+                    dedicated: false,
+                    subnet: None,
+                    prefix6: None,
+                }),
+                Duration::from_secs(20),
+            )? {
+                Response::Attached(_) => {}
+                other => bail!("vm attach {name}: {other:?}"),
+            }
+            let port = 5301 + k as u16;
+            let p = port.to_string();
+            r.tb.spawn(
+                &r.tb.lan,
+                &format!("iperf-{k}"),
+                "iperf3",
+                &["-s", "-1", "-B", LAN_IP, "-p", &p],
+            )?;
+            r.wait_listening(port)?;
+            let state = r.tb.dir().join(format!("agent-{k}"));
+            let export = format!("iperf={LAN_IP}:{port}");
+            r.start_agent_for(Some(&name), &state, &format!("agent-{k}"), &[&export], &[])?;
+            let vip = r.vip_for(&name, "iperf")?;
+            runs.push((ns, vip, p));
+        }
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|(ns, vip, p)| {
+                std::thread::spawn(move || -> Result<f64> {
+                    let out = ns
+                        .command("iperf3")
+                        .args([
+                            "-c",
+                            &vip.to_string(),
+                            "-p",
+                            &p,
+                            "-J",
+                            "-t",
+                            &secs.to_string(),
+                        ])
+                        .output()
+                        .context("cannot run iperf3")?;
+                    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                        .context("iperf3's answer does not parse")?;
+                    v["end"]["sum_received"]["bits_per_second"]
+                        .as_f64()
+                        .map(|b| b / 1e9)
+                        .with_context(|| format!("no throughput from iperf3: {}", v["error"]))
+                })
+            })
+            .collect();
+        let mut rates = Vec::new();
+        for h in handles {
+            rates.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??,
+            );
+        }
+        let sum: f64 = rates.iter().sum();
+        let mean = sum / rates.len() as f64;
+        let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rates.iter().copied().fold(0.0, f64::max);
+        writeln!(
+            report,
+            "| {n} | {sum:.2} | {min:.2} / {mean:.2} / {max:.2} | {:.2} |",
+            min / mean
+        )?;
+    }
+    writeln!(report)?;
+    Ok(())
+}
+
 pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
     let sizes = if o.quick { 1 } else { 3 };
-    crate::plot::stage("density", sizes + 3);
+    crate::plot::stage("density", 2 * sizes + 3);
     writeln!(report, "## Density\n")?;
     idle_sessions(o, report)?;
+    busy_vms(o, report)?;
     flows(o, report)?;
     Ok(())
 }
