@@ -500,6 +500,32 @@ pub fn print_job(addr: std::net::SocketAddr, job: &[u8]) -> std::io::Result<Vec<
     Ok(rest)
 }
 
+/// `netredirctl --control CONTROL ARGS...`: (exit ok, stdout, stderr).
+pub fn netredirctl(control: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin("netredirctl").expect("netredirctl built"))
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("netredirctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TCP SYN from the VM (10.200.0.2) port `sport` to `dst:dport`, IPv4
+/// header included, for a raw socket (the kernel fills in checksum and id).
+pub fn raw_syn(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 200, 0, 2];
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)

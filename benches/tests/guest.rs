@@ -295,16 +295,6 @@ fn ipv6_works_as_ipv4_does() {
     assert!(r.counter("engine.ndp_replies").unwrap() >= 1);
 }
 
-/// A raw IPv4 TCP SYN from the VM's address to `dst:dport`.
-fn syn(src_port: u16, dst: std::net::Ipv4Addr, dport: u16) -> Vec<u8> {
-    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 200, 0, 2];
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&src_port.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    p
-}
-
 #[test]
 fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
     use std::io::{Read, Write};
@@ -335,7 +325,7 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
                     } else {
                         (printer, 9100)
                     };
-                    let pkt = syn((i % 50_000) as u16 + 10_000, dst, port);
+                    let pkt = netredir_benches::raw_syn((i % 50_000) as u16 + 10_000, dst, port);
                     let (sa, len) = netredir_uring_sockaddr(dst);
                     // SAFETY: sendto with a live buffer and sockaddr.
                     let n = unsafe {

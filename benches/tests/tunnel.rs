@@ -107,19 +107,7 @@ fn an_unpaired_agent_loses_its_session_and_cannot_come_back() {
     r.start_agent("agent", &[&format!("echo={LAN_IP}:7007")])
         .unwrap();
     assert_eq!(echo_once(&r, 7007, b"one"), b"one");
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(bin("netredirctl").unwrap())
-            .arg("--control")
-            .arg(&r.control)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let ctl = |args: &[&str]| netredir_benches::netredirctl(&r.control, args);
     let vms = || {
         let (ok, json, err) = ctl(&["vm", "list", "--json"]);
         assert!(ok, "{err}");

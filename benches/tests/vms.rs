@@ -15,17 +15,7 @@ use std::time::Duration;
 
 /// Runs `netredirctl ARGS` against `r`'s daemon: (ok, stdout, stderr).
 fn ctl(r: &Redir, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(bin("netredirctl").unwrap())
-        .arg("--control")
-        .arg(&r.control)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    netredir_benches::netredirctl(&r.control, args)
 }
 
 fn vms(r: &Redir) -> Vec<VmInfo> {
@@ -375,17 +365,6 @@ fn a_restarted_netredird_keeps_pairings_and_vips_and_its_agents_come_back() {
     print(&r);
 }
 
-/// A TCP SYN from the first VM (10.200.0.2) to `dst:dport`, IPv4 header
-/// included (the kernel fills in the checksum and id).
-fn raw_syn(sport: u16, dst: std::net::Ipv4Addr, dport: u16) -> Vec<u8> {
-    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 200, 0, 2];
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    p
-}
-
 #[test]
 fn one_vms_flood_does_not_stop_another_vms_print_job() {
     // desk-a floods SYNs and UDP at full rate while desk-b prints 64 MiB:
@@ -438,7 +417,7 @@ fn one_vms_flood_does_not_stop_another_vms_print_job() {
                 let mut i = 0u32;
                 while !stop.load(Ordering::SeqCst) {
                     i = i.wrapping_add(1);
-                    let pkt = raw_syn((i % 50_000) as u16 + 10_000, vip_a, 7007);
+                    let pkt = netredir_benches::raw_syn((i % 50_000) as u16 + 10_000, vip_a, 7007);
                     // SAFETY: sendto with a live buffer and sockaddr.
                     let n = unsafe {
                         libc::sendto(
