@@ -515,6 +515,49 @@ pub fn netredirctl(control: &std::path::Path, args: &[&str]) -> (bool, String, S
     )
 }
 
+/// A raw IPv4 socket (whole packets, header included): for floods a real
+/// stack would not send. Made in the caller's network namespace.
+pub struct RawIp(std::os::fd::OwnedFd);
+
+impl RawIp {
+    /// Opens it (needs CAP_NET_RAW).
+    pub fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd we own.
+        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends IPv4 packet `pkt` toward `dst`; whether it went.
+    pub fn send(&self, pkt: &[u8], dst: Ipv4Addr) -> bool {
+        use std::os::fd::AsRawFd;
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sendto with a live buffer and sockaddr of the size given.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        n > 0
+    }
+}
+
 /// A TCP SYN from the VM (10.200.0.2) port `sport` to `dst:dport`, IPv4
 /// header included, for a raw socket (the kernel fills in checksum and id).
 pub fn raw_syn(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {

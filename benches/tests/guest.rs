@@ -314,9 +314,7 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
     let sent =
         r.tb.vm
             .enter(|| {
-                // SAFETY: raw socket(2); we write whole IPv4 packets.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let raw = netredir_benches::RawIp::new().expect("raw socket");
                 let mut sent = 0u32;
                 for i in 0..100_000u32 {
                     // Half to random ports, half to an exported one.
@@ -326,24 +324,8 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
                         (printer, 9100)
                     };
                     let pkt = netredir_benches::raw_syn((i % 50_000) as u16 + 10_000, dst, port);
-                    let (sa, len) = netredir_uring_sockaddr(dst);
-                    // SAFETY: sendto with a live buffer and sockaddr.
-                    let n = unsafe {
-                        libc::sendto(
-                            fd,
-                            pkt.as_ptr().cast(),
-                            pkt.len(),
-                            0,
-                            (&sa as *const libc::sockaddr_in).cast(),
-                            len,
-                        )
-                    };
-                    if n > 0 {
-                        sent += 1;
-                    }
+                    sent += u32::from(raw.send(&pkt, dst));
                 }
-                // SAFETY: our fd.
-                unsafe { libc::close(fd) };
                 sent
             })
             .unwrap();
@@ -389,19 +371,4 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
         rss_before >> 20,
         rss >> 20
     );
-}
-
-fn netredir_uring_sockaddr(dst: std::net::Ipv4Addr) -> (libc::sockaddr_in, libc::socklen_t) {
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(dst).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    (
-        sa,
-        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-    )
 }

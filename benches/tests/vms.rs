@@ -18,6 +18,14 @@ fn ctl(r: &Redir, args: &[&str]) -> (bool, String, String) {
     netredir_benches::netredirctl(&r.control, args)
 }
 
+/// VM `vm`'s own agent (its own key, state dir and log `agent-VM`),
+/// paired with it and connected, exporting `exports`.
+fn agent_for(r: &Redir, vm: &str, exports: &[&str]) {
+    let name = format!("agent-{vm}");
+    r.start_agent_for(Some(vm), &r.tb.dir().join(&name), &name, exports, &[])
+        .unwrap();
+}
+
 fn vms(r: &Redir) -> Vec<VmInfo> {
     let (ok, json, err) = ctl(r, &["vm", "list", "--json"]);
     assert!(ok, "{err}");
@@ -41,15 +49,7 @@ fn two_vms_on_one_daemon_print_at_once_and_a_detach_touches_only_its_own() {
 
     r.digest_sink("sink-a", 9100).unwrap();
     r.digest_sink("sink-b", 9101).unwrap();
-    let (state_a, state_b) = (r.tb.dir().join("agent-a"), r.tb.dir().join("agent-b"));
-    r.start_agent_for(
-        Some("desk-a"),
-        &state_a,
-        "agent-a",
-        &[&format!("pa={LAN_IP}:9100")],
-        &[],
-    )
-    .unwrap();
+    agent_for(&r, "desk-a", &[&format!("pa={LAN_IP}:9100")]);
     // desk-b's agent also exports a printer that takes a connection and
     // then never reads (for the detach below).
     let stuck =
@@ -60,8 +60,7 @@ fn two_vms_on_one_daemon_print_at_once_and_a_detach_touches_only_its_own() {
     let hold = std::thread::spawn(move || stuck.accept().map(|(s, _)| s));
     let exports_b = [format!("pb={LAN_IP}:9101"), format!("stuck={LAN_IP}:9102")];
     let exports_b: Vec<&str> = exports_b.iter().map(String::as_str).collect();
-    r.start_agent_for(Some("desk-b"), &state_b, "agent-b", &exports_b, &[])
-        .unwrap();
+    agent_for(&r, "desk-b", &exports_b);
     let vip_a = r.vip_for("desk-a", "pa").unwrap();
     let vip_b = r.vip_for("desk-b", "pb").unwrap();
     let vip_stuck = r.vip_for("desk-b", "stuck").unwrap();
@@ -165,7 +164,7 @@ fn two_vms_on_one_daemon_print_at_once_and_a_detach_touches_only_its_own() {
     )
     .unwrap();
     assert_eq!(r.vip_for("desk-b", "pb").unwrap(), vip_b);
-    let log = std::fs::read_to_string(r.tb.dir().join("agent-b.log")).unwrap();
+    let log = std::fs::read_to_string(r.tb.dir().join("agent-desk-b.log")).unwrap();
     assert!(log.contains("not attached on this host now"), "told why");
     assert_eq!(
         log.matches("paired with the host").count(),
@@ -283,10 +282,8 @@ fn twenty_vms_print_at_once_each_through_its_own_agent() {
         assert!(ok, "{name}: {err}");
         let port = 9000 + u16::from(n);
         r.digest_sink(&format!("sink-{n}"), port).unwrap();
-        let state = r.tb.dir().join(format!("agent-{n}"));
         let export = format!("p{n}={LAN_IP}:{port}");
-        r.start_agent_for(Some(&name), &state, &format!("agent-{n}"), &[&export], &[])
-            .unwrap();
+        agent_for(&r, &name, &[&export]);
         let vip = r.vip_for(&name, &format!("p{n}")).unwrap();
         guests.push((ns, vip, port, job_bytes(8 << 20, u64::from(n))));
     }
@@ -377,23 +374,8 @@ fn one_vms_flood_does_not_stop_another_vms_print_job() {
     assert!(ok, "{err}");
     r.echo("echo-a", 7007).unwrap();
     r.digest_sink("sink-b", 9101).unwrap();
-    let (state_a, state_b) = (r.tb.dir().join("agent-a"), r.tb.dir().join("agent-b"));
-    r.start_agent_for(
-        Some("desk-a"),
-        &state_a,
-        "agent-a",
-        &[&format!("echo={LAN_IP}:7007")],
-        &[],
-    )
-    .unwrap();
-    r.start_agent_for(
-        Some("desk-b"),
-        &state_b,
-        "agent-b",
-        &[&format!("pb={LAN_IP}:9101")],
-        &[],
-    )
-    .unwrap();
+    agent_for(&r, "desk-a", &[&format!("echo={LAN_IP}:7007")]);
+    agent_for(&r, "desk-b", &[&format!("pb={LAN_IP}:9101")]);
     let vip_a = r.vip_for("desk-a", "echo").unwrap();
     let vip_b = r.vip_for("desk-b", "pb").unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -401,42 +383,19 @@ fn one_vms_flood_does_not_stop_another_vms_print_job() {
         let (ns, stop) = (r.tb.vm.clone(), stop.clone());
         std::thread::spawn(move || {
             ns.enter(|| {
-                // SAFETY: raw socket(2); we write whole IPv4 packets.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let raw = netredir_benches::RawIp::new().expect("raw socket");
                 let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(vip_a).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
                 let mut sent = 0u64;
                 let mut i = 0u32;
                 while !stop.load(Ordering::SeqCst) {
                     i = i.wrapping_add(1);
                     let pkt = netredir_benches::raw_syn((i % 50_000) as u16 + 10_000, vip_a, 7007);
-                    // SAFETY: sendto with a live buffer and sockaddr.
-                    let n = unsafe {
-                        libc::sendto(
-                            fd,
-                            pkt.as_ptr().cast(),
-                            pkt.len(),
-                            0,
-                            (&sa as *const libc::sockaddr_in).cast(),
-                            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                        )
-                    };
-                    sent += u64::from(n > 0);
+                    sent += u64::from(raw.send(&pkt, vip_a));
                     sent += u64::from(
                         udp.send_to(&[0u8; 512], (vip_a, 5000 + (i % 100) as u16))
                             .is_ok(),
                     );
                 }
-                // SAFETY: our fd.
-                unsafe { libc::close(fd) };
                 sent
             })
             .unwrap()

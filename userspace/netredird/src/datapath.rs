@@ -159,6 +159,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAUTH: usize = 64;
 /// ... and from one address.
 const MAX_PREAUTH_PER_ADDR: usize = 16;
+/// An engine with nothing scheduled still runs this often (UDP flows and
+/// held SYNs expire on its polls).
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// With no descriptor left to accept with, try again after this (not in
 /// a busy loop).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -239,6 +242,11 @@ struct Vm {
     last_ping: Instant,
     /// Refusals and malformed frames as of the last warning about them.
     reported: (Instant, [u64; 4]),
+    /// Its engine took input since its last poll (frames, messages, a
+    /// session change): poll it this turn.
+    dirty: bool,
+    /// When its engine has timer work (retransmits, timeouts) next.
+    poll_at: Instant,
 }
 
 struct Loop {
@@ -284,15 +292,11 @@ pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> 
         let now = Instant::now();
         let mut delay = Duration::from_secs(1);
         for vm in l.vms.values_mut() {
-            if let Some(d) = vm.engine.poll_delay(now) {
-                delay = delay.min(d);
-            }
+            delay = delay.min(vm.poll_at.saturating_duration_since(now));
             if !vm.pending_frames.is_empty() || vm.xsk.tx_pending() {
                 delay = delay.min(Duration::from_millis(1));
             }
-            // Guest bytes wait in the sockets for room toward the tunnel,
-            // and there is room now: read them without waiting for a frame.
-            if vm.engine.wants_poll() && vm.hs.as_ref().is_none_or(|h| h.session.can_send()) {
+            if vm.wants_poll() {
                 delay = Duration::ZERO;
             }
         }
@@ -322,8 +326,18 @@ pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> 
             return Ok(());
         }
         l.timers(now);
+        // Only the VMs with something to do: one VM's traffic wakes the
+        // loop often, and the others' engines need not run each time.
         for vm in l.vms.values_mut() {
-            vm.engine.poll(now);
+            if vm.dirty || now >= vm.poll_at || vm.wants_poll() {
+                vm.engine.poll(now);
+                vm.dirty = false;
+                vm.poll_at = now
+                    + vm.engine
+                        .poll_delay(now)
+                        .unwrap_or(IDLE_POLL)
+                        .min(IDLE_POLL);
+            }
         }
         l.pump(now);
     }
@@ -398,6 +412,12 @@ fn error(message: impl Into<String>) -> Response {
 }
 
 impl Vm {
+    /// Guest bytes wait in the sockets for room toward the tunnel, and
+    /// there is room now: read them without waiting for a frame.
+    fn wants_poll(&self) -> bool {
+        self.engine.wants_poll() && self.hs.as_ref().is_none_or(|h| h.session.can_send())
+    }
+
     fn bump(&mut self, k: &'static str) {
         *self.counters.entry(k).or_default() += 1;
     }
@@ -434,6 +454,7 @@ impl Vm {
         }
         self.engine.set_online(false, now);
         self.engine.clear_resources();
+        self.dirty = true;
         for r in &mut self.resources {
             r.online = false;
         }
@@ -917,6 +938,8 @@ impl Loop {
             per_resource: HashMap::new(),
             last_ping: now,
             reported: (now, [0; 4]),
+            dirty: true,
+            poll_at: now,
         };
         tracing::info!(vm = %vm.name, iface = %vm.iface, mode = if vm.dedicated { "dedicated" } else { "shared" }, subnet = %vm.subnet, "VM attached; waiting for its agent");
         let info = vm.info();
@@ -959,6 +982,7 @@ impl Loop {
                 if let Some(vm) = self.vms.get_mut(&id) {
                     let engine = &mut vm.engine;
                     vm.xsk.receive(|f| engine.handle_frame(f, now));
+                    vm.dirty = true;
                     vm.xsk_op = Some(self.reactor.poll_in(vm.xsk.fd(), Tag::Xsk(id)));
                 } else {
                     // A detached VM's poll, cancelled: its socket may go.
@@ -1070,6 +1094,7 @@ impl Loop {
         {
             vm.active = None;
             vm.engine.set_accepting(false);
+            vm.dirty = true;
             for r in &mut vm.resources {
                 r.online = false;
             }
@@ -1416,6 +1441,7 @@ impl Loop {
                 }
             }
         }
+        vm.dirty = true;
         if resumed {
             vm.engine.set_accepting(true);
             let live: Vec<usize> = vm.by_id.values().copied().collect();
@@ -1469,6 +1495,7 @@ impl Loop {
     fn drain_session(&mut self, id: u64, now: Instant) {
         let mut drop_active = false;
         if let Some(vm) = self.vms.get_mut(&id) {
+            vm.dirty = true;
             loop {
                 let m = match vm.hs.as_mut().map(|h| h.session.poll_msg()) {
                     None | Some(Ok(None)) => break,
