@@ -166,6 +166,10 @@ fn a_reset_at_the_resource_reaches_the_guest_as_a_reset_never_as_a_clean_close()
         }
         Ok(())
     });
+    // Another export: another agent (the same key, so the first one goes:
+    // two agents of one key would take the VM's session from each other).
+    r.tb.signal("agent", libc::SIGTERM).unwrap();
+    r.tb.wait_exit("agent", Duration::from_secs(10)).unwrap();
     r.start_agent("agent2", &[&format!("rst={LAN_IP}:7001")])
         .unwrap();
     let vip = r.vip("rst").unwrap();

@@ -24,6 +24,7 @@ use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{
@@ -87,6 +88,10 @@ struct PoolInner {
     /// Frames in no ring.
     free: Mutex<Vec<u64>>,
     frames: u32,
+    /// Sockets on the pool now.
+    sockets: AtomicU32,
+    /// Of those, the ones holding more than [`MIN_FILL`] (busy).
+    busy: AtomicU32,
     area: Area,
 }
 
@@ -151,8 +156,22 @@ impl Pool {
             umem: Mutex::new(umem),
             free: Mutex::new(free),
             frames,
+            sockets: AtomicU32::new(0),
+            busy: AtomicU32::new(0),
             area,
         })))
+    }
+
+    /// The most frames one busy socket may hold in its fill ring, and
+    /// again on its way out: the frames that idle sockets do not hold,
+    /// shared evenly by the busy ones. Without it the first VMs to get
+    /// busy would take the whole pool and starve the rest (their frames
+    /// dropped at the NIC for want of a fill ring).
+    pub fn busy_share(&self) -> u32 {
+        let sockets = self.0.sockets.load(Ordering::Relaxed);
+        let busy = self.0.busy.load(Ordering::Relaxed).max(1);
+        let spare = self.0.frames.saturating_sub(sockets * MIN_FILL);
+        (spare / (2 * busy)).clamp(MIN_FILL, MAX_FILL)
     }
 
     /// Frames in the UMEM.
@@ -190,6 +209,8 @@ pub struct Xsk {
     pub tx_oversize: u64,
     /// Times the fill ring could not be topped up: the pool was dry.
     pub pool_dry: u64,
+    /// Counted among the pool's busy sockets.
+    busy: bool,
 }
 
 struct Rings {
@@ -253,7 +274,9 @@ impl Xsk {
             tx_full: 0,
             tx_oversize: 0,
             pool_dry: 0,
+            busy: false,
         };
+        pool.0.sockets.fetch_add(1, Ordering::Relaxed);
         x.top_up(Vec::new());
         Ok(x)
     }
@@ -341,15 +364,30 @@ impl Xsk {
             rx.release();
         }
         let n = done.len();
-        // Busy: a batch that used half of the fill ring doubles the share;
-        // quiet: a small one halves it.
+        // Busy: a batch that used half of the fill ring doubles the share
+        // (up to the busy sockets' fair share of the pool); quiet: a
+        // small one halves it.
+        let cap = self.pool.busy_share();
         if n > 0 && 2 * n >= before {
-            self.fill_target = (self.fill_target * 2).min(MAX_FILL);
+            self.fill_target = (self.fill_target * 2).min(cap);
         } else if 8 * n < self.fill_target as usize {
             self.fill_target = (self.fill_target / 2).max(MIN_FILL);
         }
+        self.fill_target = self.fill_target.min(cap);
+        self.set_busy(self.fill_target > MIN_FILL);
         self.top_up(done);
         n
+    }
+
+    fn set_busy(&mut self, busy: bool) {
+        if busy != self.busy {
+            self.busy = busy;
+            if busy {
+                self.pool.0.busy.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.pool.0.busy.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Reclaims frames the kernel finished sending.
@@ -374,7 +412,8 @@ impl Xsk {
     pub fn transmit<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
         self.reap();
         let base = self.pool.0.area.ptr.as_ptr();
-        let room = (MAX_TX as usize).saturating_sub(self.in_tx.len());
+        let most = MAX_TX.min(self.pool.busy_share()) as usize;
+        let room = most.saturating_sub(self.in_tx.len());
         // One entry per frame taken, in order: its descriptor, or None for
         // a frame too big for a UMEM chunk (dropped and counted, never cut).
         let mut plan: Vec<Option<XdpDesc>> = Vec::new();
@@ -466,6 +505,8 @@ impl Drop for Xsk {
         // The socket closes first (the kernel is done with its frames),
         // then its frames go back to the pool.
         self.rings = None;
+        self.set_busy(false);
+        self.pool.0.sockets.fetch_sub(1, Ordering::Relaxed);
         let mut free = self.pool.free();
         free.extend(self.in_fill.drain());
         free.extend(self.in_tx.drain());
@@ -487,5 +528,25 @@ mod tests {
         // refused, and nothing is lost.
         assert!(x.is_err());
         assert_eq!(pool.free_frames(), all);
+    }
+
+    #[test]
+    fn busy_sockets_share_what_idle_ones_leave_evenly() {
+        // Needs AF_XDP (root): CI has it.
+        let pool = Pool::new(16384).unwrap();
+        let set = |sockets, busy| {
+            pool.0.sockets.store(sockets, Ordering::Relaxed);
+            pool.0.busy.store(busy, Ordering::Relaxed);
+            pool.busy_share()
+        };
+        // One busy VM among 500 idle ones still gets a whole ring.
+        assert_eq!(set(501, 1), MAX_FILL);
+        // 50 busy VMs: fill and transmit of all fit the pool.
+        let share = set(50, 50);
+        assert!(share < MAX_FILL && 50 * 2 * share <= 16384, "{share}");
+        assert!(share >= 150, "{share}");
+        // More busy VMs than the pool can serve: each keeps the minimum.
+        assert_eq!(set(4000, 4000), MIN_FILL);
+        set(0, 0);
     }
 }

@@ -3,15 +3,13 @@
 //! caller's thread (main at start, a control client for `vm attach`); the
 //! data path only takes the result, so the other VMs do not wait.
 
-use crate::datapath::{Request as DpRequest, VmSetup};
+use crate::datapath::VmSetup;
+use crate::workers::Workers;
 use anyhow::{Context, Result, bail};
-use crossbeam_channel::Sender;
 use netredir_datapath::steer::{SharedSteer, Target, VmSteer, interface_exists, interface_mac};
 use netredir_datapath::xsk::{Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
-use netredir_uring::Waker;
-use std::time::Duration;
 
 /// What a VM gets unless its attach says otherwise (the daemon's flags).
 #[derive(Clone)]
@@ -99,35 +97,15 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
 
 /// Attaches the VM `spec` to the running data path; the answer for the
 /// control client (`Attached`, or an error saying why).
-pub fn attach(spec: &AttachSpec, d: &Defaults, dp: &Sender<DpRequest>, waker: &Waker) -> Response {
-    let error = |message: String| Response::Error { message };
+pub fn attach(spec: &AttachSpec, d: &Defaults, dp: &Workers) -> Response {
     // The cheap check first: a name or NIC in use is not worth a program load.
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if dp
-        .send(DpRequest::Taken(
-            spec.name.trim().to_string(),
-            spec.iface.clone(),
-            tx,
-        ))
-        .is_err()
-    {
-        return error("data path is not running".into());
+    if let Some(why) = dp.taken(spec.name.trim(), &spec.iface) {
+        return Response::Error { message: why };
     }
-    waker.wake();
-    match rx.recv_timeout(Duration::from_secs(3)) {
-        Ok(Some(why)) => return error(why),
-        Ok(None) => {}
-        Err(_) => return error("data path did not answer in 3 s".into()),
+    match prepare(spec, d) {
+        Ok(setup) => dp.attach(setup),
+        Err(e) => Response::Error {
+            message: format!("{e:#}"),
+        },
     }
-    let setup = match prepare(spec, d) {
-        Ok(s) => s,
-        Err(e) => return error(format!("{e:#}")),
-    };
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if dp.send(DpRequest::Attach(Box::new(setup), tx)).is_err() {
-        return error("data path is not running".into());
-    }
-    waker.wake();
-    rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| error("data path did not answer in 10 s".into()))
 }

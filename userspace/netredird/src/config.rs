@@ -48,6 +48,7 @@ struct File {
     flow_buffer_kib: Option<usize>,
     max_buffer_mib: Option<usize>,
     umem_mib: Option<usize>,
+    workers: Option<usize>,
     log: Option<String>,
     #[serde(default)]
     vm: Vec<Vm>,
@@ -93,6 +94,7 @@ pub fn apply(mut args: Args, m: &clap::ArgMatches) -> Result<Args> {
         flow_buffer_kib,
         max_buffer_mib,
         umem_mib,
+        workers,
         log,
         zone
     );

@@ -4,15 +4,13 @@
 //! minute): one per client, at most [`MAX_CLIENTS`] at once, so a client
 //! that stalls holds only its own; a request line is at most [`MAX_LINE`]
 //! bytes and each read waits at most 5 s. Whatever it needs from the data
-//! path it asks over the crossbeam channel and waits for the answer with a
-//! timeout.
+//! path it asks the workers (through [`Workers`]) and waits for the answer
+//! with a timeout.
 
 use crate::attach::Defaults;
-use crate::datapath::Request as DpRequest;
+use crate::workers::Workers;
 use anyhow::{Context, Result, bail};
-use crossbeam_channel::Sender;
 use netredir_shared::control::{Request, Response};
-use netredir_uring::Waker;
 use std::io::Read;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -62,12 +60,7 @@ impl Server {
     }
 
     /// Serves requests on a thread of its own until the process exits.
-    pub fn spawn(
-        &mut self,
-        dp: Sender<DpRequest>,
-        waker: Arc<Waker>,
-        defaults: Arc<Defaults>,
-    ) -> Result<()> {
+    pub fn spawn(&mut self, dp: Arc<Workers>, defaults: Arc<Defaults>) -> Result<()> {
         let listener = self
             .listener
             .take()
@@ -95,12 +88,11 @@ impl Server {
                         );
                         continue;
                     }
-                    let (dp, waker, defaults, busy) =
-                        (dp.clone(), waker.clone(), defaults.clone(), busy.clone());
+                    let (dp, defaults, busy) = (dp.clone(), defaults.clone(), busy.clone());
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
                         .spawn(move || {
-                            if let Err(e) = serve(s, &dp, &waker, &defaults) {
+                            if let Err(e) = serve(s, &dp, &defaults) {
                                 tracing::debug!("control client: {e:#}");
                             }
                             busy.fetch_sub(1, Ordering::SeqCst);
@@ -120,7 +112,7 @@ impl Server {
     }
 }
 
-fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, defaults: &Defaults) -> Result<()> {
+fn serve(s: UnixStream, dp: &Workers, defaults: &Defaults) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(&s);
@@ -143,7 +135,10 @@ fn serve(s: UnixStream, dp: &Sender<DpRequest>, waker: &Waker, defaults: &Defaul
             return Ok(());
         }
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, dp, waker, defaults),
+            Ok(req) => match req {
+                Request::VmAttach(spec) => crate::attach::attach(&spec, defaults, dp),
+                req => dp.answer(req),
+            },
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -159,31 +154,4 @@ fn reply(s: &UnixStream, resp: &Response) -> Result<()> {
     let mut w = s;
     w.write_all(out.as_bytes())?;
     Ok(())
-}
-
-fn answer(req: Request, dp: &Sender<DpRequest>, waker: &Waker, defaults: &Defaults) -> Response {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let sent = match req {
-        Request::VmAttach(spec) => return crate::attach::attach(&spec, defaults, dp, waker),
-        Request::VmDetach { name } => dp.send(DpRequest::Detach(name, tx.clone())),
-        Request::MapList { vm } => dp.send(DpRequest::MapList(vm, tx.clone())),
-        Request::Status { vm } => dp.send(DpRequest::Status(vm, tx.clone())),
-        Request::Stats { vm } => dp.send(DpRequest::Stats(vm, tx.clone())),
-        Request::Pair { vm } => dp.send(DpRequest::Pair(vm, tx.clone())),
-        Request::PairsList { vm } => dp.send(DpRequest::PairsList(vm, tx.clone())),
-        Request::VmList => dp.send(DpRequest::VmList(tx.clone())),
-        Request::Unpair { vm, key } => dp.send(DpRequest::Unpair(vm, key, tx.clone())),
-    };
-    if sent.is_err() {
-        return Response::Error {
-            message: "data path is not running".into(),
-        };
-    }
-    waker.wake();
-    match rx.recv_timeout(Duration::from_secs(3)) {
-        Ok(r) => r,
-        Err(_) => Response::Error {
-            message: "data path did not answer in 3 s".into(),
-        },
-    }
 }

@@ -1,5 +1,7 @@
-//! The data path thread: one io_uring loop for the tunnel listener and
-//! connections and for every attached VM's AF_XDP socket and engine.
+//! A data path worker: one io_uring loop for its share of the attached
+//! VMs (their AF_XDP sockets, engines, sessions and tunnel connections);
+//! worker 0 also accepts agents and runs their handshakes, then hands each
+//! connection to its VM's worker (see [`crate::workers`]).
 //!
 //! Each turn: wait for completions (or the next timer), feed what arrived
 //! to the engines (frames from each VM's AF_XDP socket), to the links
@@ -25,13 +27,16 @@
 //! attached VMs is refused for now with a clear message (run one agent per
 //! VM); a Hello naming the VM is the planned way past that.
 //!
-//! Connections: any number may be in their TLS handshake or preamble (a
-//! garbage client cannot block a real agent); one per VM carries its
+//! Connections: any number may be in their TLS handshake or preamble on
+//! worker 0 (a garbage client cannot block a real agent); once the
+//! agent's Resume has named its VM the connection moves to the VM's
+//! worker (after its last operation here completes), where one per VM carries its
 //! session. A paired agent that reconnects resumes the session: no byte of
 //! any flow is lost. A session without a connection for `grace` is
 //! dropped: every flow is reset and the resources go offline. A connection
 //! that hears nothing for three heartbeats is dropped (and may be resumed).
 
+use crate::workers::{DaemonCounters, Entry, Mailbox, Registry};
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
@@ -41,7 +46,7 @@ use netredir_shared::control::{
     FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
 };
 use netredir_shared::link::{Link, LinkError};
-use netredir_shared::pairing::{CODE_LIFETIME, PairStore};
+use netredir_shared::pairing::PairStore;
 use netredir_shared::session::{Compression, Session, SessionConfig};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
@@ -51,11 +56,12 @@ use netredir_uring::{Completion, OpId, Reactor, Waker};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the control thread (or main) asks of the data path. `Option<String>`
-/// names a VM; `None` means the only one attached.
+/// What the control plane (through [`crate::workers::Workers`]) or another
+/// worker asks of a worker. A VM name is always given; the router has
+/// resolved "the only VM" already.
 pub enum Request {
     /// Answer with `Response::Map`.
     MapList(Option<String>, Sender<Response>),
@@ -63,26 +69,40 @@ pub enum Request {
     Status(Option<String>, Sender<Response>),
     /// Answer with `Response::Stats`.
     Stats(Option<String>, Sender<Response>),
-    /// Answer with `Response::Pair` (or an error).
-    Pair(Option<String>, Sender<Response>),
-    /// Answer with `Response::Vms`.
+    /// Answer with `Response::Vms` (this worker's VMs).
     VmList(Sender<Response>),
-    /// Answer with `Response::Pairs`.
-    PairsList(Option<String>, Sender<Response>),
-    /// Answer with `Response::Unpaired` (or an error).
-    Unpair(Option<String>, String, Sender<Response>),
     /// Take a prepared VM; answer with `Response::Attached` (or an error,
     /// the setup dropped: its programs detach).
     Attach(Box<VmSetup>, Sender<Response>),
     /// Answer with `Response::Detached` (or an error).
     Detach(String, Sender<Response>),
-    /// Whether a VM of this name or on this interface is attached (for
-    /// the attach path, before it does the expensive part).
-    Taken(String, String, Sender<Option<String>>),
-    /// Answer with the Prometheus text of [`crate::metrics`].
-    Metrics(Sender<String>),
+    /// The agent with this key (hex) was unpaired from this VM: end its
+    /// session if it has one; answer whether it had.
+    EndSession(String, String, Sender<bool>),
+    /// An agent's connection whose preamble selected a VM of this worker
+    /// (from worker 0, which accepts and authenticates).
+    Conn(Box<Handoff>),
+    /// Answer with this worker's VMs' metrics.
+    Metrics(Sender<Vec<crate::metrics::VmReport>>),
     /// Stop the loop.
     Shutdown,
+}
+
+/// A connection handed from the worker that ran its preamble to the worker
+/// of the VM it selected, with its TLS state and unsent bytes.
+pub struct Handoff {
+    conn: Conn,
+    resume: Resume,
+}
+
+/// What an agent's preamble asked for: VM `vm`'s session `want` (0 for a
+/// new one), having received `received` of its records.
+struct Resume {
+    vm: u64,
+    fp: Fingerprint,
+    name: String,
+    want: u64,
+    received: u64,
 }
 
 /// A VM ready to attach: its steer programs attached to its NIC and its
@@ -108,14 +128,17 @@ pub struct VmSetup {
     pub xsk: Xsk,
 }
 
-/// What the loop is set up with: what all VMs share.
+/// What the workers are set up with: what all VMs share.
+#[derive(Clone)]
 pub struct Config {
-    /// Where agents connect.
-    pub listener: TcpListener,
     /// The host's key and certificate.
-    pub identity: Identity,
-    /// Paired agents.
-    pub pairs: PairStore,
+    pub identity: Arc<Identity>,
+    /// Paired agents (the control plane changes them too).
+    pub pairs: Arc<Mutex<PairStore>>,
+    /// Every worker's attached VMs.
+    pub registry: Arc<Registry>,
+    /// The daemon's own counters.
+    pub daemon: Arc<DaemonCounters>,
     /// Default compression toward the agent.
     pub compression: Compression,
     /// Per-resource compression overrides.
@@ -169,6 +192,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
     Preamble,
+    /// Its preamble selected a VM of another worker: it goes there once
+    /// no operation on it is in flight here.
+    Handoff,
     Up,
     Closing,
 }
@@ -217,6 +243,8 @@ struct Resource {
 /// One attached VM: its engine, its socket, its session.
 struct Vm {
     name: String,
+    /// The worker serving it.
+    worker: usize,
     iface: String,
     dedicated: bool,
     subnet: Ipv4Subnet,
@@ -250,15 +278,20 @@ struct Vm {
 }
 
 struct Loop {
+    /// This worker's index.
+    worker: usize,
     cfg: Config,
     reactor: Reactor<Tag>,
+    /// Where agents connect (worker 0 only).
+    listener: Option<TcpListener>,
+    /// Every worker's mailbox (for handing connections over).
+    peers: Vec<Mailbox>,
     vms: BTreeMap<u64, Vm>,
-    next_vm: u64,
     conns: Vec<Conn>,
     next_cgen: u64,
-    /// The daemon's counters (tunnel connections, refusals before a VM is
-    /// known); a VM's status shows them beside its own.
-    counters: HashMap<&'static str, u64>,
+    /// Connections waiting to go to another worker: (worker, what it
+    /// needs to take them), by connection.
+    handoffs: HashMap<u64, (usize, Resume)>,
     /// Tunnel connections refused before authentication, as of the last
     /// warning about them (one line per 10 s at most).
     reported_preauth: (Instant, u64),
@@ -270,23 +303,35 @@ struct Loop {
     retiring: HashMap<u64, Xsk>,
 }
 
-/// Runs the loop until `Request::Shutdown` or a fatal error.
-pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> {
+/// Runs worker `worker` until `Request::Shutdown` or a fatal error;
+/// `listener` (worker 0's) accepts agents.
+pub fn run(
+    worker: usize,
+    cfg: Config,
+    listener: Option<TcpListener>,
+    rx: Receiver<Request>,
+    waker: Arc<Waker>,
+    peers: Vec<Mailbox>,
+) -> Result<()> {
     let reactor = Reactor::new(256).context("cannot set up io_uring")?;
     let mut l = Loop {
+        worker,
         cfg,
         reactor,
+        listener,
+        peers,
         vms: BTreeMap::new(),
-        next_vm: 1,
         conns: Vec::new(),
         next_cgen: 1,
-        counters: HashMap::new(),
+        handoffs: HashMap::new(),
         reported_preauth: (Instant::now(), 0),
         accept_paused: None,
         retiring: HashMap::new(),
     };
-    let listen_fd = l.cfg.listener.as_raw_fd();
-    l.reactor.accept(listen_fd, Tag::Accept);
+    let listen_fd = l.listener.as_ref().map(|l| l.as_raw_fd());
+    if let Some(fd) = listen_fd {
+        l.reactor.accept(fd, Tag::Accept);
+    }
     l.reactor.read(waker.fd(), Vec::with_capacity(8), Tag::Wake);
     loop {
         let now = Instant::now();
@@ -325,6 +370,7 @@ pub fn run(cfg: Config, rx: Receiver<Request>, waker: Arc<Waker>) -> Result<()> 
             }
             return Ok(());
         }
+        l.hand_off();
         l.timers(now);
         // Only the VMs with something to do: one VM's traffic wakes the
         // loop often, and the others' engines need not run each time.
@@ -585,6 +631,7 @@ impl Vm {
             bytes_from_guest: e.bytes_from_guest,
             bytes_to_guest: e.bytes_to_guest,
             flow_buffer_bytes: self.engine.buffer_bytes() as u64,
+            worker: self.worker as u32,
         }
     }
 
@@ -602,7 +649,7 @@ impl Vm {
             .collect()
     }
 
-    fn stats(&self, daemon: &HashMap<&'static str, u64>) -> Stats {
+    fn stats(&self, daemon: &BTreeMap<&'static str, u64>) -> Stats {
         let session = self.hs.as_ref().map(|h| {
             let s = h.session.stats();
             SessionReport {
@@ -665,7 +712,7 @@ impl Vm {
     fn status(
         &self,
         zone: &str,
-        daemon: &HashMap<&'static str, u64>,
+        daemon: &BTreeMap<&'static str, u64>,
         agent_addr: Option<String>,
     ) -> Status {
         let mut counters: Vec<(String, u64)> = self
@@ -716,7 +763,7 @@ impl Vm {
     }
 
     /// This VM's metrics snapshot.
-    fn report(&self, zone: &str, daemon: &HashMap<&'static str, u64>) -> crate::metrics::VmReport {
+    fn report(&self, zone: &str, daemon: &BTreeMap<&'static str, u64>) -> crate::metrics::VmReport {
         let st = self.status(zone, daemon, None);
         let stats = self.stats(daemon);
         let e = self.engine.counters();
@@ -760,16 +807,16 @@ impl Vm {
 }
 
 impl Loop {
-    fn bump(&mut self, k: &'static str) {
-        *self.counters.entry(k).or_default() += 1;
+    fn bump(&self, k: &'static str) {
+        self.cfg.daemon.add(k, 1);
     }
 
-    fn add(&mut self, k: &'static str, n: u64) {
-        *self.counters.entry(k).or_default() += n;
+    fn add(&self, k: &'static str, n: u64) {
+        self.cfg.daemon.add(k, n);
     }
 
     fn counter(&self, k: &str) -> u64 {
-        self.counters.get(k).copied().unwrap_or(0)
+        self.cfg.daemon.get(k)
     }
 
     fn conn(&mut self, cgen: u64) -> Option<&mut Conn> {
@@ -820,7 +867,8 @@ impl Loop {
                             .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
                             .and_then(|c| c.addr)
                             .map(|a| a.to_string());
-                        Response::Status(v.status(&self.cfg.zone, &self.counters, addr))
+                        let daemon = self.cfg.daemon.snapshot();
+                        Response::Status(v.status(&self.cfg.zone, &daemon, addr))
                     }
                     Err(e) => error(e),
                 };
@@ -828,26 +876,15 @@ impl Loop {
             }
             Request::Stats(vm, reply) => {
                 let r = match self.resolve(vm.as_deref()) {
-                    Ok(id) => Response::Stats(self.vms[&id].stats(&self.counters)),
+                    Ok(id) => Response::Stats(self.vms[&id].stats(&self.cfg.daemon.snapshot())),
                     Err(e) => error(e),
                 };
                 let _ = reply.send(r);
-            }
-            Request::Pair(vm, reply) => {
-                let _ = reply.send(self.pair(vm, now));
             }
             Request::VmList(reply) => {
                 let _ = reply.send(Response::Vms {
                     vms: self.vms.values().map(Vm::info).collect(),
                 });
-            }
-            Request::PairsList(vm, reply) => {
-                let _ = reply.send(Response::Pairs {
-                    agents: self.cfg.pairs.list(vm.as_deref()),
-                });
-            }
-            Request::Unpair(vm, key, reply) => {
-                let _ = reply.send(self.unpair(vm, &key, now));
             }
             Request::Attach(setup, reply) => {
                 let _ = reply.send(self.attach(*setup, now));
@@ -866,38 +903,33 @@ impl Loop {
                 };
                 let _ = reply.send(r);
             }
-            Request::Taken(name, iface, reply) => {
-                let _ = reply.send(self.taken(&name, &iface));
+            Request::EndSession(name, key, reply) => {
+                let _ = reply.send(self.end_agent_session(&name, &key, now));
             }
+            Request::Conn(h) => self.take_conn(*h, now),
             Request::Metrics(reply) => {
+                let daemon = self.cfg.daemon.snapshot();
                 let vms: Vec<_> = self
                     .vms
                     .values()
-                    .map(|v| v.report(&self.cfg.zone, &self.counters))
+                    .map(|v| v.report(&self.cfg.zone, &daemon))
                     .collect();
-                let _ = reply.send(crate::metrics::render(&vms));
+                let _ = reply.send(vms);
             }
             Request::Shutdown => return true,
         }
         false
     }
 
-    /// Why a VM of this name or on this interface cannot attach, if so.
-    fn taken(&self, name: &str, iface: &str) -> Option<String> {
-        self.vms.values().find_map(|v| {
-            if v.name == name {
-                Some(format!("VM {name:?} is already attached (on {})", v.iface))
-            } else if v.iface == iface {
-                Some(format!("{iface} already carries VM {:?}", v.name))
-            } else {
-                None
-            }
-        })
-    }
-
     /// Takes a prepared VM: a new engine, its socket polled.
     fn attach(&mut self, s: VmSetup, now: Instant) -> Response {
-        if let Some(why) = self.taken(&s.name, &s.iface) {
+        let id = self.cfg.registry.next_id();
+        let entry = Entry {
+            worker: self.worker,
+            id,
+            iface: s.iface.clone(),
+        };
+        if let Err(why) = self.cfg.registry.insert(&s.name, entry) {
             return error(why);
         }
         let cfg = &self.cfg;
@@ -916,11 +948,10 @@ impl Loop {
         ecfg.seed = random_u64();
         ecfg.dhcp = s.dedicated;
         ecfg.zone = cfg.zone.clone();
-        let id = self.next_vm;
-        self.next_vm += 1;
         let op = self.reactor.poll_in(s.xsk.fd(), Tag::Xsk(id));
         let vm = Vm {
             name: s.name,
+            worker: self.worker,
             iface: s.iface,
             dedicated: s.dedicated,
             subnet: s.subnet,
@@ -941,7 +972,7 @@ impl Loop {
             dirty: true,
             poll_at: now,
         };
-        tracing::info!(vm = %vm.name, iface = %vm.iface, mode = if vm.dedicated { "dedicated" } else { "shared" }, subnet = %vm.subnet, "VM attached; waiting for its agent");
+        tracing::info!(vm = %vm.name, iface = %vm.iface, mode = if vm.dedicated { "dedicated" } else { "shared" }, subnet = %vm.subnet, worker = self.worker, "VM attached; waiting for its agent");
         let info = vm.info();
         self.vms.insert(id, vm);
         Response::Attached(info)
@@ -956,6 +987,7 @@ impl Loop {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
+        self.cfg.registry.remove(&vm.name);
         vm.end_session(now, "the VM was detached");
         vm.frames_out();
         for c in self.conns.iter_mut().filter(|c| c.vm == Some(id)) {
@@ -976,7 +1008,13 @@ impl Loop {
         }
     }
 
-    fn complete(&mut self, c: Completion<Tag>, now: Instant, listen_fd: RawFd, wake_fd: RawFd) {
+    fn complete(
+        &mut self,
+        c: Completion<Tag>,
+        now: Instant,
+        listen_fd: Option<RawFd>,
+        wake_fd: RawFd,
+    ) {
         match c.tag {
             Tag::Xsk(id) => {
                 if let Some(vm) = self.vms.get_mut(&id) {
@@ -996,7 +1034,9 @@ impl Loop {
             }
             Tag::Accept => match c.io_result() {
                 Ok(fd) => {
-                    self.reactor.accept(listen_fd, Tag::Accept);
+                    if let Some(l) = listen_fd {
+                        self.reactor.accept(l, Tag::Accept);
+                    }
                     // SAFETY: accept returned a new fd that we now own.
                     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
                     self.new_conn(fd, now);
@@ -1018,7 +1058,9 @@ impl Loop {
                     self.accept_paused = Some(now + ACCEPT_BACKOFF);
                 }
                 Err(e) => {
-                    self.reactor.accept(listen_fd, Tag::Accept);
+                    if let Some(l) = listen_fd {
+                        self.reactor.accept(l, Tag::Accept);
+                    }
                     tracing::warn!("accept on tunnel listener: {e}");
                 }
             },
@@ -1225,6 +1267,7 @@ impl Loop {
         }
         if let Some(conn) = self.conn(cgen)
             && conn.phase != Phase::Closing
+            && conn.phase != Phase::Handoff
         {
             if conn.phase == Phase::Up && buf.capacity() < RECV_BUF {
                 buf = Vec::with_capacity(RECV_BUF);
@@ -1275,30 +1318,25 @@ impl Loop {
         &self,
         fp: &Fingerprint,
         paired_vm: Option<&str>,
-    ) -> Result<Result<u64, String>, String> {
+    ) -> Result<Result<Entry, String>, String> {
         let key = &fp.to_hex()[..16];
         if let Some(name) = paired_vm {
-            return Ok(self
-                .vms
-                .iter()
-                .find(|(_, v)| v.name == name)
-                .map(|(id, _)| *id)
-                .ok_or_else(|| {
-                    format!("paired with VM {name}, which is not attached on this host now")
-                }));
+            return Ok(self.cfg.registry.get(name).ok_or_else(|| {
+                format!("paired with VM {name}, which is not attached on this host now")
+            }));
         }
-        let mine: Vec<(u64, &str)> = self
-            .vms
-            .iter()
-            .filter(|(_, v)| self.cfg.pairs.allows(fp, &v.name))
-            .map(|(id, v)| (*id, v.name.as_str()))
+        let pairs = self.cfg.pairs.lock().unwrap_or_else(|p| p.into_inner());
+        let mine: Vec<(String, Entry)> = self
+            .cfg
+            .registry
+            .all()
+            .into_iter()
+            .filter(|(name, _)| pairs.allows(fp, name))
             .collect();
         match mine.as_slice() {
-            [(id, _)] => Ok(Ok(*id)),
+            [(_, e)] => Ok(Ok(e.clone())),
             [] => {
-                let paired: Vec<String> = self
-                    .cfg
-                    .pairs
+                let paired: Vec<String> = pairs
                     .list(None)
                     .into_iter()
                     .filter(|a| a.fingerprint == fp.to_hex())
@@ -1319,7 +1357,7 @@ impl Loop {
                 "this agent (key {key}) is paired with several attached VMs ({}): run one agent per VM, each with its own --state-dir",
                 several
                     .iter()
-                    .map(|(_, n)| *n)
+                    .map(|(n, _)| n.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             )),
@@ -1344,22 +1382,20 @@ impl Loop {
             }
             Msg::Pair { secret } => {
                 let name = conn.hello.clone().unwrap_or_default();
-                let vm = self.cfg.pairs.code_vm(&secret, now);
-                let redeemed = match &vm {
-                    Some(vm) => self.cfg.pairs.redeem(&secret, &fp, &name, vm, now),
-                    None => Ok(false),
+                let (vm, redeemed) = {
+                    let mut pairs = self.cfg.pairs.lock().unwrap_or_else(|p| p.into_inner());
+                    let vm = pairs.code_vm(&secret, now);
+                    let redeemed = match &vm {
+                        Some(vm) => pairs.redeem(&secret, &fp, &name, vm, now),
+                        None => Ok(false),
+                    };
+                    (vm, redeemed)
                 };
                 match redeemed {
                     Ok(true) => {
                         let vm = vm.expect("redeemed");
                         tracing::info!(agent = %name, key = %fp, %vm, "agent paired");
-                        if let Some(id) =
-                            self.vms.iter().find(|(_, v)| v.name == vm).map(|(i, _)| *i)
-                        {
-                            self.vms.get_mut(&id).expect("found").bump("pairings");
-                        } else {
-                            self.bump("pairings");
-                        }
+                        self.bump("pairings");
                         if let Some(c) = self.conn(cgen) {
                             c.paired_vm = Some(vm);
                         }
@@ -1384,7 +1420,23 @@ impl Loop {
                 };
                 let paired_vm = conn.paired_vm.clone();
                 match self.vm_for(&fp, paired_vm.as_deref()) {
-                    Ok(Ok(id)) => self.start_session(cgen, id, fp, name, session, received, now),
+                    Ok(Ok(e)) if e.worker == self.worker => {
+                        self.start_session(cgen, e.id, fp, name, session, received, now)
+                    }
+                    Ok(Ok(e)) => {
+                        // Its VM is on another worker: the connection goes
+                        // there once nothing of it is in flight here.
+                        let conn = self.conn(cgen).expect("live");
+                        conn.phase = Phase::Handoff;
+                        let meta = Resume {
+                            vm: e.id,
+                            fp,
+                            name,
+                            want: session,
+                            received,
+                        };
+                        self.handoffs.insert(cgen, (e.worker, meta));
+                    }
                     Ok(Err(why)) => {
                         tracing::debug!("tunnel connection told to come back later: {why}");
                         self.bump("tunnel_later_vm_detached");
@@ -1411,6 +1463,12 @@ impl Loop {
         received: u64,
         now: Instant,
     ) {
+        if !self.vms.contains_key(&id) {
+            // Detached while the connection was on its way here.
+            self.bump("tunnel_later_vm_detached");
+            let reason = "its VM was detached just now".to_string();
+            return self.close_preamble(cgen, Msg::Later { reason });
+        }
         // One connection carries the session: a newer one replaces it.
         if let Some(old) = self.vms[&id].active
             && old != cgen
@@ -1626,8 +1684,9 @@ impl Loop {
             && now >= t
         {
             self.accept_paused = None;
-            self.reactor
-                .accept(self.cfg.listener.as_raw_fd(), Tag::Accept);
+            if let Some(l) = &self.listener {
+                self.reactor.accept(l.as_raw_fd(), Tag::Accept);
+            }
         }
         // Heartbeats, and dead peers.
         let (heartbeat, grace) = (self.cfg.heartbeat, self.cfg.grace);
@@ -1681,7 +1740,7 @@ impl Loop {
         }
         // Session and preamble output → TLS → sockets.
         for c in self.conns.iter_mut() {
-            if c.phase == Phase::Closing && c.out.is_empty() {
+            if (c.phase == Phase::Closing && c.out.is_empty()) || c.phase == Phase::Handoff {
                 continue;
             }
             let session =
@@ -1706,31 +1765,22 @@ impl Loop {
         }
     }
 
-    /// Forgets a paired agent of a VM; ends its session if it has one.
-    fn unpair(&mut self, vm: Option<String>, key: &str, now: Instant) -> Response {
-        // A VM that is not attached may have pairings too: name it.
-        let name = match (&vm, self.resolve(vm.as_deref())) {
-            (_, Ok(id)) => self.vms[&id].name.clone(),
-            (Some(name), Err(_)) => name.clone(),
-            (None, Err(e)) => return error(e),
-        };
-        let agent = match self.cfg.pairs.unpair(&name, key) {
-            Ok(a) => a,
-            Err(e) => return error(e.to_string()),
-        };
-        tracing::info!(agent = %agent.name, key = %agent.fingerprint, vm = %name, "agent unpaired");
-        let id = self
+    /// The agent with key `key` (hex) of VM `name` was unpaired: its
+    /// session ends now (true if it had one).
+    fn end_agent_session(&mut self, name: &str, key: &str, now: Instant) -> bool {
+        let Some(id) = self
             .vms
             .iter()
             .find(|(_, v)| v.name == name)
-            .map(|(id, _)| *id);
-        let live = id.is_some_and(|id| {
-            self.vms[&id]
-                .hs
-                .as_ref()
-                .is_some_and(|h| h.agent_fp.to_hex() == agent.fingerprint)
-        });
-        if live && let Some(id) = id {
+            .map(|(id, _)| *id)
+        else {
+            return false;
+        };
+        let live = self.vms[&id]
+            .hs
+            .as_ref()
+            .is_some_and(|h| h.agent_fp.to_hex() == key);
+        if live {
             if let Some(c) = self.vms[&id].active {
                 self.drop_conn(c, now);
             }
@@ -1738,30 +1788,66 @@ impl Loop {
                 vm.end_session(now, "its agent was unpaired");
             }
         }
-        Response::Unpaired {
-            agent,
-            session_ended: live,
+        live
+    }
+
+    /// Sends the connections waiting for another worker there, once
+    /// nothing of theirs is in flight here.
+    fn hand_off(&mut self) {
+        if self.handoffs.is_empty() {
+            return;
+        }
+        let waiting: Vec<u64> = self.handoffs.keys().copied().collect();
+        for cgen in waiting {
+            let Some(i) = self.conns.iter().position(|c| c.cgen == cgen) else {
+                self.handoffs.remove(&cgen);
+                continue;
+            };
+            let c = &self.conns[i];
+            if c.phase != Phase::Handoff {
+                // Dropped meanwhile (a failed send).
+                self.handoffs.remove(&cgen);
+                continue;
+            }
+            if c.ops > 0 {
+                continue;
+            }
+            let conn = self.conns.swap_remove(i);
+            let (worker, resume) = self.handoffs.remove(&cgen).expect("listed");
+            let h = Handoff { conn, resume };
+            if !self.peers[worker].send(Request::Conn(Box::new(h))) {
+                tracing::warn!(
+                    worker,
+                    "data path worker is gone; closing a tunnel connection"
+                );
+            }
         }
     }
 
-    fn pair(&mut self, vm: Option<String>, now: Instant) -> Response {
-        // A VM may be paired before it is attached (its name is enough).
-        let name = match (vm, self.resolve(None)) {
-            (Some(name), _) => name,
-            (None, Ok(id)) => self.vms[&id].name.clone(),
-            (None, Err(e)) => return error(e),
-        };
-        if name.trim().is_empty() {
-            return error("--vm needs a name (the libvirt domain's name or UUID)");
-        }
-        let host = self.cfg.identity.fingerprint();
-        let code = self.cfg.pairs.issue(&host, &name, now);
-        tracing::info!(vm = %name, "pairing code issued");
-        Response::Pair {
-            code: code.to_string(),
-            vm: name,
-            host_fingerprint: host.to_hex(),
-            valid_for_secs: CODE_LIFETIME.as_secs(),
+    /// A connection handed over by the worker that ran its preamble: it
+    /// continues here with the VM's session.
+    fn take_conn(&mut self, h: Handoff, now: Instant) {
+        let Handoff { mut conn, resume } = h;
+        let cgen = self.next_cgen;
+        self.next_cgen += 1;
+        conn.cgen = cgen;
+        conn.phase = Phase::Preamble;
+        let fd = conn.fd.as_raw_fd();
+        self.conns.push(conn);
+        let Resume {
+            vm,
+            fp,
+            name,
+            want,
+            received,
+        } = resume;
+        self.start_session(cgen, vm, fp, name, want, received, now);
+        if let Some(c) = self.conn(cgen)
+            && c.phase == Phase::Up
+        {
+            c.ops += 1;
+            self.reactor
+                .recv(fd, Vec::with_capacity(RECV_BUF), Tag::Recv(cgen));
         }
     }
 }

@@ -9,10 +9,12 @@
 //! subnet's frames into a veth pair of netredird's own, where XDP and the
 //! AF_XDP socket sit, so the VM's other traffic keeps the kernel's fast
 //! path. Threads:
-//! - the data path ([`datapath`]): one io_uring loop that owns the tunnel
-//!   listener and connections and every VM's AF_XDP socket and engine;
+//! - the data path workers ([`workers`], [`datapath`]): `--workers`
+//!   io_uring loops, each owning its share of the VMs (their AF_XDP
+//!   sockets, engines, sessions and tunnel connections); the first also
+//!   accepts agents and runs their handshakes;
 //! - the control server ([`control`]): answers `netredirctl` on a unix
-//!   socket, asking the data path over a crossbeam channel (and preparing
+//!   socket, asking the workers over crossbeam channels (and preparing
 //!   a VM to attach on its own thread);
 //! - with `--metrics`, the metrics server ([`metrics`]): Prometheus text
 //!   over HTTP, asking the data path the same way;
@@ -25,6 +27,7 @@ mod config;
 mod control;
 mod datapath;
 mod metrics;
+mod workers;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -35,10 +38,9 @@ use netredir_shared::pairing::PairStore;
 use netredir_shared::session::Compression;
 use netredir_shared::subnet::{DEFAULT_PREFIX6, DEFAULT_SUBNET, Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::Identity;
-use netredir_uring::Waker;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Gives the VMs on this host transparent access to resources on their
@@ -116,6 +118,10 @@ struct Args {
     /// 2 MiB): the UMEM of the AF_XDP sockets, locked in RAM.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     umem_mib: usize,
+    /// Data path threads; each serves its share of the VMs (a VM stays on
+    /// one) [default: one per core].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     /// Most memory all of the VM's TCP flows may hold in buffers, MiB.
     #[arg(long, value_name = "MIB", default_value_t = 96)]
     max_buffer_mib: usize,
@@ -258,14 +264,18 @@ fn run(args: Args) -> Result<()> {
     if let Err(e) = netredir_datapath::dns::VDns::new(&args.zone) {
         bail!("--zone {}: {e}", args.zone);
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.workers.unwrap_or(cores);
+    if !(1..=256).contains(&workers) {
+        bail!("--workers must be 1 to 256");
+    }
 
-    let waker = Arc::new(Waker::new().context("cannot create eventfd")?);
-    let (tx, rx) = crossbeam_channel::bounded(64);
     tracing::info!(fingerprint = %identity.fingerprint(), "host identity");
     let cfg = datapath::Config {
-        listener,
-        identity,
-        pairs,
+        identity: Arc::new(identity),
+        pairs: Arc::new(Mutex::new(pairs)),
+        registry: Arc::default(),
+        daemon: Arc::default(),
         compression: args.compression,
         resource_compression: args.resource_compression.iter().cloned().collect(),
         grace: Duration::from_secs(args.grace),
@@ -294,15 +304,10 @@ fn run(args: Args) -> Result<()> {
         pool,
         steer,
     });
-    let dp_waker = waker.clone();
-    let datapath = std::thread::Builder::new()
-        .name("datapath".into())
-        .spawn(move || datapath::run(cfg, rx, dp_waker))
-        .context("cannot start the data path thread")?;
-    let stop = |datapath: std::thread::JoinHandle<Result<()>>| {
-        let _ = tx.send(datapath::Request::Shutdown);
-        waker.wake();
-        let _ = datapath.join();
+    let (dp, threads) = workers::Workers::start(workers, cfg, listener)?;
+    let stop = |threads: Vec<workers::Worker>| {
+        dp.shutdown();
+        threads.into_iter().map(|t| t.join()).collect::<Vec<_>>()
     };
     // `--iface`: the one VM of a daemon started for it, attached at once.
     if let Some(iface) = args.iface.clone() {
@@ -319,8 +324,8 @@ fn run(args: Args) -> Result<()> {
             subnet: None,
             prefix6: None,
         };
-        if let Response::Error { message } = attach::attach(&spec, &defaults, &tx, &waker) {
-            stop(datapath);
+        if let Response::Error { message } = attach::attach(&spec, &defaults, &dp) {
+            stop(threads);
             control.remove();
             bail!("{message}");
         }
@@ -328,13 +333,13 @@ fn run(args: Args) -> Result<()> {
     // The config file's other VMs: one whose NIC is not there (the VM is
     // not running) must not keep the others from being served.
     for spec in &args.more_vms {
-        if let Response::Error { message } = attach::attach(spec, &defaults, &tx, &waker) {
+        if let Response::Error { message } = attach::attach(spec, &defaults, &dp) {
             tracing::error!(vm = %spec.name, iface = %spec.iface, "cannot attach: {message}; serving the others");
         }
     }
-    control.spawn(tx.clone(), waker.clone(), defaults.clone())?;
+    control.spawn(dp.clone(), defaults.clone())?;
     if let Some(l) = metrics_listener {
-        metrics::serve(l, tx.clone(), waker.clone())?;
+        metrics::serve(l, dp.clone())?;
     }
     tracing::info!(
         listen = %args.listen,
@@ -342,6 +347,7 @@ fn run(args: Args) -> Result<()> {
         subnet = %args.subnet,
         prefix6 = %args.prefix6,
         vm = args.iface.as_ref().map(|_| args.vm.clone().unwrap_or_default()),
+        workers,
         "netredird ready"
     );
     sd_notify(&match &args.iface {
@@ -352,25 +358,25 @@ fn run(args: Args) -> Result<()> {
         None => "READY=1\nSTATUS=waiting for VMs (netredirctl vm attach)".to_string(),
     });
 
-    let outcome = loop {
+    let outcomes = loop {
         if let Some(sig) = wait_signal(&sigs, Duration::from_millis(200)) {
             tracing::info!(signal = sig, "stopping");
             sd_notify("STOPPING=1");
-            let _ = tx.send(datapath::Request::Shutdown);
-            waker.wake();
-            break datapath.join();
+            break stop(threads);
         }
-        if datapath.is_finished() {
-            break datapath.join();
+        // One worker failing stops them all: its VMs would be unserved.
+        if threads.iter().any(|t| t.is_finished()) {
+            break stop(threads);
         }
     };
     control.remove();
-    match outcome {
-        Ok(Ok(())) => {
-            tracing::info!("stopped; every VM detached");
-            Ok(())
+    for outcome in outcomes {
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context("data path failed")),
+            Err(_) => bail!("data path thread panicked"),
         }
-        Ok(Err(e)) => Err(e.context("data path failed")),
-        Err(_) => bail!("data path thread panicked"),
     }
+    tracing::info!("stopped; every VM detached");
+    Ok(())
 }

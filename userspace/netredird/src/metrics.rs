@@ -9,11 +9,9 @@
 //! `GET /metrics` and nothing else; requests are capped (8 KiB, 5 s, at
 //! most 4 at once) so a scraper that stalls blocks nobody.
 
-use crate::datapath::Request as DpRequest;
+use crate::workers::Workers;
 use anyhow::{Context, Result};
-use crossbeam_channel::Sender;
 use netredir_shared::control::SessionReport;
-use netredir_uring::Waker;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -275,7 +273,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` on `listener` from a thread of its own.
-pub fn serve(listener: TcpListener, dp: Sender<DpRequest>, waker: Arc<Waker>) -> Result<()> {
+pub fn serve(listener: TcpListener, dp: Arc<Workers>) -> Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -289,11 +287,11 @@ pub fn serve(listener: TcpListener, dp: Sender<DpRequest>, waker: Arc<Waker>) ->
                     busy.fetch_sub(1, Ordering::SeqCst);
                     continue;
                 }
-                let (dp, waker, busy) = (dp.clone(), waker.clone(), busy.clone());
+                let (dp, busy) = (dp.clone(), busy.clone());
                 let spawned = std::thread::Builder::new()
                     .name("metrics-client".into())
                     .spawn(move || {
-                        let _ = answer(s, &dp, &waker);
+                        let _ = answer(s, &dp);
                         busy.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -306,7 +304,7 @@ pub fn serve(listener: TcpListener, dp: Sender<DpRequest>, waker: Arc<Waker>) ->
 }
 
 /// One request: `GET /metrics` gets the text, anything else an error.
-fn answer(mut s: TcpStream, dp: &Sender<DpRequest>, waker: &Waker) -> std::io::Result<()> {
+fn answer(mut s: TcpStream, dp: &Workers) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut head = Vec::new();
@@ -330,18 +328,9 @@ fn answer(mut s: TcpStream, dp: &Sender<DpRequest>, waker: &Waker) -> std::io::R
     if path != "/metrics" && !path.starts_with("/metrics?") {
         return respond(&mut s, "404 Not Found", "metrics are at /metrics\n");
     }
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if dp.send(DpRequest::Metrics(tx)).is_err() {
-        return respond(
-            &mut s,
-            "503 Service Unavailable",
-            "data path is not running\n",
-        );
-    }
-    waker.wake();
-    match rx.recv_timeout(Duration::from_secs(3)) {
-        Ok(text) => respond(&mut s, "200 OK", &text),
-        Err(_) => respond(
+    match dp.metrics() {
+        Some(text) => respond(&mut s, "200 OK", &text),
+        None => respond(
             &mut s,
             "503 Service Unavailable",
             "data path did not answer in 3 s\n",

@@ -186,6 +186,9 @@ pub struct VmInfo {
     pub bytes_to_guest: u64,
     /// The most its open TCP flows may hold in buffers.
     pub flow_buffer_bytes: u64,
+    /// The data path worker (thread) that serves it.
+    #[serde(default)]
+    pub worker: u32,
 }
 
 /// One row of `map list`.

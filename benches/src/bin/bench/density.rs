@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use netredir_benches::testbed::{HOST_WAN_IP, LAN_IP, TUNNEL_PORT, Testbed, bin, wait_until};
 use netredir_benches::{Redir, connect};
 use netredir_shared::control::{AttachSpec, Request, Response, request};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -405,26 +406,41 @@ fn flows(o: &Opts, report: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// Payload bytes each VM has sent so far (netredird's `vm list`), by name.
+fn vm_bytes(r: &Redir) -> Result<HashMap<String, u64>> {
+    match request(&r.control, &Request::VmList, Duration::from_secs(5))? {
+        Response::Vms { vms } => Ok(vms
+            .into_iter()
+            .map(|v| (v.name, v.bytes_from_guest))
+            .collect()),
+        other => bail!("vm list: {other:?}"),
+    }
+}
+
 /// N VMs on one netredird sending at once (iperf3, one stream each, to a
 /// server of their own in the LAN): the aggregate, and how evenly it is
-/// shared.
+/// shared, measured by netredird's own byte counts over one window in
+/// which every VM is sending (staggered iperf3 starts do not skew it);
+/// and where the machine's CPU went in that window.
 fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
     let sizes: &[usize] = if o.quick { &[2] } else { &[1, 10, 50] };
-    let secs: u32 = if o.quick { 2 } else { 5 };
+    let window = Duration::from_secs(if o.quick { 2 } else { 5 });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     writeln!(report, "### Busy VMs\n")?;
     writeln!(
         report,
-        "N VMs on one netredird, each sending to its own iperf3 server in the LAN at once (one stream, {secs} s, MTU 1500), each through its own agent and tunnel.\n"
+        "N VMs on one netredird ({cores} workers, the default: one per core), each sending to its own iperf3 server in the LAN at once (one stream, MTU 1500), each through its own agent and tunnel. Rates are netredird's byte counts over one {window:?} window in which every VM sends. CPU: cores busy in that window, of {cores}, by netredird, by the N agents, and by the rest (iperf3 clients and servers, the kernel's network processing).\n"
     )?;
     writeln!(
         report,
-        "| VMs | aggregate Gbit/s | per VM min / mean / max Gbit/s | min / mean |"
+        "| VMs | aggregate Gbit/s | per VM min / mean / max Gbit/s | min / mean | CPU netredird / agents / rest | UMEM dry |"
     )?;
-    writeln!(report, "|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|")?;
     for &n in sizes {
         crate::plot::step("density", &format!("{n} busy VMs"));
         let r = Redir::without_vm("bench-busy", &[])?;
         let mut runs = Vec::new();
+        let mut agents = Vec::new();
         for k in 0..n {
             let (ns, iface) = r.tb.add_vm(k as u8 + 2)?;
             let name = format!("busy{k}");
@@ -453,55 +469,107 @@ fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
             r.wait_listening(port)?;
             let state = r.tb.dir().join(format!("agent-{k}"));
             let export = format!("iperf={LAN_IP}:{port}");
-            r.start_agent_for(Some(&name), &state, &format!("agent-{k}"), &[&export], &[])?;
+            let tag = format!("agent-{k}");
+            r.start_agent_for(Some(&name), &state, &tag, &[&export], &[])?;
+            agents.push(r.tb.pid(&tag)?);
             let vip = r.vip_for(&name, "iperf")?;
             runs.push((ns, vip, p));
         }
+        // Long enough for every client to start and the window to pass.
+        let secs = window.as_secs() + 20;
         let handles: Vec<_> = runs
             .into_iter()
             .map(|(ns, vip, p)| {
-                std::thread::spawn(move || -> Result<f64> {
+                std::thread::spawn(move || -> Result<()> {
                     let out = ns
                         .command("iperf3")
-                        .args([
-                            "-c",
-                            &vip.to_string(),
-                            "-p",
-                            &p,
-                            "-J",
-                            "-t",
-                            &secs.to_string(),
-                        ])
+                        .args(["-c", &vip.to_string(), "-p", &p, "-t", &secs.to_string()])
                         .output()
                         .context("cannot run iperf3")?;
-                    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                        .context("iperf3's answer does not parse")?;
-                    v["end"]["sum_received"]["bits_per_second"]
-                        .as_f64()
-                        .map(|b| b / 1e9)
-                        .with_context(|| format!("no throughput from iperf3: {}", v["error"]))
+                    if !out.status.success() {
+                        bail!("iperf3: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    Ok(())
                 })
             })
             .collect();
-        let mut rates = Vec::new();
+        // The window opens once every VM is sending.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut before = vm_bytes(&r)?;
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = vm_bytes(&r)?;
+            let all = now.len() == n
+                && now
+                    .iter()
+                    .all(|(k, v)| *v > before.get(k).copied().unwrap_or(0));
+            before = now;
+            if all {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("not every VM was sending 15 s after the clients started");
+            }
+        }
+        let daemon = r.tb.pid("netredird")?;
+        let cpu0 = (
+            cpu(daemon),
+            agents.iter().map(|p| cpu(*p)).sum::<f64>(),
+            crate::machine_cpu(),
+        );
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let after = vm_bytes(&r)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let cpu1 = (
+            cpu(daemon),
+            agents.iter().map(|p| cpu(*p)).sum::<f64>(),
+            crate::machine_cpu(),
+        );
+        // Whether the shared UMEM ran short (a VM's fill ring not topped
+        // up: its frames dropped at the NIC).
+        let mut dry = 0;
+        for k in 0..n {
+            let vm = Some(format!("busy{k}"));
+            if let Response::Status(st) =
+                request(&r.control, &Request::Status { vm }, Duration::from_secs(5))?
+            {
+                dry += st
+                    .counters
+                    .iter()
+                    .find(|(c, _)| c == "xsk.pool_dry")
+                    .map_or(0, |(_, v)| *v);
+            }
+        }
+        let rates: Vec<f64> = after
+            .iter()
+            .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0)) as f64 * 8.0 / dt / 1e9)
+            .collect();
         for h in handles {
-            rates.push(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??,
-            );
+            h.join()
+                .map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
         }
         let sum: f64 = rates.iter().sum();
         let mean = sum / rates.len() as f64;
         let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
         let max = rates.iter().copied().fold(0.0, f64::max);
+        let (d, a) = ((cpu1.0 - cpu0.0) / dt, (cpu1.1 - cpu0.1) / dt);
+        let rest = ((cpu1.2 - cpu0.2) / dt - d - a).max(0.0);
         writeln!(
             report,
-            "| {n} | {sum:.2} | {min:.2} / {mean:.2} / {max:.2} | {:.2} |",
+            "| {n} | {sum:.2} | {min:.3} / {mean:.3} / {max:.3} | {:.2} | {d:.2} / {a:.2} / {rest:.2} | {dry} |",
             min / mean
         )?;
     }
     writeln!(report)?;
     Ok(())
+}
+
+/// Only the busy VMs (`--only busy`).
+pub(crate) fn busy(o: &Opts, report: &mut String) -> Result<()> {
+    crate::plot::stage("density", if o.quick { 1 } else { 3 });
+    writeln!(report, "## Density\n")?;
+    busy_vms(o, report)
 }
 
 pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {

@@ -31,8 +31,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const USAGE: &str = "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency|wan|density]   (run as root; see README)";
-const BENCHES: [&str; 4] = ["lan", "latency", "wan", "density"];
+const USAGE: &str = "usage: netredir-bench [--quick] [--out DIR] [--only lan|latency|wan|density|busy]   (run as root; see README)";
+const BENCHES: [&str; 5] = ["lan", "latency", "wan", "density", "busy"];
 
 pub(crate) struct Opts {
     pub(crate) quick: bool,
@@ -54,7 +54,7 @@ fn parse() -> Result<Opts> {
             "--only" => o.only = Some(args.next().context("--only takes a benchmark name")?),
             "-h" | "--help" => {
                 println!(
-                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up), each through\nnetredir next to the kernel path; wan (print jobs over an emulated WAN, next to ssh -C,\nsshuttle and the floor); density (idle sessions, flow set-up rate, concurrent flows)."
+                    "{USAGE}\n\nBenchmarks: lan (TCP throughput), latency (round trips and set-up), each through\nnetredir next to the kernel path; wan (print jobs over an emulated WAN, next to ssh -C,\nsshuttle and the floor); density (idle sessions, busy VMs, flow set-up rate, concurrent flows);\nbusy (only density's busy VMs)."
                 );
                 std::process::exit(0);
             }
@@ -148,6 +148,9 @@ fn run(o: &Opts) -> Result<()> {
     }
     if want("density") {
         density::run(o, &mut report)?;
+    }
+    if o.only.as_deref() == Some("busy") {
+        density::busy(o, &mut report)?;
     }
     plot::finish();
     let path = o.out.join("REPORT.md");
