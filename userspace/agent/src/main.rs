@@ -14,22 +14,27 @@
 //! window. When the tunnel drops, flows stay open and the agent dials
 //! again: the session resumes with nothing lost. Only after the grace
 //! period are the flows closed.
+//!
+//! The tunnel itself (preamble, session, heartbeats, grace, resume,
+//! backoff) is the shared [`AgentEndpoint`]; this loop only moves its
+//! bytes and time: it dials when asked, feeds what the socket reads to
+//! `handle_bytes`, writes what `poll_transmit` gives (one send in flight)
+//! and sleeps until `poll_timeout`. The export policy, each flow's credits
+//! and the connect queue are decided in [`relay`], apart from the sockets.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 mod datagrams;
+mod relay;
 mod resolve;
+use netredir_shared::endpoint::{AgentConfig, AgentEndpoint, AgentEvent, ConnLost, Fatal};
 use netredir_shared::export::ExportSpec;
-use netredir_shared::link::{Link, LinkError};
-use netredir_shared::session::{Compression, Session, SessionConfig};
-use netredir_shared::tls::{
-    Fingerprint, HostCheck, Identity, PairCode, Tls, TlsError, write_private,
-};
-use netredir_shared::wire::{
-    AGENT_WINDOW, FlowId, HOST_WINDOW, MAX_DATA, Msg, OpenError, Proto, VERSION,
-};
+use netredir_shared::session::{Compression, SessionConfig};
+use netredir_shared::tls::{Fingerprint, HostCheck, Identity, PairCode, Tls, write_private};
+use netredir_shared::wire::{FlowId, MAX_DATA, Msg, OpenError, Proto};
 use netredir_uring::{Completion, OpId, Reactor};
+use relay::{Connects, Denied, Export, Exports, Relay};
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -129,8 +134,6 @@ enum Tag {
     TunConnect(u64),
     TunRecv(u64),
     TunSend(u64),
-    Backoff,
-    Tick,
     FlowConnect(u64),
     FlowRecv(u64),
     FlowSend(u64),
@@ -140,27 +143,15 @@ enum Tag {
     EchoRecv(u64),
 }
 
-struct Export {
-    spec: ExportSpec,
-    compression: Option<Compression>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    Preamble,
-    Up,
-}
-
+/// The socket of one tunnel connection; all else about it is the endpoint's.
 struct Tunnel {
     tgen: u64,
     fd: OwnedFd,
     ops: u32,
-    phase: Phase,
-    link: Option<Link>,
+    /// TCP is up and the endpoint has the connection.
+    up: bool,
     out: Vec<u8>,
     sending: bool,
-    last_rx: Instant,
 }
 
 /// One flow to a real resource; `serial` is agent-local and never reused.
@@ -169,14 +160,10 @@ struct Flow {
     fd: OwnedFd,
     ops: u32,
     connected: bool,
-    /// Bytes we may still send the host.
-    credit: u32,
+    relay: Relay,
     recv_op: Option<OpId>,
     eof: bool,
-    to_target: VecDeque<Vec<u8>>,
     sending: bool,
-    /// Bytes delivered to the resource not yet granted back.
-    ungranted: u32,
     fin_from_host: bool,
     shut_wr: bool,
     /// Set when the flow is over; the socket closes once no op is pending.
@@ -189,47 +176,38 @@ struct Flow {
     queued: Option<Instant>,
 }
 
-struct AgentSession {
-    id: u64,
-    session: Session,
-    lost_at: Option<Instant>,
-}
-
 struct Agent {
     args: Args,
     server: Vec<SocketAddr>,
-    exports: Vec<Export>,
+    exports: Exports,
     /// The exports' addresses, resolved off the loop (same indices).
     names: resolve::Names,
     identity: Identity,
     pin: Option<Fingerprint>,
     pin_path: PathBuf,
     reactor: Reactor<Tag>,
+    /// The tunnel: session, preamble, heartbeats, grace, reconnects.
+    ep: AgentEndpoint,
     tunnel: Option<Tunnel>,
+    /// Closed tunnel sockets whose operations have not completed yet.
     zombies: Vec<Tunnel>,
     next_tgen: u64,
-    backoff: Duration,
-    waiting: bool,
-    sess: Option<AgentSession>,
     flows: HashMap<u64, Flow>,
     by_id: HashMap<FlowId, u64>,
     uflows: HashMap<u64, datagrams::UFlow>,
     ubyid: HashMap<FlowId, u64>,
     echoes: HashMap<u64, datagrams::EchoOp>,
     next_serial: u64,
-    /// Connects in flight per target address (one server's listen queue).
-    connecting: HashMap<SocketAddr, usize>,
-    /// Flows waiting for a connect slot per target address, oldest first.
-    connect_queue: HashMap<SocketAddr, VecDeque<u64>>,
-    /// The host's last "not now", logged once until it changes.
-    later: Option<String>,
+    /// Connects in flight and waiting, per target address.
+    connects: Connects,
     /// The "cannot ping" warning was logged (once is enough).
     icmp_warned: bool,
-    last_ping: Instant,
     fatal: Option<String>,
 }
 
 const RECV_BUF: usize = 256 * 1024;
+/// How long TCP may take to connect to netredird.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn run(args: Args) -> Result<()> {
     let server: Vec<SocketAddr> = args
@@ -276,52 +254,62 @@ fn run(args: Args) -> Result<()> {
     }
     tracing::info!(key = %identity.fingerprint(), "agent identity");
     let reactor = Reactor::new(512).context("cannot set up io_uring")?;
+    let now = Instant::now();
+    let ep = AgentEndpoint::new(
+        AgentConfig {
+            pair: args.pair.as_ref().map(|c| c.secret.to_vec()),
+            session: SessionConfig {
+                compression: args.compression,
+                ..Default::default()
+            },
+            heartbeat: Duration::from_secs(args.heartbeat),
+            grace: Duration::from_secs(args.grace),
+            ..AgentConfig::new(args.name.clone())
+        },
+        now,
+    );
+    let connects = Connects::new(args.max_connecting);
     let mut a = Agent {
         args,
         server,
-        exports,
+        exports: Exports::new(exports),
         names,
         identity,
         pin,
         pin_path,
         reactor,
+        ep,
         tunnel: None,
         zombies: Vec::new(),
         next_tgen: 1,
-        backoff: Duration::from_millis(100),
-        waiting: false,
-        sess: None,
         flows: HashMap::new(),
         by_id: HashMap::new(),
         uflows: HashMap::new(),
         ubyid: HashMap::new(),
         echoes: HashMap::new(),
         next_serial: 1,
-        connecting: HashMap::new(),
-        connect_queue: HashMap::new(),
-        later: None,
+        connects,
         icmp_warned: false,
-        last_ping: Instant::now(),
         fatal: None,
     };
-    a.dial();
-    let tick = Duration::from_secs(a.args.heartbeat).min(Duration::from_secs(1));
-    a.reactor.timeout(tick, Tag::Tick);
+    a.events(now);
     loop {
-        a.reactor.wait(None).context("io_uring wait")?;
+        a.pump();
+        // The endpoint says when its timers are due; nothing else needs
+        // waking without a completion.
+        let wait =
+            a.ep.poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+        a.reactor.wait(wait).context("io_uring wait")?;
         let now = Instant::now();
         while let Some(c) = a.reactor.next_completion() {
-            if matches!(c.tag, Tag::Tick) {
-                a.reactor.timeout(tick, Tag::Tick);
-                a.timers(now);
-                continue;
-            }
             a.complete(c, now);
         }
+        a.ep.handle_timeout(now);
+        a.events(now);
         if let Some(why) = a.fatal.take() {
             bail!("{why}");
         }
-        a.pump(now);
     }
 }
 
@@ -362,115 +350,136 @@ fn open_error(errno: i32) -> OpenError {
     }
 }
 
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom into a live 8-byte buffer.
-    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
-    if r != 8 {
-        return u64::from(std::process::id());
-    }
-    u64::from_ne_bytes(b)
-}
-
 impl Agent {
-    fn dial(&mut self) {
+    /// Acts on what the endpoint has to say: dial, close, log, and the
+    /// host's messages.
+    fn events(&mut self, now: Instant) {
+        while let Some(e) = self.ep.poll_event() {
+            match e {
+                AgentEvent::Dial => self.dial(now),
+                AgentEvent::Paired(fp) => {
+                    if let Err(e) = write_private(&self.pin_path, format!("{fp}\n").as_bytes()) {
+                        self.fatal = Some(format!(
+                            "paired, but cannot save {}: {e}",
+                            self.pin_path.display()
+                        ));
+                        return;
+                    }
+                    tracing::info!(host = %fp, "paired with the host; later runs need no --pair");
+                    self.pin = Some(fp);
+                    self.args.pair = None;
+                }
+                AgentEvent::Connected { resumed: true } => {
+                    tracing::info!("tunnel back; session resumed, no flow lost");
+                }
+                AgentEvent::Connected { resumed: false } => {
+                    for m in self.exports.announcements() {
+                        self.ep.send(m, now);
+                    }
+                    tracing::info!(server = %self.server[0], "connected to netredird; exports announced");
+                }
+                AgentEvent::Msg(m) => self.on_msg(m),
+                AgentEvent::Disconnected {
+                    why,
+                    was_up,
+                    retry_in,
+                } => {
+                    self.close_tunnel();
+                    let quiet = matches!(why, ConnLost::Later(_));
+                    let why = match why {
+                        ConnLost::Silent => "netredird silent for three heartbeats".to_string(),
+                        why => why.to_string(),
+                    };
+                    if was_up {
+                        tracing::warn!(
+                            "tunnel lost: {why}; reconnecting (flows kept for {}s)",
+                            self.args.grace
+                        );
+                    } else if quiet {
+                        tracing::debug!("{why}; retrying in {retry_in:?}");
+                    } else {
+                        tracing::info!(
+                            "cannot reach netredird at {}: {why}; retrying in {retry_in:?}",
+                            self.server[0]
+                        );
+                    }
+                }
+                AgentEvent::Later(reason) => {
+                    // Not now (the VM is not running): said once, then
+                    // quietly tried again until it is.
+                    tracing::warn!("netredird: {reason}; trying again until it is");
+                }
+                AgentEvent::SessionEnded(why) => self.end_session(&why.to_string()),
+                AgentEvent::Fatal(Fatal::Refused(reason)) => {
+                    self.fatal = Some(format!("netredird refused this agent: {reason}"));
+                    return;
+                }
+                AgentEvent::Fatal(Fatal::HostMismatch) => {
+                    self.fatal = Some(
+                        "the host's certificate does not match the pinned one (or the pairing code): refusing to connect; if the host was reinstalled, pair again with --pair".into(),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dial(&mut self, now: Instant) {
         let addr = self.server[0];
         let fd = match new_socket(&addr) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::warn!("cannot create socket: {e}");
-                self.schedule_retry();
-                return;
+                return self.ep.connection_lost(e.to_string(), now);
             }
         };
         setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         let tgen = self.next_tgen;
         self.next_tgen += 1;
-        self.reactor.connect(
-            fd.as_raw_fd(),
-            addr,
-            Duration::from_secs(5),
-            Tag::TunConnect(tgen),
-        );
+        self.reactor
+            .connect(fd.as_raw_fd(), addr, DIAL_TIMEOUT, Tag::TunConnect(tgen));
         self.tunnel = Some(Tunnel {
             tgen,
             fd,
             ops: 1,
-            phase: Phase::Connecting,
-            link: None,
+            up: false,
             out: Vec::new(),
             sending: false,
-            last_rx: Instant::now(),
         });
     }
 
-    fn schedule_retry(&mut self) {
-        if self.waiting {
-            return;
-        }
-        self.waiting = true;
-        self.reactor.timeout(self.backoff, Tag::Backoff);
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-    }
-
-    fn tunnel_for(&mut self, tgen: u64) -> Option<&mut Tunnel> {
-        match &mut self.tunnel {
-            Some(t) if t.tgen == tgen => Some(t),
-            _ => self.zombies.iter_mut().find(|t| t.tgen == tgen),
-        }
-    }
-
-    fn tun_op_done(&mut self, tgen: u64) -> bool {
-        if let Some(t) = self.tunnel_for(tgen) {
-            t.ops -= 1;
-        }
-        self.zombies.retain(|t| t.ops > 0);
-        matches!(&self.tunnel, Some(t) if t.tgen == tgen)
-    }
-
-    /// The connection is gone: flows stay (the session resumes on the next
-    /// one), and the agent dials again after a backoff.
-    fn tunnel_lost(&mut self, why: &str, now: Instant) {
-        self.close_tunnel(why, now, false);
-    }
-
-    /// [`Agent::tunnel_lost`], logging a connection that never came up
-    /// only at debug level when `quiet` (said once already).
-    fn close_tunnel(&mut self, why: &str, now: Instant, quiet: bool) {
+    /// The endpoint is done with the connection: shut its socket, freed
+    /// once its operations have completed.
+    fn close_tunnel(&mut self) {
         let Some(t) = self.tunnel.take() else {
             return;
         };
-        if t.phase == Phase::Up {
-            tracing::warn!(
-                "tunnel lost: {why}; reconnecting (flows kept for {}s)",
-                self.args.grace
-            );
-            if let Some(s) = self.sess.as_mut() {
-                s.session.connection_lost();
-                s.lost_at = Some(now);
-            }
-        } else if quiet {
-            tracing::debug!("{why}; retrying in {:?}", self.backoff);
-        } else {
-            tracing::info!(
-                "cannot reach netredird at {}: {why}; retrying in {:?}",
-                self.server[0],
-                self.backoff
-            );
-        }
         // SAFETY: shutdown(2) on our socket; pending ops then complete.
         unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
         if t.ops > 0 {
             self.zombies.push(t);
         }
-        self.schedule_retry();
+    }
+
+    /// Counts a tunnel operation done; whether it was on the live tunnel
+    /// (else it belonged to a closed one, now maybe freed).
+    fn tun_op_done(&mut self, tgen: u64) -> bool {
+        if let Some(t) = self.tunnel.as_mut().filter(|t| t.tgen == tgen) {
+            t.ops -= 1;
+            return true;
+        }
+        if let Some(t) = self.zombies.iter_mut().find(|t| t.tgen == tgen) {
+            t.ops -= 1;
+        }
+        self.zombies.retain(|t| t.ops > 0);
+        false
     }
 
     /// The session is over: every flow closes.
     fn end_session(&mut self, why: &str) {
-        if self.sess.take().is_some() {
-            tracing::warn!("session ended: {why}; closing all flows");
-        }
+        tracing::warn!("session ended: {why}; closing all flows");
+        // The session that follows knows nothing of these flows.
+        self.by_id.clear();
         let serials: Vec<u64> = self.flows.keys().copied().collect();
         for s in serials {
             self.kill_flow(s, true);
@@ -482,53 +491,11 @@ impl Agent {
     }
 
     fn send_msg(&mut self, m: Msg) {
-        if let Some(s) = self.sess.as_mut() {
-            s.session.send(m, Instant::now());
-        }
-    }
-
-    fn timers(&mut self, now: Instant) {
-        let hb = Duration::from_secs(self.args.heartbeat);
-        if let Some(t) = self.tunnel.as_ref()
-            && t.phase == Phase::Up
-        {
-            if now.saturating_duration_since(t.last_rx) > hb * 3 {
-                self.tunnel_lost("netredird silent for three heartbeats", now);
-            } else if now.saturating_duration_since(self.last_ping) >= hb {
-                self.last_ping = now;
-                if let Some(s) = self.sess.as_mut() {
-                    s.session.send_control(Msg::Ping {
-                        nonce: random_u64(),
-                    });
-                }
-            }
-        }
-        if let Some(t) = self.tunnel.as_ref()
-            && t.phase != Phase::Up
-            && now.saturating_duration_since(t.last_rx) > Duration::from_secs(10)
-        {
-            self.tunnel_lost("no answer within 10 s", now);
-        }
-        if let Some(s) = &self.sess
-            && let Some(t) = s.lost_at
-            && now.saturating_duration_since(t) >= Duration::from_secs(self.args.grace)
-        {
-            self.end_session("the tunnel did not come back within the grace period");
-        }
-        if let Some(s) = self.sess.as_mut() {
-            s.session.sweep_idle(now);
-        }
+        self.ep.send(m, Instant::now());
     }
 
     fn complete(&mut self, c: Completion<Tag>, now: Instant) {
         match c.tag {
-            Tag::Tick => {}
-            Tag::Backoff => {
-                self.waiting = false;
-                if self.tunnel.is_none() {
-                    self.dial();
-                }
-            }
             Tag::TunConnect(tgen) => {
                 if !self.tun_op_done(tgen) {
                     return;
@@ -539,32 +506,34 @@ impl Agent {
                     } else {
                         e.to_string()
                     };
-                    return self.tunnel_lost(&why, now);
+                    self.ep.connection_lost(why, now);
+                } else {
+                    self.connected(now);
                 }
-                self.connected(tgen, now);
+                self.events(now);
             }
             Tag::TunRecv(tgen) => {
                 if !self.tun_op_done(tgen) {
                     return;
                 }
-                match c.result {
-                    0 => return self.tunnel_lost("netredird closed the connection", now),
-                    r if r < 0 => {
-                        let e = c.io_result().unwrap_err().to_string();
-                        return self.tunnel_lost(&e, now);
-                    }
-                    _ => {}
-                }
+                let io = c.io_result();
                 let mut buf = c.buf.unwrap_or_default();
-                self.on_tunnel_bytes(&buf, now);
-                if let Some(t) = self.tunnel.as_mut()
-                    && t.tgen == tgen
-                {
-                    buf.clear();
-                    t.ops += 1;
-                    let fd = t.fd.as_raw_fd();
-                    self.reactor.recv(fd, buf, Tag::TunRecv(tgen));
+                match io {
+                    Ok(0) => self
+                        .ep
+                        .connection_lost("netredird closed the connection", now),
+                    Err(e) => self.ep.connection_lost(e.to_string(), now),
+                    Ok(_) => {
+                        self.ep.handle_bytes(&buf, now);
+                        if let Some(t) = self.tunnel.as_mut() {
+                            buf.clear();
+                            t.ops += 1;
+                            let fd = t.fd.as_raw_fd();
+                            self.reactor.recv(fd, buf, Tag::TunRecv(tgen));
+                        }
+                    }
                 }
+                self.events(now);
             }
             Tag::TunSend(tgen) => {
                 if !self.tun_op_done(tgen) {
@@ -581,7 +550,10 @@ impl Agent {
                         t.out = buf;
                     }
                     Ok(_) => {}
-                    Err(e) => self.tunnel_lost(&e.to_string(), now),
+                    Err(e) => {
+                        self.ep.connection_lost(e.to_string(), now);
+                        self.events(now);
+                    }
                 }
             }
             Tag::FlowConnect(s) => self.on_flow_connect(s, c),
@@ -594,8 +566,8 @@ impl Agent {
         }
     }
 
-    /// TCP is up: start TLS and the preamble.
-    fn connected(&mut self, tgen: u64, now: Instant) {
+    /// TCP is up: the endpoint starts TLS and the preamble on it.
+    fn connected(&mut self, now: Instant) {
         let check = match (&self.args.pair, &self.pin) {
             (Some(code), _) => HostCheck::Prefix(code.fp_prefix),
             (None, Some(pin)) => HostCheck::Pinned(*pin),
@@ -608,171 +580,18 @@ impl Agent {
                 return;
             }
         };
-        let mut link = Link::new(tls);
-        link.send_preamble(&Msg::Hello {
-            version: VERSION,
-            name: self.args.name.clone(),
-        });
-        if let Some(code) = &self.args.pair {
-            link.send_preamble(&Msg::Pair {
-                secret: code.secret.to_vec(),
-            });
-        }
-        let (session, received) = self
-            .sess
-            .as_ref()
-            .map_or((0, 0), |s| (s.id, s.session.received()));
-        link.send_preamble(&Msg::Resume { session, received });
+        self.ep.new_connection(tls, now);
         let t = self.tunnel.as_mut().expect("live");
-        t.link = Some(link);
-        t.phase = Phase::Preamble;
-        t.last_rx = now;
+        t.up = true;
         t.ops += 1;
         let fd = t.fd.as_raw_fd();
+        let tgen = t.tgen;
         self.reactor
             .recv(fd, Vec::with_capacity(RECV_BUF), Tag::TunRecv(tgen));
         tracing::debug!(server = %self.server[0], "connected; TLS handshake");
     }
 
-    fn on_tunnel_bytes(&mut self, bytes: &[u8], now: Instant) {
-        let t = self.tunnel.as_mut().expect("live");
-        t.last_rx = now;
-        let up = t.phase == Phase::Up;
-        let link = t.link.as_mut().expect("link after connect");
-        let handshaking = link.handshaking();
-        let session = if up {
-            self.sess.as_mut().map(|s| &mut s.session)
-        } else {
-            None
-        };
-        match link.receive(bytes, session) {
-            Ok(msgs) => {
-                for m in msgs {
-                    self.on_preamble(m, now);
-                }
-            }
-            Err(LinkError::Tls(TlsError::HostMismatch)) => {
-                self.fatal = Some(
-                    "the host's certificate does not match the pinned one (or the pairing code): refusing to connect; if the host was reinstalled, pair again with --pair".into(),
-                );
-                return;
-            }
-            Err(e) if handshaking => {
-                return self.tunnel_lost(&format!("TLS handshake failed: {e}"), now);
-            }
-            Err(e) => return self.tunnel_lost(&format!("protocol error: {e}"), now),
-        }
-        if up {
-            self.drain_session(now);
-        }
-    }
-
-    fn on_preamble(&mut self, m: Msg, now: Instant) {
-        match m {
-            Msg::Refused { reason } => {
-                self.fatal = Some(format!("netredird refused this agent: {reason}"));
-            }
-            Msg::Later { reason } => {
-                // Not now (the VM is not running): said once, then quietly
-                // tried again until it is.
-                if self.later.as_deref() != Some(reason.as_str()) {
-                    tracing::warn!("netredird: {reason}; trying again until it is");
-                    self.later = Some(reason.clone());
-                }
-                self.close_tunnel(&format!("not now: {reason}"), now, true);
-            }
-            Msg::Welcome {
-                session,
-                received,
-                resumed,
-            } => {
-                let Some(t) = self.tunnel.as_mut() else {
-                    return;
-                };
-                let host = t.link.as_ref().and_then(Link::peer);
-                if self.args.pair.is_some()
-                    && let Some(fp) = host
-                {
-                    if let Err(e) = write_private(&self.pin_path, format!("{fp}\n").as_bytes()) {
-                        self.fatal = Some(format!(
-                            "paired, but cannot save {}: {e}",
-                            self.pin_path.display()
-                        ));
-                        return;
-                    }
-                    tracing::info!(host = %fp, "paired with the host; later runs need no --pair");
-                    self.pin = Some(fp);
-                    self.args.pair = None;
-                }
-                let mut ok = false;
-                if resumed
-                    && let Some(s) = self.sess.as_mut()
-                    && s.id == session
-                {
-                    s.session.connection_lost();
-                    match s.session.resume(received) {
-                        Ok(()) => {
-                            s.lost_at = None;
-                            ok = true;
-                            tracing::info!("tunnel back; session resumed, no flow lost");
-                        }
-                        Err(e) => tracing::warn!("cannot resume: {e}"),
-                    }
-                }
-                if !ok {
-                    if self.sess.is_some() {
-                        self.end_session("netredird started a new session");
-                    }
-                    let mut session_obj = Session::new(SessionConfig {
-                        compression: self.args.compression,
-                        ..Default::default()
-                    });
-                    for (i, e) in self.exports.iter().enumerate() {
-                        session_obj.send(
-                            Msg::Export {
-                                id: i as u32,
-                                name: e.spec.name.clone(),
-                                target: e.spec.to_string(),
-                                ports: e.spec.ports.clone(),
-                            },
-                            now,
-                        );
-                    }
-                    self.sess = Some(AgentSession {
-                        id: session,
-                        session: session_obj,
-                        lost_at: None,
-                    });
-                    tracing::info!(server = %self.server[0], "connected to netredird; exports announced");
-                }
-                self.backoff = Duration::from_millis(100);
-                self.later = None;
-                let t = self.tunnel.as_mut().expect("live");
-                let s = self.sess.as_mut().expect("set");
-                if let Err(e) = t.link.as_mut().expect("link").enter_records(&mut s.session) {
-                    return self.tunnel_lost(&format!("protocol error: {e}"), now);
-                }
-                t.phase = Phase::Up;
-                self.drain_session(now);
-            }
-            other => tracing::warn!("unexpected {other:?} in the preamble"),
-        }
-    }
-
-    fn drain_session(&mut self, now: Instant) {
-        loop {
-            match self.sess.as_mut().map(|s| s.session.poll_msg()) {
-                None | Some(Ok(None)) => break,
-                Some(Ok(Some(m))) => self.on_msg(m, now),
-                Some(Err(e)) => return self.tunnel_lost(&format!("protocol error: {e}"), now),
-            }
-        }
-        if let Some(s) = self.sess.as_mut() {
-            s.session.maybe_ack(false);
-        }
-    }
-
-    fn on_msg(&mut self, m: Msg, _now: Instant) {
+    fn on_msg(&mut self, m: Msg) {
         match m {
             Msg::Open {
                 flow,
@@ -783,31 +602,16 @@ impl Agent {
                 let Some(f) = self.flow_by_id(flow) else {
                     return;
                 };
-                let queued: usize = f.to_target.iter().map(Vec::len).sum();
-                if queued + bytes.len() + f.ungranted as usize > AGENT_WINDOW as usize {
+                if f.relay.host_data(&bytes).is_err() {
                     tracing::warn!(flow, "host overran the flow window; resetting the flow");
                     let s = self.by_id[&flow];
                     self.send_msg(Msg::Reset { flow });
                     self.kill_flow(s, true);
-                    return;
-                }
-                // Small writes join the last queued buffer, so that a
-                // resource that does not read costs its window and no more
-                // (a buffer per 1-byte message would cost ~50 bytes each).
-                match f.to_target.back_mut() {
-                    Some(last) if last.len() + bytes.len() <= MAX_DATA => {
-                        last.extend_from_slice(&bytes);
-                    }
-                    _ => {
-                        let mut b = Vec::with_capacity(MAX_DATA.min(bytes.len().max(4096)));
-                        b.extend_from_slice(&bytes);
-                        f.to_target.push_back(b);
-                    }
                 }
             }
             Msg::Window { flow, credit } => {
                 if let Some(f) = self.flow_by_id(flow) {
-                    f.credit = f.credit.saturating_add(credit);
+                    f.relay.window(credit);
                 }
             }
             Msg::Fin { flow } => {
@@ -834,12 +638,6 @@ impl Agent {
                 resource,
                 size,
             } => self.echo(token, resource, size),
-            Msg::Ping { nonce } => {
-                if let Some(s) = self.sess.as_mut() {
-                    s.session.send_control(Msg::Pong { nonce });
-                }
-            }
-            Msg::Pong { .. } => {}
             other => tracing::warn!("unexpected message from netredird: {other:?}"),
         }
     }
@@ -858,38 +656,39 @@ impl Agent {
         proto: Proto,
         flow: FlowId,
     ) -> Option<SocketAddr> {
-        let Some(e) = self.exports.get_mut(resource as usize) else {
-            tracing::warn!(
-                flow,
-                resource,
-                "open for a resource this agent does not export"
-            );
-            self.send_msg(Msg::OpenErr {
-                flow,
-                reason: OpenError::NotExported,
-            });
-            return None;
+        let names = &mut self.names;
+        let verdict = self
+            .exports
+            .target(resource, port, proto, |i| names.lookup(i, Instant::now()));
+        let (addr, compression) = match verdict {
+            Ok((addr, e)) => (addr, e.compression),
+            Err(d) => {
+                match d {
+                    Denied::NoSuchResource => tracing::warn!(
+                        flow,
+                        resource,
+                        "open for a resource this agent does not export"
+                    ),
+                    Denied::PortNotExported => {
+                        let name = self.exports.get(resource as usize).map(|e| &e.spec.name);
+                        tracing::info!(flow, ?name, port, ?proto, "refused: port not exported");
+                    }
+                    Denied::Unresolved => {
+                        let e = self.exports.get(resource as usize).map(|e| &e.spec);
+                        tracing::warn!(flow, target = ?e.map(ToString::to_string), "cannot resolve target (yet)");
+                    }
+                }
+                self.send_msg(Msg::OpenErr {
+                    flow,
+                    reason: d.open_error(),
+                });
+                return None;
+            }
         };
-        if !e.spec.allows(port, proto) {
-            tracing::info!(flow, name = %e.spec.name, port, ?proto, "refused: port not exported");
-            self.send_msg(Msg::OpenErr {
-                flow,
-                reason: OpenError::NotExported,
-            });
-            return None;
+        if let (Some(mode), Some(s)) = (compression, self.ep.session_mut()) {
+            s.set_flow_compression(flow, mode);
         }
-        let Some(ip) = self.names.lookup(resource as usize, Instant::now()) else {
-            tracing::warn!(flow, target = %e.spec, "cannot resolve target (yet)");
-            self.send_msg(Msg::OpenErr {
-                flow,
-                reason: OpenError::Unreachable,
-            });
-            return None;
-        };
-        if let (Some(mode), Some(s)) = (e.compression, self.sess.as_mut()) {
-            s.session.set_flow_compression(flow, mode);
-        }
-        Some(SocketAddr::new(ip, port))
+        Some(addr)
     }
 
     fn open(&mut self, flow: FlowId, resource: u32, port: u16) {
@@ -921,12 +720,10 @@ impl Agent {
                 fd,
                 ops: 0,
                 connected: false,
-                credit: HOST_WINDOW,
+                relay: Relay::new(),
                 recv_op: None,
                 eof: false,
-                to_target: VecDeque::new(),
                 sending: false,
-                ungranted: 0,
                 fin_from_host: false,
                 shut_wr: false,
                 dead: false,
@@ -935,34 +732,15 @@ impl Agent {
                 queued: Some(deadline),
             },
         );
-        self.connect_queue
-            .entry(addr)
-            .or_default()
-            .push_back(serial);
+        self.connects.push(addr, serial);
         self.start_connects(addr);
     }
 
     /// Starts queued connects to `addr` while fewer than
-    /// `--max-connecting` are in flight. A burst of guest connections to a
-    /// busy server (a listen backlog of 5) then reaches it as a steady
-    /// stream, each connect starting as the one before completes, instead
-    /// of SYNs that the full queue drops and that the kernel sends again
-    /// only 1, 2, 4... 64 s later, until some give up.
+    /// `--max-connecting` are in flight (see [`Connects`]).
     fn start_connects(&mut self, addr: SocketAddr) {
-        let max = self.args.max_connecting.max(1);
         let now = Instant::now();
-        loop {
-            if self.connecting.get(&addr).copied().unwrap_or(0) >= max {
-                return;
-            }
-            let Some(serial) = self
-                .connect_queue
-                .get_mut(&addr)
-                .and_then(VecDeque::pop_front)
-            else {
-                self.connect_queue.remove(&addr);
-                return;
-            };
+        while let Some(serial) = self.connects.next(addr) {
             let Some(f) = self.flows.get_mut(&serial) else {
                 continue;
             };
@@ -984,7 +762,7 @@ impl Agent {
             }
             f.ops += 1;
             let fd = f.fd.as_raw_fd();
-            *self.connecting.entry(addr).or_default() += 1;
+            self.connects.started(addr);
             self.reactor
                 .connect(fd, addr, deadline - now, Tag::FlowConnect(serial));
         }
@@ -997,14 +775,14 @@ impl Agent {
         };
         if self.by_id.get(&f.id) == Some(&serial) {
             self.by_id.remove(&f.id);
-            if let Some(s) = self.sess.as_mut() {
-                s.session.forget_flow(f.id);
+            if let Some(s) = self.ep.session_mut() {
+                s.forget_flow(f.id);
             }
         }
         if !f.dead {
             f.dead = true;
             f.abortive = abortive;
-            f.to_target.clear();
+            f.relay.clear();
             if let Some(op) = f.recv_op {
                 self.reactor.cancel(op);
             }
@@ -1046,12 +824,7 @@ impl Agent {
         };
         f.ops -= 1;
         let (id, dead, addr) = (f.id, f.dead, f.target);
-        if let Some(n) = self.connecting.get_mut(&addr) {
-            *n -= 1;
-            if *n == 0 {
-                self.connecting.remove(&addr);
-            }
-        }
+        self.connects.done(addr);
         self.start_connects(addr);
         let Some(f) = self.flows.get_mut(&serial) else {
             return;
@@ -1095,7 +868,7 @@ impl Agent {
                 self.kill_flow(serial, true);
             }
             n => {
-                f.credit -= n as u32;
+                f.relay.read(n as usize);
                 let buf = c.buf.unwrap_or_default();
                 for chunk in buf.chunks(MAX_DATA) {
                     self.send_msg(Msg::Data {
@@ -1118,15 +891,9 @@ impl Agent {
             return self.reap(serial);
         }
         let io = c.io_result();
-        let mut buf = c.buf.unwrap_or_default();
+        let buf = c.buf.unwrap_or_default();
         match io {
-            Ok(n) => {
-                f.ungranted += n as u32;
-                if n < buf.len() {
-                    buf.drain(..n);
-                    f.to_target.push_front(buf);
-                }
-            }
+            Ok(n) => f.relay.written(n, buf),
             Err(e) => {
                 tracing::debug!(flow = id, "write to resource failed: {e}");
                 self.send_msg(Msg::Reset { flow: id });
@@ -1147,8 +914,8 @@ impl Agent {
     }
 
     /// Starts whatever operations the flows and the tunnel can do now.
-    fn pump(&mut self, _now: Instant) {
-        let can_read = self.sess.as_ref().is_some_and(|s| s.session.can_send());
+    fn pump(&mut self) {
+        let can_read = self.ep.can_send();
         let serials: Vec<u64> = self.flows.keys().copied().collect();
         let mut grants = Vec::new();
         let mut done = Vec::new();
@@ -1158,8 +925,8 @@ impl Agent {
                 continue;
             }
             let fd = f.fd.as_raw_fd();
-            if can_read && f.recv_op.is_none() && !f.eof && f.credit > 0 {
-                let want = (f.credit as usize).min(RECV_BUF);
+            let want = f.relay.read_budget(RECV_BUF);
+            if can_read && f.recv_op.is_none() && !f.eof && want > 0 {
                 f.ops += 1;
                 f.recv_op = Some(
                     self.reactor
@@ -1167,7 +934,7 @@ impl Agent {
                 );
             }
             if !f.sending {
-                if let Some(buf) = f.to_target.pop_front() {
+                if let Some(buf) = f.relay.next_write() {
                     f.sending = true;
                     f.ops += 1;
                     self.reactor.send(fd, buf, 0, Tag::FlowSend(s));
@@ -1178,9 +945,8 @@ impl Agent {
                     done.push(s);
                 }
             }
-            if f.ungranted > 0 && (f.to_target.is_empty() || f.ungranted >= AGENT_WINDOW / 4) {
-                grants.push((f.id, f.ungranted));
-                f.ungranted = 0;
+            if let Some(credit) = f.relay.take_grant() {
+                grants.push((f.id, credit));
             }
         }
         for (flow, credit) in grants {
@@ -1190,21 +956,11 @@ impl Agent {
             self.maybe_done(s);
         }
         self.pump_udp(can_read);
-        if let Some(s) = self.sess.as_mut() {
-            s.session.flush();
-        }
-        let up = self.tunnel.as_ref().is_some_and(|t| t.phase == Phase::Up);
+        // The tunnel: what the endpoint has to send, one send at a time.
         if let Some(t) = self.tunnel.as_mut()
-            && t.phase != Phase::Connecting
+            && t.up
         {
-            let session = if up {
-                self.sess.as_mut().map(|s| &mut s.session)
-            } else {
-                None
-            };
-            let mut out = std::mem::take(&mut t.out);
-            t.link.as_mut().expect("link").flush(session, &mut out);
-            t.out = out;
+            self.ep.poll_transmit(&mut t.out);
             if !t.sending && !t.out.is_empty() {
                 let out = std::mem::take(&mut t.out);
                 t.sending = true;

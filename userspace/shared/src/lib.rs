@@ -4,6 +4,8 @@
 //! - [`wire`]: the tunnel's messages and their codec (bytes in, messages
 //!   out; messages in, bytes out).
 //! - [`link`]: one tunnel connection: TLS, a preamble, then records.
+//! - [`endpoint`]: each side of the tunnel as one sans-IO value: session,
+//!   connection, preamble, heartbeats, grace and resume.
 //! - [`pairing`]: which agent keys may reach which VM; one-time codes.
 //! - [`session`]: records, acknowledgements, replay and per-flow
 //!   compression on top of the messages.
@@ -20,6 +22,7 @@
 pub mod control;
 #[cfg(feature = "docs")]
 pub mod docs;
+pub mod endpoint;
 pub mod export;
 pub mod link;
 pub mod pairing;

@@ -1,0 +1,474 @@
+//! The agent's decisions, apart from its sockets, so that tests can hold
+//! them to account: the export policy's answer to an `Open`, each TCP
+//! flow's credits and its queue toward the resource, and the per-address
+//! queue of connects.
+
+use netredir_shared::export::ExportSpec;
+use netredir_shared::session::Compression;
+use netredir_shared::wire::{AGENT_WINDOW, HOST_WINDOW, MAX_DATA, Msg, OpenError, Proto};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+/// One `--export`, with its compression override.
+#[derive(Debug)]
+pub struct Export {
+    /// What the user gave.
+    pub spec: ExportSpec,
+    /// `--resource-compression` for it, if any.
+    pub compression: Option<Compression>,
+}
+
+/// The export policy: the host reaches these resources and ports, and
+/// nothing else. A resource's id is its index.
+pub struct Exports(Vec<Export>);
+
+/// Why the policy says no to an `Open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No export has this id.
+    NoSuchResource,
+    /// The export does not include this port (and protocol).
+    PortNotExported,
+    /// Its name does not resolve (yet).
+    Unresolved,
+}
+
+impl Denied {
+    /// What the host is told, so the guest gets what a real network says.
+    pub fn open_error(self) -> OpenError {
+        match self {
+            Denied::NoSuchResource | Denied::PortNotExported => OpenError::NotExported,
+            Denied::Unresolved => OpenError::Unreachable,
+        }
+    }
+}
+
+impl Exports {
+    /// The policy of these exports, in the order given.
+    pub fn new(list: Vec<Export>) -> Self {
+        Self(list)
+    }
+
+    /// Export `i` (its resource id), if there is one.
+    pub fn get(&self, i: usize) -> Option<&Export> {
+        self.0.get(i)
+    }
+
+    /// The `Export` messages that announce them to a new session.
+    pub fn announcements(&self) -> Vec<Msg> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Msg::Export {
+                id: i as u32,
+                name: e.spec.name.clone(),
+                target: e.spec.to_string(),
+                ports: e.spec.ports.clone(),
+            })
+            .collect()
+    }
+
+    /// Where an `Open` of `resource:port` over `proto` goes, if the policy
+    /// allows it; `lookup` gives the export's address (None: not resolved).
+    pub fn target(
+        &self,
+        resource: u32,
+        port: u16,
+        proto: Proto,
+        lookup: impl FnOnce(usize) -> Option<IpAddr>,
+    ) -> Result<(SocketAddr, &Export), Denied> {
+        let e = self
+            .0
+            .get(resource as usize)
+            .ok_or(Denied::NoSuchResource)?;
+        if !e.spec.allows(port, proto) {
+            return Err(Denied::PortNotExported);
+        }
+        let ip = lookup(resource as usize).ok_or(Denied::Unresolved)?;
+        Ok((SocketAddr::new(ip, port), e))
+    }
+}
+
+/// The host sent more than the window it was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overrun;
+
+/// One TCP flow's bytes and credits: what the agent may read from the
+/// resource for the host, and what the host sent that the resource has not
+/// taken yet. The host may have [`AGENT_WINDOW`] bytes unacknowledged; the
+/// agent grants them back as the resource takes them.
+pub struct Relay {
+    /// Bytes we may still send the host.
+    credit: u32,
+    /// Bytes from the host queued for the resource, oldest first.
+    to_target: VecDeque<Vec<u8>>,
+    queued: usize,
+    /// Bytes handed to a send not completed yet.
+    in_flight: usize,
+    /// Bytes the resource took, not granted back yet.
+    ungranted: u32,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Relay {
+    /// A new flow: the host grants us [`HOST_WINDOW`] at the start.
+    pub fn new() -> Self {
+        Self {
+            credit: HOST_WINDOW,
+            to_target: VecDeque::new(),
+            queued: 0,
+            in_flight: 0,
+            ungranted: 0,
+        }
+    }
+
+    /// Data from the host for the resource. Small writes join the last
+    /// queued buffer, so that a resource that does not read costs its
+    /// window and no more (a buffer per 1-byte message would cost ~50
+    /// bytes each). Beyond the window, the host broke its side: reset.
+    pub fn host_data(&mut self, bytes: &[u8]) -> Result<(), Overrun> {
+        let held = self.queued + self.in_flight + self.ungranted as usize;
+        if held + bytes.len() > AGENT_WINDOW as usize {
+            return Err(Overrun);
+        }
+        match self.to_target.back_mut() {
+            Some(last) if last.len() + bytes.len() <= MAX_DATA => last.extend_from_slice(bytes),
+            _ => {
+                let mut b = Vec::with_capacity(MAX_DATA.min(bytes.len().max(4096)));
+                b.extend_from_slice(bytes);
+                self.to_target.push_back(b);
+            }
+        }
+        self.queued += bytes.len();
+        Ok(())
+    }
+
+    /// The host granted `credit` more bytes.
+    pub fn window(&mut self, credit: u32) {
+        self.credit = self.credit.saturating_add(credit);
+    }
+
+    /// How much to read from the resource now, at most `max` (0: wait for
+    /// the host's credit).
+    pub fn read_budget(&self, max: usize) -> usize {
+        (self.credit as usize).min(max)
+    }
+
+    /// `n` bytes were read from the resource for the host.
+    pub fn read(&mut self, n: usize) {
+        self.credit = self.credit.saturating_sub(n as u32);
+    }
+
+    /// The next buffer to write to the resource (one write at a time).
+    pub fn next_write(&mut self) -> Option<Vec<u8>> {
+        let b = self.to_target.pop_front()?;
+        self.queued -= b.len();
+        self.in_flight += b.len();
+        Some(b)
+    }
+
+    /// A write of `buf` took `n` bytes; the rest goes first next time.
+    pub fn written(&mut self, n: usize, mut buf: Vec<u8>) {
+        self.in_flight -= buf.len();
+        self.ungranted += n as u32;
+        if n < buf.len() {
+            buf.drain(..n);
+            self.queued += buf.len();
+            self.to_target.push_front(buf);
+        }
+    }
+
+    /// Credit to grant the host now, if any: once the queue is empty, or a
+    /// quarter of the window is waiting (a grant per write would cost a
+    /// message per write).
+    pub fn take_grant(&mut self) -> Option<u32> {
+        if self.ungranted > 0 && (self.to_target.is_empty() || self.ungranted >= AGENT_WINDOW / 4) {
+            return Some(std::mem::take(&mut self.ungranted));
+        }
+        None
+    }
+
+    /// Whether nothing waits to be written.
+    #[cfg(test)]
+    pub fn is_drained(&self) -> bool {
+        self.to_target.is_empty()
+    }
+
+    /// Bytes the flow holds in memory (queued and being written).
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.queued + self.in_flight
+    }
+
+    /// The flow is over: drop what it held.
+    pub fn clear(&mut self) {
+        self.to_target.clear();
+        self.queued = 0;
+    }
+}
+
+/// Connects to one server at a time, `max` in flight per address: a burst
+/// of guest connections to a busy server (a listen backlog of 5) reaches
+/// it as a steady stream, each connect starting as the one before
+/// completes, instead of SYNs that the full queue drops and that the
+/// kernel sends again only 1, 2, 4... 64 s later, until some give up.
+pub struct Connects {
+    max: usize,
+    in_flight: HashMap<SocketAddr, usize>,
+    queue: HashMap<SocketAddr, VecDeque<u64>>,
+}
+
+impl Connects {
+    /// At most `max` (at least one) connects in flight per address.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            in_flight: HashMap::new(),
+            queue: HashMap::new(),
+        }
+    }
+
+    /// Queues flow `serial`'s connect to `addr`, behind the earlier ones.
+    pub fn push(&mut self, addr: SocketAddr, serial: u64) {
+        self.queue.entry(addr).or_default().push_back(serial);
+    }
+
+    /// The next queued flow for `addr` if a slot is free; call
+    /// [`Connects::started`] if it does start.
+    pub fn next(&mut self, addr: SocketAddr) -> Option<u64> {
+        if self.in_flight(addr) >= self.max {
+            return None;
+        }
+        let q = self.queue.get_mut(&addr)?;
+        let s = q.pop_front();
+        if q.is_empty() {
+            self.queue.remove(&addr);
+        }
+        s
+    }
+
+    /// A connect to `addr` is in flight.
+    pub fn started(&mut self, addr: SocketAddr) {
+        *self.in_flight.entry(addr).or_default() += 1;
+    }
+
+    /// A connect to `addr` completed (either way): its slot is free.
+    pub fn done(&mut self, addr: SocketAddr) {
+        if let Some(n) = self.in_flight.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&addr);
+            }
+        }
+    }
+
+    /// Connects to `addr` in flight.
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        self.in_flight.get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Flows waiting for a slot for `addr`.
+    #[cfg(test)]
+    pub fn waiting(&self, addr: SocketAddr) -> usize {
+        self.queue.get(&addr).map_or(0, VecDeque::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn exports() -> Exports {
+        let spec = |s: &str| s.parse::<ExportSpec>().unwrap();
+        Exports::new(vec![
+            Export {
+                spec: spec("printer=printer.lan:9100,631,161/udp"),
+                compression: None,
+            },
+            Export {
+                spec: spec("scanner=10.0.0.9:8080"),
+                compression: Some(Compression::Off),
+            },
+        ])
+    }
+
+    const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
+
+    #[test]
+    fn the_policy_allows_exactly_the_exported_resources_and_ports() {
+        let ex = exports();
+        let ok = ex.target(0, 9100, Proto::Tcp, |i| {
+            assert_eq!(i, 0);
+            Some(IP)
+        });
+        let (addr, e) = ok.unwrap();
+        assert_eq!(addr, SocketAddr::new(IP, 9100));
+        assert_eq!(e.spec.name, "printer");
+        assert_eq!(
+            ex.target(0, 161, Proto::Udp, |_| Some(IP))
+                .unwrap()
+                .0
+                .port(),
+            161
+        );
+        let (_, e) = ex.target(1, 8080, Proto::Tcp, |_| Some(IP)).unwrap();
+        assert_eq!(e.compression, Some(Compression::Off));
+        let denied = |r, p, proto| ex.target(r, p, proto, |_| Some(IP)).err();
+        // Unexported port, a port exported for the other protocol, and
+        // a resource that does not exist: NotExported, never a connect.
+        assert_eq!(denied(0, 22, Proto::Tcp), Some(Denied::PortNotExported));
+        assert_eq!(denied(0, 161, Proto::Tcp), Some(Denied::PortNotExported));
+        assert_eq!(denied(0, 9100, Proto::Udp), Some(Denied::PortNotExported));
+        assert_eq!(denied(2, 9100, Proto::Tcp), Some(Denied::NoSuchResource));
+        assert_eq!(
+            denied(u32::MAX, 9100, Proto::Tcp),
+            Some(Denied::NoSuchResource)
+        );
+        for d in [Denied::PortNotExported, Denied::NoSuchResource] {
+            assert_eq!(d.open_error(), OpenError::NotExported);
+        }
+        // Allowed, but its name does not resolve: unreachable.
+        let d = ex.target(0, 631, Proto::Tcp, |_| None).unwrap_err();
+        assert_eq!(d, Denied::Unresolved);
+        assert_eq!(d.open_error(), OpenError::Unreachable);
+        // The policy is not asked for an address it refuses anyway.
+        let e = ex.target(0, 22, Proto::Tcp, |_| panic!("looked up"));
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn exports_are_announced_by_index() {
+        let a = exports().announcements();
+        assert_eq!(a.len(), 2);
+        match &a[1] {
+            Msg::Export {
+                id,
+                name,
+                target,
+                ports,
+            } => {
+                assert_eq!((*id, name.as_str()), (1, "scanner"));
+                assert_eq!(target, "10.0.0.9:8080");
+                assert_eq!(ports, &vec![(8080, Proto::Tcp)]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_from_the_resource_stay_within_the_hosts_credit() {
+        let mut r = Relay::new();
+        assert_eq!(r.read_budget(usize::MAX), HOST_WINDOW as usize);
+        assert_eq!(r.read_budget(1000), 1000);
+        r.read(HOST_WINDOW as usize - 10);
+        assert_eq!(r.read_budget(1000), 10);
+        r.read(10);
+        assert_eq!(r.read_budget(1000), 0, "no credit: no read");
+        r.window(500);
+        assert_eq!(r.read_budget(1000), 500);
+        r.window(u32::MAX);
+        assert_eq!(r.read_budget(usize::MAX), u32::MAX as usize, "saturates");
+    }
+
+    #[test]
+    fn the_host_may_hold_one_window_and_is_granted_it_back_as_the_resource_takes_it() {
+        let mut r = Relay::new();
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..AGENT_WINDOW as usize / chunk.len() {
+            r.host_data(&chunk).unwrap();
+        }
+        assert_eq!(r.held(), AGENT_WINDOW as usize);
+        assert_eq!(r.host_data(b"x"), Err(Overrun), "one byte over the window");
+        // The resource takes a whole buffer, then half of one.
+        let b = r.next_write().unwrap();
+        assert_eq!(b.len(), MAX_DATA);
+        // In flight still counts against the window.
+        assert_eq!(r.host_data(b"x"), Err(Overrun));
+        r.written(b.len(), b);
+        assert_eq!(
+            r.take_grant(),
+            None,
+            "a quarter window not reached, queue not empty"
+        );
+        let b = r.next_write().unwrap();
+        r.written(1000, b);
+        assert_eq!(r.held(), AGENT_WINDOW as usize - MAX_DATA - 1000);
+        // Written but not granted back yet still counts.
+        assert_eq!(r.host_data(b"x"), Err(Overrun));
+        // The rest of a short write goes first.
+        let b = r.next_write().unwrap();
+        assert_eq!(b.len(), MAX_DATA - 1000);
+        r.written(b.len(), b);
+        while let Some(b) = r.next_write() {
+            let n = b.len();
+            r.written(n, b);
+            if let Some(g) = r.take_grant() {
+                assert!(g >= AGENT_WINDOW / 4, "grants come in large pieces: {g}");
+                // Granted: the host may send that much again.
+                r.host_data(&vec![1u8; g as usize]).unwrap();
+                assert_eq!(r.host_data(b"x"), Err(Overrun));
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn an_idle_queue_grants_what_was_written_at_once_and_small_writes_share_a_buffer() {
+        let mut r = Relay::new();
+        for _ in 0..100 {
+            r.host_data(b"a").unwrap();
+        }
+        let b = r.next_write().unwrap();
+        assert_eq!(b.len(), 100, "a hundred 1-byte messages, one buffer");
+        assert!(r.next_write().is_none());
+        r.written(100, b);
+        assert!(r.is_drained());
+        assert_eq!(r.take_grant(), Some(100));
+        assert_eq!(r.take_grant(), None, "granted once");
+        assert_eq!(r.held(), 0);
+    }
+
+    #[test]
+    fn connects_to_one_address_wait_their_turn_in_order() {
+        let a: SocketAddr = "10.0.0.5:9100".parse().unwrap();
+        let b: SocketAddr = "10.0.0.6:9100".parse().unwrap();
+        let mut c = Connects::new(2);
+        for s in 1..=5 {
+            c.push(a, s);
+        }
+        c.push(b, 9);
+        let mut started = Vec::new();
+        while let Some(s) = c.next(a) {
+            c.started(a);
+            started.push(s);
+        }
+        assert_eq!(started, vec![1, 2], "two in flight at most");
+        assert_eq!((c.in_flight(a), c.waiting(a)), (2, 3));
+        // Another address has slots of its own.
+        assert_eq!(c.next(b), Some(9));
+        c.started(b);
+        // One completes: the next in line starts, no more.
+        c.done(a);
+        assert_eq!(c.next(a), Some(3));
+        c.started(a);
+        assert_eq!(c.next(a), None);
+        // A queued flow that is gone by its turn is skipped by the caller
+        // without taking a slot.
+        c.done(a);
+        assert_eq!(c.next(a), Some(4));
+        assert_eq!(c.next(a), Some(5));
+        c.started(a);
+        assert_eq!(c.next(a), None);
+        assert_eq!(c.waiting(a), 0);
+        c.done(a);
+        c.done(a);
+        assert_eq!(c.in_flight(a), 0);
+        assert_eq!(Connects::new(0).max, 1, "at least one");
+    }
+}
