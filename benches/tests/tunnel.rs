@@ -91,6 +91,29 @@ fn pairing_once_then_reconnecting_without_a_code() {
         assert_eq!(mode(&r.agent_state().join(f)), 0o600, "agent {f}");
     }
     assert_eq!(echo_once(&r, 7007, b"one"), b"one");
+    // A second agent on the same state (the same key) is refused at start:
+    // the two would take the VM's session from each other.
+    let connect = format!("{HOST_WAN_IP}:{TUNNEL_PORT}");
+    let state = r.agent_state();
+    let second =
+        r.tb.client
+            .command(bin("netredir-agent").unwrap())
+            .args([
+                "--connect",
+                &connect,
+                "--export",
+                &format!("echo={LAN_IP}:7007"),
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains("another netredir-agent runs with --state-dir"),
+        "{err}"
+    );
     r.tb.signal("agent1", libc::SIGTERM).unwrap();
     r.tb.wait_exit("agent1", TIMEOUT).unwrap();
     // The pin is there now: start_agent passes no --pair.

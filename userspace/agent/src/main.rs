@@ -209,6 +209,25 @@ const RECV_BUF: usize = 256 * 1024;
 /// How long TCP may take to connect to netredird.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Takes the state directory for this process, or says who has it.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock(2) on a file we hold open.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another netredir-agent runs with --state-dir {} (the same key): run one agent per VM, each with its own state directory",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
 fn run(args: Args) -> Result<()> {
     let server: Vec<SocketAddr> = args
         .connect
@@ -239,6 +258,9 @@ fn run(args: Args) -> Result<()> {
     let names = resolve::Names::new(initial, Instant::now());
     let identity = Identity::load_or_create(&args.state_dir, "agent", &args.name)
         .context("cannot load or create this agent's identity (--state-dir)")?;
+    // Held until the process exits: two agents with one key would take
+    // the VM's session from each other for ever.
+    let _lock = lock_state_dir(&args.state_dir)?;
     let pin_path = args.state_dir.join("host.pin");
     let pin = match std::fs::read_to_string(&pin_path) {
         Ok(s) => Some(s.trim().parse::<Fingerprint>().with_context(|| {

@@ -28,15 +28,21 @@
 //! VM); a Hello naming the VM is the planned way past that.
 //!
 //! Connections: any number may be in their TLS handshake or preamble on
-//! worker 0 (a garbage client cannot block a real agent); once the
-//! agent's Resume has named its VM the connection moves to the VM's
-//! worker (after its last operation here completes), where one per VM carries its
-//! session. A paired agent that reconnects resumes the session: no byte of
+//! worker 0 (a garbage client cannot block a real agent), each with a
+//! [`HostHandshake`]; the agent's request (its key, a pairing code, the
+//! session it resumes) is decided here ([`Loop::admit`]: redeem, pick the
+//! VM, refuse or "not now"), and an admitted connection moves to its VM's
+//! worker (after its last operation here completes) and into the VM's
+//! [`HostEndpoint`], the tunnel's sans-IO host side shared with the tests
+//! in `netredir_shared::endpoint`: session, resume, heartbeats and the
+//! grace period live there, this loop only moves bytes and acts on its
+//! events. A paired agent that reconnects resumes the session: no byte of
 //! any flow is lost. A session without a connection for `grace` is
 //! dropped: every flow is reset and the resources go offline. A connection
 //! that hears nothing for three heartbeats is dropped (and may be resumed).
 
-use crate::workers::{DaemonCounters, Entry, Mailbox, Registry};
+use crate::counters::{self, DaemonCounters, VmCounters};
+use crate::workers::{Entry, Mailbox, Registry};
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
@@ -45,17 +51,21 @@ use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::{
     FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
 };
-use netredir_shared::link::{Link, LinkError};
+use netredir_shared::endpoint::{
+    AgentRequest, ConnLost, HandshakeError, HostConfig, HostEndpoint, HostEvent, HostHandshake,
+    SessionEnd,
+};
 use netredir_shared::pairing::PairStore;
-use netredir_shared::session::{Compression, Session, SessionConfig};
+use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
-use netredir_shared::wire::{Msg, OpenError, Proto, VERSION};
+use netredir_shared::wire::{Msg, OpenError, Proto};
 use netredir_uring::{Completion, OpId, Reactor, Waker};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,18 +101,10 @@ pub enum Request {
 /// A connection handed from the worker that ran its preamble to the worker
 /// of the VM it selected, with its TLS state and unsent bytes.
 pub struct Handoff {
+    /// Its handshake done, the agent's request in it.
     conn: Conn,
-    resume: Resume,
-}
-
-/// What an agent's preamble asked for: VM `vm`'s session `want` (0 for a
-/// new one), having received `received` of its records.
-struct Resume {
+    /// The VM (of the receiving worker) it selected.
     vm: u64,
-    fp: Fingerprint,
-    name: String,
-    want: u64,
-    received: u64,
 }
 
 /// A VM ready to attach: its steer programs attached to its NIC and its
@@ -175,8 +177,6 @@ const RECV_BUF: usize = 256 * 1024;
 /// Receive buffer of a connection still in its handshake: TLS and the
 /// preamble are a few KiB; the big buffer comes once the agent is known.
 const PREAUTH_RECV_BUF: usize = 16 * 1024;
-/// A connection must finish TLS and its preamble within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections in their handshake at once; more are closed at once
 /// (unauthenticated peers must not hold the daemon's memory or fds).
 const MAX_PREAUTH: usize = 64;
@@ -203,32 +203,19 @@ struct Conn {
     cgen: u64,
     fd: OwnedFd,
     ops: u32,
-    link: Link,
+    /// TLS and the agent's preamble, until the connection is admitted
+    /// (then its VM's endpoint holds the link).
+    hs: Option<HostHandshake>,
     out: Vec<u8>,
     sending: bool,
-    since: Instant,
-    last_rx: Instant,
     phase: Phase,
-    hello: Option<String>,
-    /// The VM a pairing code on this connection was for.
-    paired_vm: Option<String>,
-    /// The VM whose session it carries (once it has one).
+    /// The VM whose session it carries (once admitted).
     vm: Option<u64>,
     /// The peer's address, for the per-address handshake limit.
     peer: Option<std::net::IpAddr>,
     /// The peer's address and port as seen here (after any NAT), for
     /// `netredirctl status`.
     addr: Option<std::net::SocketAddr>,
-}
-
-struct HostSession {
-    id: u64,
-    session: Session,
-    agent_fp: Fingerprint,
-    agent: String,
-    /// When the last connection was lost (None while connected).
-    lost_at: Option<Instant>,
-    reconnects: u64,
 }
 
 struct Resource {
@@ -256,18 +243,16 @@ struct Vm {
     /// The pending poll on `xsk`, cancelled at detach.
     xsk_op: Option<OpId>,
     engine: Engine,
-    /// The connection carrying the session.
-    active: Option<u64>,
-    hs: Option<HostSession>,
+    /// Its side of the tunnel: the session and the connection carrying it.
+    ep: HostEndpoint,
     resources: Vec<Resource>,
     by_id: HashMap<u32, usize>,
     pending_frames: Vec<Vec<u8>>,
-    /// This VM's counters (the daemon's own are in [`Loop`]).
-    counters: HashMap<&'static str, u64>,
+    /// This VM's own counters (the daemon's are shared by the workers).
+    counters: VmCounters,
     /// Per resource name: flows opened, bytes each way (kept across
     /// agent reconnects, for metrics).
     per_resource: HashMap<String, crate::metrics::ResourceTotals>,
-    last_ping: Instant,
     /// Refusals and malformed frames as of the last warning about them.
     reported: (Instant, [u64; 4]),
     /// Its engine took input since its last poll (frames, messages, a
@@ -291,7 +276,7 @@ struct Loop {
     next_cgen: u64,
     /// Connections waiting to go to another worker: (worker, what it
     /// needs to take them), by connection.
-    handoffs: HashMap<u64, (usize, Resume)>,
+    handoffs: HashMap<u64, (usize, u64)>,
     /// Tunnel connections refused before authentication, as of the last
     /// warning about them (one line per 10 s at most).
     reported_preauth: (Instant, u64),
@@ -338,6 +323,9 @@ pub fn run(
         let mut delay = Duration::from_secs(1);
         for vm in l.vms.values_mut() {
             delay = delay.min(vm.poll_at.saturating_duration_since(now));
+            if let Some(t) = vm.ep.poll_timeout() {
+                delay = delay.min(t.saturating_duration_since(now));
+            }
             if !vm.pending_frames.is_empty() || vm.xsk.tx_pending() {
                 delay = delay.min(Duration::from_millis(1));
             }
@@ -360,6 +348,14 @@ pub fn run(
             }
         }
         if stop {
+            // Out of LISTEN now: the ring's pending accept may hold the
+            // socket a little past the process's exit (io_uring tears
+            // down asynchronously), and a netredird started right after
+            // must be able to bind the port.
+            if let Some(fd) = listen_fd {
+                // SAFETY: shutdown(2) on the listener we own.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
             for c in &mut l.conns {
                 // SAFETY: shutdown(2) on a socket we own.
                 unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
@@ -461,15 +457,7 @@ impl Vm {
     /// Guest bytes wait in the sockets for room toward the tunnel, and
     /// there is room now: read them without waiting for a frame.
     fn wants_poll(&self) -> bool {
-        self.engine.wants_poll() && self.hs.as_ref().is_none_or(|h| h.session.can_send())
-    }
-
-    fn bump(&mut self, k: &'static str) {
-        *self.counters.entry(k).or_default() += 1;
-    }
-
-    fn counter(&self, k: &str) -> u64 {
-        self.counters.get(k).copied().unwrap_or(0)
+        self.engine.wants_poll() && self.ep.session().is_none_or(|s| s.can_send())
     }
 
     /// Adds to the totals of the resource `flow` goes to.
@@ -490,14 +478,8 @@ impl Vm {
     }
 
     /// The session is over: every flow reset, resources offline.
-    fn end_session(&mut self, now: Instant, why: &str) {
-        if let Some(hs) = self.hs.take() {
-            tracing::info!(
-                vm = %self.name,
-                session = format_args!("{:#x}", hs.id),
-                "session ended: {why}; flows reset, resources offline"
-            );
-        }
+    fn session_over(&mut self, now: Instant, why: &SessionEnd) {
+        tracing::info!(vm = %self.name, "session ended: {why}; flows reset, resources offline");
         self.engine.set_online(false, now);
         self.engine.clear_resources();
         self.dirty = true;
@@ -506,6 +488,16 @@ impl Vm {
         }
         self.by_id.clear();
         while self.engine.poll_event().is_some() {}
+    }
+
+    /// No connection carries the session now (it may resume): new flows
+    /// wait, resources show offline.
+    fn tunnel_down(&mut self) {
+        self.engine.set_accepting(false);
+        self.dirty = true;
+        for r in &mut self.resources {
+            r.online = false;
+        }
     }
 
     fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
@@ -549,11 +541,11 @@ impl Vm {
 
     /// Engine events → session messages, while the replay buffer has room.
     fn events_to_session(&mut self, cfg: &Config, now: Instant) {
-        let Some(h) = self.hs.as_mut() else {
+        let Some(session) = self.ep.session_mut() else {
             while self.engine.poll_event().is_some() {}
             return;
         };
-        while h.session.can_send() {
+        while session.can_send() {
             let Some(ev) = self.engine.poll_event() else {
                 break;
             };
@@ -578,24 +570,24 @@ impl Vm {
                 t.to_resource += n;
             }
             match ev {
-                Event::Closed { flow } => h.session.forget_flow(flow),
+                Event::Closed { flow } => session.forget_flow(flow),
                 Event::Open { resource, flow, .. } => {
                     if let Some(r) = self.by_id.get(&resource).map(|i| &self.resources[*i])
                         && let Some(c) = cfg.resource_compression.get(&r.name)
                     {
-                        h.session.set_flow_compression(flow, *c);
+                        session.set_flow_compression(flow, *c);
                     }
-                    h.session.send(to_msg(ev).expect("open"), now);
+                    session.send(to_msg(ev).expect("open"), now);
                 }
                 ev => {
                     if let Some(m) = to_msg(ev) {
-                        h.session.send(m, now);
+                        session.send(m, now);
                     }
                 }
             }
         }
         // Nothing more to add: the record goes now.
-        h.session.flush();
+        session.flush();
     }
 
     /// Engine frames → the VM.
@@ -625,8 +617,8 @@ impl Vm {
                 "shared"
             }
             .into(),
-            agent_connected: self.active.is_some(),
-            agent: self.hs.as_ref().map(|h| h.agent.clone()),
+            agent_connected: self.ep.connection().is_some(),
+            agent: self.ep.agent().map(|(_, name)| name.to_string()),
             flows: self.engine.flow_count() as u64,
             bytes_from_guest: e.bytes_from_guest,
             bytes_to_guest: e.bytes_to_guest,
@@ -649,14 +641,18 @@ impl Vm {
             .collect()
     }
 
-    fn stats(&self, daemon: &BTreeMap<&'static str, u64>) -> Stats {
-        let session = self.hs.as_ref().map(|h| {
-            let s = h.session.stats();
+    fn stats(&self, daemon: &DaemonCounters) -> Stats {
+        let session = self.ep.session().map(|session| {
+            let s = session.stats();
             SessionReport {
-                id: format!("{:#x}", h.id),
-                agent: h.agent.clone(),
-                connected: self.active.is_some(),
-                reconnects: h.reconnects,
+                id: format!("{:#x}", self.ep.session_id().unwrap_or(0)),
+                agent: self
+                    .ep
+                    .agent()
+                    .map(|(_, n)| n.to_string())
+                    .unwrap_or_default(),
+                connected: self.ep.connection().is_some(),
+                reconnects: self.ep.reconnects(),
                 records_sent: s.records_sent,
                 records_received: s.records_received,
                 records_retransmitted: s.records_retransmitted,
@@ -664,17 +660,17 @@ impl Vm {
                 data_wire_bytes_out: s.data_wire_bytes_out,
                 data_bytes_in: s.data_bytes_in,
                 data_wire_bytes_in: s.data_wire_bytes_in,
-                tunnel_bytes_out: self.counter("tunnel_bytes_out"),
-                tunnel_bytes_in: self.counter("tunnel_bytes_in"),
-                replay_bytes: h.session.replay_bytes() as u64,
-                compression_contexts: h.session.contexts() as u64,
+                tunnel_bytes_out: self.counters.tunnel_bytes_out,
+                tunnel_bytes_in: self.counters.tunnel_bytes_in,
+                replay_bytes: session.replay_bytes() as u64,
+                compression_contexts: session.contexts() as u64,
             }
         });
         let mut flows: Vec<FlowReport> = self
-            .hs
-            .as_ref()
-            .map(|h| {
-                h.session
+            .ep
+            .session()
+            .map(|session| {
+                session
                     .flow_stats()
                     .iter()
                     .map(|(f, s)| {
@@ -704,17 +700,11 @@ impl Vm {
                 + e.refused_no_resource
                 + e.refused_offline
                 + e.refused_limit,
-            refused_connections: daemon.get("tunnel_refused").copied().unwrap_or(0)
-                + self.counter("tunnel_refused"),
+            refused_connections: counters::get(&daemon.tunnel_refused),
         }
     }
 
-    fn status(
-        &self,
-        zone: &str,
-        daemon: &BTreeMap<&'static str, u64>,
-        agent_addr: Option<String>,
-    ) -> Status {
+    fn status(&self, zone: &str, daemon: &DaemonCounters, agent_addr: Option<String>) -> Status {
         let mut counters: Vec<(String, u64)> = self
             .engine
             .counters()
@@ -722,10 +712,12 @@ impl Vm {
             .into_iter()
             .map(|(k, v)| (format!("engine.{k}"), v))
             .collect();
-        // The daemon's counters, with this VM's in place of its own keys.
-        let mut own: BTreeMap<&str, u64> = daemon.iter().map(|(k, v)| (*k, *v)).collect();
-        own.extend(self.counters.iter().map(|(k, v)| (*k, *v)));
-        counters.extend(own.into_iter().map(|(k, v)| (format!("daemon.{k}"), v)));
+        // This VM's own counters, then the daemon's (tunnel connections
+        // before a VM is known: every VM's status shows them).
+        let vm = self.counters.pairs().into_iter();
+        counters.extend(vm.map(|(k, v)| (format!("vm.{k}"), v)));
+        let d = daemon.pairs().into_iter();
+        counters.extend(d.map(|(k, v)| (format!("daemon.{k}"), v)));
         counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
         counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
         counters.push(("xsk.frames_held".into(), self.xsk.frames_held() as u64));
@@ -733,8 +725,8 @@ impl Vm {
         let pool = self.xsk.pool();
         counters.push(("umem.frames".into(), u64::from(pool.frames())));
         counters.push(("umem.frames_free".into(), pool.free_frames() as u64));
-        if let Some(h) = &self.hs {
-            let s = h.session.stats();
+        if let Some(session) = self.ep.session() {
+            let s = session.stats();
             counters.push(("session.skipped".into(), s.skipped));
             counters.push(("session.flow_errors".into(), s.flow_errors));
             counters.push(("session.duplicates".into(), s.duplicates));
@@ -748,8 +740,8 @@ impl Vm {
         Status {
             iface: self.iface.clone(),
             subnet: self.subnet.to_string(),
-            agent_connected: self.active.is_some(),
-            agent_name: self.hs.as_ref().map(|h| h.agent.clone()),
+            agent_connected: self.ep.connection().is_some(),
+            agent_name: self.ep.agent().map(|(_, n)| n.to_string()),
             agent_addr,
             flows: self.engine.flow_count() as u64,
             prefix6: self.prefix6.to_string(),
@@ -763,7 +755,7 @@ impl Vm {
     }
 
     /// This VM's metrics snapshot.
-    fn report(&self, zone: &str, daemon: &BTreeMap<&'static str, u64>) -> crate::metrics::VmReport {
+    fn report(&self, zone: &str, daemon: &DaemonCounters) -> crate::metrics::VmReport {
         let st = self.status(zone, daemon, None);
         let stats = self.stats(daemon);
         let e = self.engine.counters();
@@ -800,23 +792,21 @@ impl Vm {
                 ("opening", e.syn_dropped_opening),
                 ("by_agent", e.refused_by_agent),
             ],
-            counters: st.counters,
+            // The daemon's counters go once, not per VM.
+            counters: st
+                .counters
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("daemon."))
+                .collect(),
             resources,
         }
     }
 }
 
 impl Loop {
-    fn bump(&self, k: &'static str) {
-        self.cfg.daemon.add(k, 1);
-    }
-
-    fn add(&self, k: &'static str, n: u64) {
-        self.cfg.daemon.add(k, n);
-    }
-
-    fn counter(&self, k: &str) -> u64 {
-        self.cfg.daemon.get(k)
+    /// Adds one to a daemon counter.
+    fn bump(&self, c: fn(&DaemonCounters) -> &AtomicU64) {
+        counters::inc(c(&self.cfg.daemon));
     }
 
     fn conn(&mut self, cgen: u64) -> Option<&mut Conn> {
@@ -862,13 +852,13 @@ impl Loop {
                 let r = match self.resolve(vm.as_deref()) {
                     Ok(id) => {
                         let v = &self.vms[&id];
-                        let addr = v
-                            .active
-                            .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
-                            .and_then(|c| c.addr)
-                            .map(|a| a.to_string());
-                        let daemon = self.cfg.daemon.snapshot();
-                        Response::Status(v.status(&self.cfg.zone, &daemon, addr))
+                        let addr =
+                            v.ep.connection()
+                                .and_then(|g| self.conns.iter().find(|c| c.cgen == g))
+                                .and_then(|c| c.addr)
+                                .map(|a| a.to_string());
+                        let daemon = &self.cfg.daemon;
+                        Response::Status(v.status(&self.cfg.zone, daemon, addr))
                     }
                     Err(e) => error(e),
                 };
@@ -876,7 +866,7 @@ impl Loop {
             }
             Request::Stats(vm, reply) => {
                 let r = match self.resolve(vm.as_deref()) {
-                    Ok(id) => Response::Stats(self.vms[&id].stats(&self.cfg.daemon.snapshot())),
+                    Ok(id) => Response::Stats(self.vms[&id].stats(&self.cfg.daemon)),
                     Err(e) => error(e),
                 };
                 let _ = reply.send(r);
@@ -908,11 +898,11 @@ impl Loop {
             }
             Request::Conn(h) => self.take_conn(*h, now),
             Request::Metrics(reply) => {
-                let daemon = self.cfg.daemon.snapshot();
+                let daemon = &self.cfg.daemon;
                 let vms: Vec<_> = self
                     .vms
                     .values()
-                    .map(|v| v.report(&self.cfg.zone, &daemon))
+                    .map(|v| v.report(&self.cfg.zone, daemon))
                     .collect();
                 let _ = reply.send(vms);
             }
@@ -960,14 +950,23 @@ impl Loop {
             xsk: s.xsk,
             xsk_op: Some(op),
             engine: Engine::new(ecfg, now),
-            active: None,
-            hs: None,
+            ep: HostEndpoint::new(
+                HostConfig {
+                    session: SessionConfig {
+                        replay_limit: cfg.replay_limit,
+                        compression: cfg.compression,
+                        ..Default::default()
+                    },
+                    heartbeat: cfg.heartbeat,
+                    grace: cfg.grace,
+                },
+                now,
+            ),
             resources: Vec::new(),
             by_id: HashMap::new(),
             pending_frames: Vec::new(),
-            counters: HashMap::new(),
+            counters: VmCounters::default(),
             per_resource: HashMap::new(),
-            last_ping: now,
             reported: (now, [0; 4]),
             dirty: true,
             poll_at: now,
@@ -981,14 +980,18 @@ impl Loop {
     /// Lets a VM go: its guest sees its flows reset (sent before the
     /// socket closes), its tunnel closes, its programs are removed.
     fn detach(&mut self, id: u64, now: Instant) {
-        if let Some(a) = self.vms.get(&id).and_then(|v| v.active) {
-            self.drop_conn(a, now);
+        if let Some(vm) = self.vms.get_mut(&id) {
+            let why = SessionEnd::Closed("the VM was detached".into());
+            vm.ep.end_session(why, now);
         }
+        self.drain_vm(id, now);
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
         self.cfg.registry.remove(&vm.name);
-        vm.end_session(now, "the VM was detached");
+        // Whatever the guest still has open (a SYN held for room) is reset.
+        vm.engine.set_online(false, now);
+        while vm.engine.poll_event().is_some() {}
         vm.frames_out();
         for c in self.conns.iter_mut().filter(|c| c.vm == Some(id)) {
             c.vm = None;
@@ -1049,12 +1052,12 @@ impl Loop {
                 {
                     // The connection waits in the backlog; retrying at once
                     // would spin. Handshakes time out and give fds back.
-                    if self.counter("tunnel_accept_backoffs").is_multiple_of(100) {
+                    if counters::get(&self.cfg.daemon.tunnel_accept_backoffs).is_multiple_of(100) {
                         tracing::warn!(
                             "accept on tunnel listener: {e}; retrying every {ACCEPT_BACKOFF:?}"
                         );
                     }
-                    self.bump("tunnel_accept_backoffs");
+                    self.bump(|d| &d.tunnel_accept_backoffs);
                     self.accept_paused = Some(now + ACCEPT_BACKOFF);
                 }
                 Err(e) => {
@@ -1081,8 +1084,8 @@ impl Loop {
         if total >= MAX_PREAUTH || same >= MAX_PREAUTH_PER_ADDR {
             // Closed at once (fd dropped): the peer sees a reset.
             tracing::debug!(?peer, total, same, "too many tunnel handshakes; closing");
-            self.bump("tunnel_refused_handshake_limit");
-            self.bump("tunnel_refused");
+            self.bump(|d| &d.tunnel_refused_handshake_limit);
+            self.bump(|d| &d.tunnel_refused);
             return;
         }
         let tls = match Tls::server(&self.cfg.identity) {
@@ -1104,26 +1107,34 @@ impl Loop {
             cgen,
             fd,
             ops: 1,
-            link: Link::new(tls),
+            hs: Some(HostHandshake::new(tls, now)),
             out: Vec::new(),
             sending: false,
-            since: now,
-            last_rx: now,
             phase: Phase::Preamble,
-            hello: None,
-            paired_vm: None,
             vm: None,
             peer,
             addr,
         });
-        self.bump("tunnel_connections");
+        self.bump(|d| &d.tunnel_connections);
     }
 
-    /// Stops using a connection: shut down now, freed when its operations
-    /// have completed. If it carried a session, the session waits for a
-    /// resume (up to `grace`).
-    fn drop_conn(&mut self, cgen: u64, now: Instant) {
-        let grace = self.cfg.grace;
+    /// The socket of connection `cgen` failed or ended (`why`): it closes;
+    /// a session it carried waits for a resume (up to `grace`).
+    fn drop_conn(&mut self, cgen: u64, why: &str, now: Instant) {
+        let Some(c) = self.conn(cgen) else { return };
+        let vm = c.vm;
+        self.close_socket(cgen);
+        if let Some(id) = vm
+            && let Some(v) = self.vms.get_mut(&id)
+        {
+            v.ep.connection_lost(cgen, why, now);
+            self.drain_vm(id, now);
+        }
+    }
+
+    /// Stops using a connection's socket: shut down now, freed when its
+    /// operations have completed.
+    fn close_socket(&mut self, cgen: u64) {
         let Some(c) = self.conn(cgen) else { return };
         if c.phase == Phase::Closing {
             return;
@@ -1131,25 +1142,6 @@ impl Loop {
         c.phase = Phase::Closing;
         // SAFETY: shutdown(2) on our socket; pending ops complete.
         unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(vm) = c.vm.and_then(|id| self.vms.get_mut(&id))
-            && vm.active == Some(cgen)
-        {
-            vm.active = None;
-            vm.engine.set_accepting(false);
-            vm.dirty = true;
-            for r in &mut vm.resources {
-                r.online = false;
-            }
-            if let Some(hs) = &mut vm.hs {
-                hs.session.connection_lost();
-                hs.lost_at = Some(now);
-                tracing::info!(
-                    vm = %vm.name,
-                    ?grace,
-                    "tunnel connection lost; flows are kept while the agent resumes"
-                );
-            }
-        }
         self.reap();
     }
 
@@ -1158,49 +1150,39 @@ impl Loop {
             .retain(|c| !(c.phase == Phase::Closing && c.ops == 0));
     }
 
-    /// Refuses a connection in its preamble: the agent learns why, the
+    /// Ends a connection in its handshake: what the handshake has to say
+    /// last (a refusal, "not now") goes out before the socket shuts.
+    fn close_handshake(&mut self, cgen: u64) {
+        let Some(c) = self.conn(cgen) else { return };
+        if let Some(hs) = c.hs.as_mut() {
+            hs.poll_transmit(&mut c.out);
+        }
+        let fd = c.fd.as_raw_fd();
+        if !c.sending && !c.out.is_empty() {
+            let b = std::mem::take(&mut c.out);
+            c.ops += 1;
+            c.sending = true;
+            self.reactor.send(fd, b, 0, Tag::Send(cgen));
+        }
+        if let Some(c) = self.conn(cgen) {
+            c.phase = Phase::Closing;
+            // SAFETY: shutdown(2) of the read side only: the answer still
+            // goes out.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+        self.reap();
+    }
+
+    /// Refuses a connection in its handshake: the agent learns why, the
     /// operator reads it in the log, the counter moves.
-    fn refuse(&mut self, cgen: u64, counter: &'static str, why: &str) {
+    fn refuse(&mut self, cgen: u64, counter: fn(&DaemonCounters) -> &AtomicU64, why: &str) {
         tracing::warn!("refused tunnel connection: {why}");
         self.bump(counter);
-        self.bump("tunnel_refused");
-        self.close_preamble(
-            cgen,
-            Msg::Refused {
-                reason: why.to_string(),
-            },
-        );
-    }
-
-    /// Ends a connection in its preamble with `last` (a refusal, or "not
-    /// now"), sent before the socket shuts.
-    fn close_preamble(&mut self, cgen: u64, last: Msg) {
-        if let Some(c) = self.conn(cgen) {
-            c.link.send_preamble(&last);
-            c.link.close();
-            let mut out = std::mem::take(&mut c.out);
-            c.link.flush(None, &mut out);
-            c.out = out;
-            // Let the refusal go out before the socket shuts.
-            let fd = c.fd.as_raw_fd();
-            if !c.sending && !c.out.is_empty() {
-                let b = std::mem::take(&mut c.out);
-                c.ops += 1;
-                c.sending = true;
-                self.reactor.send(fd, b, 0, Tag::Send(cgen));
-            }
-            if let Some(c) = self.conn(cgen) {
-                c.phase = Phase::Closing;
-                // SAFETY: shutdown(2) of the read side only.
-                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-            }
+        self.bump(|d| &d.tunnel_refused);
+        if let Some(hs) = self.conn(cgen).and_then(|c| c.hs.as_mut()) {
+            hs.refuse(why);
         }
-    }
-
-    /// The VM whose session connection `cgen` carries, if it does.
-    fn active_vm(&self, cgen: u64) -> Option<u64> {
-        let id = self.conns.iter().find(|c| c.cgen == cgen)?.vm?;
-        (self.vms.get(&id)?.active == Some(cgen)).then_some(id)
+        self.close_handshake(cgen);
     }
 
     fn on_recv(&mut self, cgen: u64, c: Completion<Tag>, now: Instant) {
@@ -1215,55 +1197,33 @@ impl Loop {
         let n = match io {
             Ok(0) => {
                 tracing::debug!(cgen, "tunnel connection closed by peer");
-                return self.drop_conn(cgen, now);
+                return self.drop_conn(cgen, "the agent closed the connection", now);
             }
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(cgen, "tunnel recv: {e}");
-                return self.drop_conn(cgen, now);
+                return self.drop_conn(cgen, &format!("receive: {e}"), now);
             }
         };
-        self.add("tunnel_bytes_in", n as u64);
-        let active = self.active_vm(cgen);
-        let conn = self
-            .conns
-            .iter_mut()
-            .find(|c| c.cgen == cgen)
-            .expect("live");
-        conn.last_rx = now;
-        let was_handshaking = conn.link.handshaking();
-        if let Some(vm) = conn.vm.and_then(|id| self.vms.get_mut(&id)) {
-            *vm.counters.entry("tunnel_bytes_in").or_default() += n as u64;
-        }
-        let session = active
-            .and_then(|id| self.vms.get_mut(&id))
-            .and_then(|v| v.hs.as_mut())
-            .map(|h| &mut h.session);
-        let res = conn.link.receive(&buf, session);
-        match res {
-            Ok(msgs) => {
-                for m in msgs {
-                    self.on_preamble(cgen, m, now);
+        counters::add(&self.cfg.daemon.tunnel_bytes_in, n as u64);
+        let conn = self.conn(cgen).expect("live");
+        let vm = conn.vm;
+        match conn.hs.as_mut() {
+            Some(hs) => match hs.handle_bytes(&buf, now) {
+                Ok(Some(req)) => self.admit(cgen, req, now),
+                Ok(None) => {}
+                Err(e) => return self.handshake_failed(cgen, e),
+            },
+            None => {
+                if let Some(id) = vm
+                    && let Some(v) = self.vms.get_mut(&id)
+                {
+                    v.counters.tunnel_bytes_in += n as u64;
+                    v.ep.handle_bytes(cgen, &buf, now);
+                    v.dirty = true;
+                    self.drain_vm(id, now);
                 }
             }
-            Err(LinkError::Tls(e)) if was_handshaking => {
-                let counter = match e {
-                    TlsError::NotTls => "tunnel_refused_not_tls",
-                    _ => "tunnel_refused_tls",
-                };
-                tracing::warn!("refused tunnel connection: TLS handshake failed: {e}");
-                self.bump(counter);
-                self.bump("tunnel_refused");
-                return self.drop_conn(cgen, now);
-            }
-            Err(e) => {
-                tracing::warn!("tunnel protocol error: {e}; dropping the connection");
-                self.bump("tunnel_protocol_errors");
-                return self.drop_conn(cgen, now);
-            }
-        }
-        if let Some(id) = active {
-            self.drain_session(id, now);
         }
         if let Some(conn) = self.conn(cgen)
             && conn.phase != Phase::Closing
@@ -1279,6 +1239,26 @@ impl Loop {
         }
     }
 
+    /// A handshake failed: counted by why, the agent told if it can be.
+    fn handshake_failed(&mut self, cgen: u64, e: HandshakeError) {
+        let counter: fn(&DaemonCounters) -> &AtomicU64 = match &e {
+            HandshakeError::Tls(TlsError::NotTls) => |d| &d.tunnel_refused_not_tls,
+            HandshakeError::Tls(_) => |d| &d.tunnel_refused_tls,
+            HandshakeError::Version(_) => |d| &d.tunnel_refused_version,
+            HandshakeError::Protocol(_) | HandshakeError::Malformed(_) => {
+                |d| &d.tunnel_refused_protocol
+            }
+            HandshakeError::TimedOut => |d| &d.tunnel_refused_slow_handshake,
+        };
+        match &e {
+            HandshakeError::TimedOut => tracing::debug!(cgen, "{e}; closing"),
+            _ => tracing::warn!("refused tunnel connection: {e}"),
+        }
+        self.bump(counter);
+        self.bump(|d| &d.tunnel_refused);
+        self.close_handshake(cgen);
+    }
+
     fn on_send(&mut self, cgen: u64, c: Completion<Tag>) {
         let io = c.io_result();
         let Some(conn) = self.conn(cgen) else { return };
@@ -1287,14 +1267,14 @@ impl Loop {
         let mut buf = c.buf.unwrap_or_default();
         match io {
             Ok(n) => {
-                self.add("tunnel_bytes_out", n as u64);
+                counters::add(&self.cfg.daemon.tunnel_bytes_out, n as u64);
                 let conn = self
                     .conns
                     .iter_mut()
                     .find(|c| c.cgen == cgen)
                     .expect("live");
                 if let Some(vm) = conn.vm.and_then(|id| self.vms.get_mut(&id)) {
-                    *vm.counters.entry("tunnel_bytes_out").or_default() += n as u64;
+                    vm.counters.tunnel_bytes_out += n as u64;
                 }
                 if n < buf.len() {
                     buf.drain(..n);
@@ -1305,7 +1285,7 @@ impl Loop {
             Err(e) => {
                 tracing::debug!(cgen, "tunnel send: {e}");
                 let now = Instant::now();
-                self.drop_conn(cgen, now);
+                self.drop_conn(cgen, &format!("send: {e}"), now);
             }
         }
         self.reap();
@@ -1364,205 +1344,147 @@ impl Loop {
         }
     }
 
-    /// A preamble message on connection `cgen`.
-    fn on_preamble(&mut self, cgen: u64, m: Msg, now: Instant) {
-        let Some(conn) = self.conn(cgen) else { return };
-        if conn.phase != Phase::Preamble {
-            return;
+    /// An agent's preamble is complete: redeem its pairing code, find
+    /// its VM, and admit it there (here, or on the VM's worker), tell it
+    /// "not now", or refuse it.
+    fn admit(&mut self, cgen: u64, req: AgentRequest, now: Instant) {
+        let mut paired_vm = None;
+        if let Some(secret) = &req.pair {
+            let (vm, redeemed) = {
+                let mut pairs = self.cfg.pairs.lock().unwrap_or_else(|p| p.into_inner());
+                let vm = pairs.code_vm(secret, now);
+                let redeemed = match &vm {
+                    Some(vm) => pairs.redeem(secret, &req.key, &req.name, vm, now),
+                    None => Ok(false),
+                };
+                (vm, redeemed)
+            };
+            match redeemed {
+                Ok(true) => {
+                    let vm = vm.expect("redeemed");
+                    tracing::info!(agent = %req.name, key = %req.key, %vm, "agent paired");
+                    self.bump(|d| &d.pairings);
+                    paired_vm = Some(vm);
+                }
+                Ok(false) => {
+                    let why = "the pairing code is wrong, used or expired: get a new one with `netredirctl pair`";
+                    return self.refuse(cgen, |d| &d.tunnel_refused_bad_code, why);
+                }
+                Err(e) => {
+                    tracing::error!("cannot save the pairing: {e}");
+                    let why = "the host could not save the pairing";
+                    return self.refuse(cgen, |d| &d.tunnel_refused_bad_code, why);
+                }
+            }
         }
-        let Some(fp) = conn.link.peer() else { return };
-        match m {
-            Msg::Hello { version, name } => {
-                if version != VERSION {
-                    let why =
-                        format!("protocol version {version} (this netredird speaks {VERSION})");
-                    return self.refuse(cgen, "tunnel_refused_version", &why);
+        match self.vm_for(&req.key, paired_vm.as_deref()) {
+            Ok(Ok(e)) if e.worker == self.worker => self.accept(cgen, e.id, now),
+            Ok(Ok(e)) => {
+                // Its VM is on another worker: the connection goes there
+                // once nothing of it is in flight here.
+                self.conn(cgen).expect("live").phase = Phase::Handoff;
+                self.handoffs.insert(cgen, (e.worker, e.id));
+            }
+            Ok(Err(why)) => {
+                tracing::debug!("tunnel connection told to come back later: {why}");
+                self.bump(|d| &d.tunnel_later_vm_detached);
+                if let Some(hs) = self.conn(cgen).and_then(|c| c.hs.as_mut()) {
+                    hs.later(&why);
                 }
-                conn.hello = Some(name);
+                self.close_handshake(cgen);
             }
-            Msg::Pair { secret } => {
-                let name = conn.hello.clone().unwrap_or_default();
-                let (vm, redeemed) = {
-                    let mut pairs = self.cfg.pairs.lock().unwrap_or_else(|p| p.into_inner());
-                    let vm = pairs.code_vm(&secret, now);
-                    let redeemed = match &vm {
-                        Some(vm) => pairs.redeem(&secret, &fp, &name, vm, now),
-                        None => Ok(false),
-                    };
-                    (vm, redeemed)
-                };
-                match redeemed {
-                    Ok(true) => {
-                        let vm = vm.expect("redeemed");
-                        tracing::info!(agent = %name, key = %fp, %vm, "agent paired");
-                        self.bump("pairings");
-                        if let Some(c) = self.conn(cgen) {
-                            c.paired_vm = Some(vm);
-                        }
-                    }
-                    Ok(false) => {
-                        let why = "the pairing code is wrong, used or expired: get a new one with `netredirctl pair`";
-                        self.refuse(cgen, "tunnel_refused_bad_code", why)
-                    }
-                    Err(e) => {
-                        tracing::error!("cannot save the pairing: {e}");
-                        self.refuse(
-                            cgen,
-                            "tunnel_refused_bad_code",
-                            "the host could not save the pairing",
-                        )
-                    }
-                }
-            }
-            Msg::Resume { session, received } => {
-                let Some(name) = conn.hello.clone() else {
-                    return self.refuse(cgen, "tunnel_refused_protocol", "Resume before Hello");
-                };
-                let paired_vm = conn.paired_vm.clone();
-                match self.vm_for(&fp, paired_vm.as_deref()) {
-                    Ok(Ok(e)) if e.worker == self.worker => {
-                        self.start_session(cgen, e.id, fp, name, session, received, now)
-                    }
-                    Ok(Ok(e)) => {
-                        // Its VM is on another worker: the connection goes
-                        // there once nothing of it is in flight here.
-                        let conn = self.conn(cgen).expect("live");
-                        conn.phase = Phase::Handoff;
-                        let meta = Resume {
-                            vm: e.id,
-                            fp,
-                            name,
-                            want: session,
-                            received,
-                        };
-                        self.handoffs.insert(cgen, (e.worker, meta));
-                    }
-                    Ok(Err(why)) => {
-                        tracing::debug!("tunnel connection told to come back later: {why}");
-                        self.bump("tunnel_later_vm_detached");
-                        self.close_preamble(cgen, Msg::Later { reason: why });
-                    }
-                    Err(why) => self.refuse(cgen, "tunnel_refused_unpaired", &why),
-                }
-            }
-            other => {
-                let why = format!("unexpected {other:?} in the preamble");
-                self.refuse(cgen, "tunnel_refused_protocol", &why);
-            }
+            Err(why) => self.refuse(cgen, |d| &d.tunnel_refused_unpaired, &why),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_session(
-        &mut self,
-        cgen: u64,
-        id: u64,
-        fp: Fingerprint,
-        name: String,
-        want: u64,
-        received: u64,
-        now: Instant,
-    ) {
-        if !self.vms.contains_key(&id) {
+    /// Admitted connection `cgen` goes to VM `id`'s endpoint: the session
+    /// resumes or a new one starts; a connection that carried it before
+    /// is replaced.
+    fn accept(&mut self, cgen: u64, id: u64, now: Instant) {
+        let Some(hs) = self.conn(cgen).and_then(|c| c.hs.take()) else {
+            return;
+        };
+        let Some(vm) = self.vms.get_mut(&id) else {
             // Detached while the connection was on its way here.
-            self.bump("tunnel_later_vm_detached");
-            let reason = "its VM was detached just now".to_string();
-            return self.close_preamble(cgen, Msg::Later { reason });
+            self.bump(|d| &d.tunnel_later_vm_detached);
+            let c = self.conn(cgen).expect("live");
+            let mut hs = hs;
+            hs.later("its VM was detached just now");
+            c.hs = Some(hs);
+            return self.close_handshake(cgen);
+        };
+        let agent = hs.peer().map(|k| k.to_string()).unwrap_or_default();
+        let acc = vm.ep.accept(cgen, hs, now);
+        let name = vm
+            .ep
+            .agent()
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default();
+        let session = format_args!("{:#x}", acc.session).to_string();
+        if acc.resumed {
+            tracing::info!(vm = %vm.name, agent = %name, %session, "session resumed");
+        } else {
+            tracing::info!(vm = %vm.name, agent = %name, key = %agent, %session, "agent connected, new session");
         }
-        // One connection carries the session: a newer one replaces it.
-        if let Some(old) = self.vms[&id].active
-            && old != cgen
-        {
-            tracing::info!(vm = %self.vms[&id].name, "a new connection from the agent replaces the current one");
-            self.drop_conn(old, now);
-        }
-        let (replay_limit, compression) = (self.cfg.replay_limit, self.cfg.compression);
-        let vm = self.vms.get_mut(&id).expect("attached");
-        let resumable = vm
-            .hs
-            .as_ref()
-            .is_some_and(|h| h.id == want && want != 0 && h.agent_fp == fp);
-        let mut resumed = false;
-        if resumable {
-            let hs = vm.hs.as_mut().expect("checked");
-            hs.session.connection_lost();
-            match hs.session.resume(received) {
-                Ok(()) => {
-                    resumed = true;
-                    hs.lost_at = None;
-                    hs.reconnects += 1;
-                    hs.agent = name.clone();
-                    tracing::info!(vm = %vm.name, agent = %name, session = format_args!("{:#x}", hs.id), "session resumed");
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %vm.name, "cannot resume the session: {e}; starting a new one")
-                }
+        let c = self.conn(cgen).expect("live");
+        c.phase = Phase::Up;
+        c.vm = Some(id);
+        // An older connection and session end first (their events come
+        // before the agent's messages), then the new one is up.
+        self.drain_vm(id, now);
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        if vm.ep.connection() == Some(cgen) {
+            if !acc.resumed {
+                vm.engine.set_online(true, now);
             }
-        }
-        vm.dirty = true;
-        if resumed {
             vm.engine.set_accepting(true);
             let live: Vec<usize> = vm.by_id.values().copied().collect();
             for i in live {
                 vm.resources[i].online = true;
             }
-        } else {
-            if vm.hs.is_some() {
-                vm.end_session(now, "replaced by a new session");
-            }
-            let sid = random_u64() | 1;
-            vm.hs = Some(HostSession {
-                id: sid,
-                session: Session::new(SessionConfig {
-                    replay_limit,
-                    compression,
-                    ..Default::default()
-                }),
-                agent_fp: fp,
-                agent: name.clone(),
-                lost_at: None,
-                reconnects: 0,
-            });
-            vm.engine.set_online(true, now);
-            vm.engine.set_accepting(true);
-            tracing::info!(vm = %vm.name, agent = %name, session = format_args!("{sid:#x}"), "agent connected, new session");
+            vm.dirty = true;
         }
-        let hs = vm.hs.as_mut().expect("set");
-        let welcome = Msg::Welcome {
-            session: hs.id,
-            received: hs.session.received(),
-            resumed,
-        };
-        let conn = self
-            .conns
-            .iter_mut()
-            .find(|c| c.cgen == cgen)
-            .expect("live");
-        conn.link.send_preamble(&welcome);
-        if let Err(e) = conn.link.enter_records(&mut hs.session) {
-            tracing::warn!("tunnel protocol error right after the preamble: {e}");
-            return self.drop_conn(cgen, now);
-        }
-        conn.phase = Phase::Up;
-        conn.vm = Some(id);
-        vm.active = Some(cgen);
-        self.drain_session(id, now);
     }
 
-    /// Applies the session's messages from VM `id`'s agent.
-    fn drain_session(&mut self, id: u64, now: Instant) {
-        let mut drop_active = false;
+    /// Acts on what VM `id`'s endpoint has to say: the agent's messages
+    /// to the engine, lost connections closed, an ended session's flows
+    /// reset.
+    fn drain_vm(&mut self, id: u64, now: Instant) {
+        let mut close = Vec::new();
         if let Some(vm) = self.vms.get_mut(&id) {
             vm.dirty = true;
-            loop {
-                let m = match vm.hs.as_mut().map(|h| h.session.poll_msg()) {
-                    None | Some(Ok(None)) => break,
-                    Some(Ok(Some(m))) => m,
-                    Some(Err(e)) => {
-                        tracing::warn!(vm = %vm.name, "tunnel protocol error: {e}; dropping the connection");
-                        vm.bump("tunnel_protocol_errors");
-                        drop_active = true;
-                        break;
+            while let Some(ev) = vm.ep.poll_event() {
+                let m = match ev {
+                    HostEvent::Msg(m) => m,
+                    HostEvent::ConnectionLost { conn, why } => {
+                        close.push(conn);
+                        match &why {
+                            ConnLost::Silent => {
+                                tracing::warn!(vm = %vm.name, "agent {why}; dropping the connection");
+                                vm.counters.heartbeat_timeouts += 1;
+                            }
+                            ConnLost::Protocol(e) => {
+                                tracing::warn!(vm = %vm.name, "tunnel {e}; dropping the connection");
+                                vm.counters.tunnel_protocol_errors += 1;
+                            }
+                            ConnLost::Replaced => {
+                                tracing::info!(vm = %vm.name, "a new connection from the agent replaces the current one");
+                            }
+                            _ => {}
+                        }
+                        if vm.ep.connection().is_none() {
+                            vm.tunnel_down();
+                            if vm.ep.session().is_some() {
+                                tracing::info!(vm = %vm.name, grace = ?self.cfg.grace, "tunnel connection lost ({why}); flows are kept while the agent resumes");
+                            }
+                        }
+                        continue;
+                    }
+                    HostEvent::SessionEnded(why) => {
+                        vm.session_over(now, &why);
+                        continue;
                     }
                 };
                 let res = match m {
@@ -1578,7 +1500,7 @@ impl Loop {
                     Msg::OpenOk { flow } => vm.engine.open_ok(flow, now),
                     Msg::OpenErr { flow, reason } => {
                         tracing::debug!(flow, ?reason, "agent refused open");
-                        vm.bump("refused_opens");
+                        vm.counters.refused_opens += 1;
                         let why = match reason {
                             OpenError::Unreachable => Refusal::Unreachable,
                             OpenError::TimedOut => Refusal::NoAnswer,
@@ -1601,32 +1523,21 @@ impl Loop {
                     Msg::Window { flow, credit } => vm.engine.window(flow, credit, now),
                     Msg::Fin { flow } => vm.engine.fin(flow, now),
                     Msg::Reset { flow } => vm.engine.reset(flow, now),
-                    Msg::Ping { nonce } => {
-                        if let Some(h) = vm.hs.as_mut() {
-                            h.session.send_control(Msg::Pong { nonce });
-                        }
-                        Ok(())
-                    }
-                    Msg::Pong { .. } => Ok(()),
                     other => {
-                        tracing::warn!(vm = %vm.name, "unexpected {other:?} from the agent; dropping the connection");
-                        vm.bump("tunnel_protocol_errors");
-                        drop_active = true;
-                        break;
+                        let why = format!("unexpected {other:?} from the agent");
+                        vm.ep.drop_connection(ConnLost::Protocol(why), now);
+                        continue;
                     }
                 };
                 if let Err(e) = res {
                     // Races (a flow the guest just reset) are normal; count them.
                     tracing::debug!("{e}");
-                    vm.bump("flow_messages_ignored");
+                    vm.counters.flow_messages_ignored += 1;
                 }
             }
-            if let Some(h) = vm.hs.as_mut() {
-                h.session.maybe_ack(false);
-            }
         }
-        if drop_active && let Some(a) = self.vms.get(&id).and_then(|v| v.active) {
-            self.drop_conn(a, now);
+        for c in close {
+            self.close_socket(c);
         }
     }
 
@@ -1653,8 +1564,8 @@ impl Loop {
             vm.reported = (now, cur);
         }
         if now.saturating_duration_since(self.reported_preauth.0) >= Duration::from_secs(10) {
-            let limit = self.counter("tunnel_refused_handshake_limit");
-            let slow = self.counter("tunnel_refused_slow_handshake");
+            let limit = counters::get(&self.cfg.daemon.tunnel_refused_handshake_limit);
+            let slow = counters::get(&self.cfg.daemon.tunnel_refused_slow_handshake);
             if limit + slow > self.reported_preauth.1 {
                 tracing::warn!(
                     handshake_limit = limit,
@@ -1665,20 +1576,17 @@ impl Loop {
             self.reported_preauth = (now, limit + slow);
         }
         // Handshakes that take too long (or never start) are dropped.
-        let slow: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|c| {
-                c.phase == Phase::Preamble
-                    && now.saturating_duration_since(c.since) > HANDSHAKE_TIMEOUT
-            })
-            .map(|c| c.cgen)
-            .collect();
-        for cgen in slow {
-            tracing::debug!(cgen, "no handshake within {HANDSHAKE_TIMEOUT:?}; closing");
-            self.bump("tunnel_refused_slow_handshake");
-            self.bump("tunnel_refused");
-            self.drop_conn(cgen, now);
+        let mut slow = Vec::new();
+        for c in &mut self.conns {
+            if c.phase == Phase::Preamble
+                && let Some(hs) = c.hs.as_mut()
+                && let Err(e) = hs.handle_timeout(now)
+            {
+                slow.push((c.cgen, e));
+            }
+        }
+        for (cgen, e) in slow {
+            self.handshake_failed(cgen, e);
         }
         if let Some(t) = self.accept_paused
             && now >= t
@@ -1688,49 +1596,18 @@ impl Loop {
                 self.reactor.accept(l.as_raw_fd(), Tag::Accept);
             }
         }
-        // Heartbeats, and dead peers.
-        let (heartbeat, grace) = (self.cfg.heartbeat, self.cfg.grace);
-        let mut silent_conns = Vec::new();
-        for vm in self.vms.values_mut() {
-            if let Some(a) = vm.active {
-                let silent = self
-                    .conns
-                    .iter()
-                    .find(|c| c.cgen == a)
-                    .map(|c| now.saturating_duration_since(c.last_rx))
-                    .unwrap_or_default();
-                if silent > heartbeat * 3 {
-                    tracing::warn!(
-                        vm = %vm.name,
-                        ?silent,
-                        "agent silent for three heartbeats; dropping the connection"
-                    );
-                    vm.bump("heartbeat_timeouts");
-                    silent_conns.push(a);
-                } else if now.saturating_duration_since(vm.last_ping) >= heartbeat {
-                    vm.last_ping = now;
-                    if let Some(h) = vm.hs.as_mut() {
-                        h.session.send_control(Msg::Ping {
-                            nonce: random_u64(),
-                        });
-                    }
-                }
+        // Heartbeats, dead peers, sessions past their grace.
+        let due: Vec<u64> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.ep.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(vm) = self.vms.get_mut(&id) {
+                vm.ep.handle_timeout(now);
             }
-        }
-        for a in silent_conns {
-            self.drop_conn(a, now);
-        }
-        for vm in self.vms.values_mut() {
-            // A session nobody resumed within the grace period ends.
-            if let Some(h) = &vm.hs
-                && let Some(t) = h.lost_at
-                && now.saturating_duration_since(t) >= grace
-            {
-                vm.end_session(now, "the agent did not come back within the grace period");
-            }
-            if let Some(h) = vm.hs.as_mut() {
-                h.session.sweep_idle(now);
-            }
+            self.drain_vm(id, now);
         }
     }
 
@@ -1738,21 +1615,27 @@ impl Loop {
         for vm in self.vms.values_mut() {
             vm.events_to_session(&self.cfg, now);
         }
-        // Session and preamble output → TLS → sockets.
+        // Session output → TLS → the connection carrying it.
+        for vm in self.vms.values_mut() {
+            let mut out = Vec::new();
+            if let Some(cgen) = vm.ep.poll_transmit(&mut out)
+                && !out.is_empty()
+                && let Some(c) = self.conns.iter_mut().find(|c| c.cgen == cgen)
+            {
+                if c.out.is_empty() {
+                    c.out = out;
+                } else {
+                    c.out.extend_from_slice(&out);
+                }
+            }
+        }
         for c in self.conns.iter_mut() {
-            if (c.phase == Phase::Closing && c.out.is_empty()) || c.phase == Phase::Handoff {
+            if c.phase == Phase::Handoff || (c.phase == Phase::Closing && c.out.is_empty()) {
                 continue;
             }
-            let session =
-                c.vm.and_then(|id| self.vms.get_mut(&id))
-                    .filter(|v| v.active == Some(c.cgen))
-                    .and_then(|v| v.hs.as_mut())
-                    .map(|h| &mut h.session);
-            let mut out = std::mem::take(&mut c.out);
-            if c.phase != Phase::Closing {
-                c.link.flush(session, &mut out);
+            if let Some(hs) = c.hs.as_mut() {
+                hs.poll_transmit(&mut c.out);
             }
-            c.out = out;
             if !c.sending && !c.out.is_empty() {
                 let b = std::mem::take(&mut c.out);
                 c.sending = true;
@@ -1776,17 +1659,12 @@ impl Loop {
         else {
             return false;
         };
-        let live = self.vms[&id]
-            .hs
-            .as_ref()
-            .is_some_and(|h| h.agent_fp.to_hex() == key);
+        let vm = self.vms.get_mut(&id).expect("found");
+        let live = vm.ep.agent().is_some_and(|(k, _)| k.to_hex() == key);
         if live {
-            if let Some(c) = self.vms[&id].active {
-                self.drop_conn(c, now);
-            }
-            if let Some(vm) = self.vms.get_mut(&id) {
-                vm.end_session(now, "its agent was unpaired");
-            }
+            let why = SessionEnd::Closed("its agent was unpaired".into());
+            vm.ep.end_session(why, now);
+            self.drain_vm(id, now);
         }
         live
     }
@@ -1813,8 +1691,8 @@ impl Loop {
                 continue;
             }
             let conn = self.conns.swap_remove(i);
-            let (worker, resume) = self.handoffs.remove(&cgen).expect("listed");
-            let h = Handoff { conn, resume };
+            let (worker, vm) = self.handoffs.remove(&cgen).expect("listed");
+            let h = Handoff { conn, vm };
             if !self.peers[worker].send(Request::Conn(Box::new(h))) {
                 tracing::warn!(
                     worker,
@@ -1824,24 +1702,17 @@ impl Loop {
         }
     }
 
-    /// A connection handed over by the worker that ran its preamble: it
+    /// A connection handed over by the worker that ran its handshake: it
     /// continues here with the VM's session.
     fn take_conn(&mut self, h: Handoff, now: Instant) {
-        let Handoff { mut conn, resume } = h;
+        let Handoff { mut conn, vm } = h;
         let cgen = self.next_cgen;
         self.next_cgen += 1;
         conn.cgen = cgen;
         conn.phase = Phase::Preamble;
         let fd = conn.fd.as_raw_fd();
         self.conns.push(conn);
-        let Resume {
-            vm,
-            fp,
-            name,
-            want,
-            received,
-        } = resume;
-        self.start_session(cgen, vm, fp, name, want, received, now);
+        self.accept(cgen, vm, now);
         if let Some(c) = self.conn(cgen)
             && c.phase == Phase::Up
         {

@@ -25,6 +25,7 @@
 mod attach;
 mod config;
 mod control;
+mod counters;
 mod datapath;
 mod metrics;
 mod workers;

@@ -103,7 +103,7 @@ impl Out {
 }
 
 /// The exposition text for these VMs and this process.
-pub fn render(vms: &[VmReport]) -> String {
+pub fn render(vms: &[VmReport], daemon: &[(&str, u64)]) -> String {
     let mut o = Out(String::new());
     type Get = fn(&VmReport) -> u64;
     let gauges: [(&str, &str, Get); 3] = [
@@ -244,6 +244,15 @@ pub fn render(vms: &[VmReport]) -> String {
             );
         }
     }
+    let name = "netredir_daemon_counter_total";
+    o.head(
+        name,
+        "counter",
+        "The daemon's own counters (tunnel connections before a VM is known), by name.",
+    );
+    for (k, n) in daemon {
+        o.line(name, &[("counter", k)], *n);
+    }
     let name = "netredir_process_resident_bytes";
     o.head(name, "gauge", "Resident memory of netredird.");
     let _ = writeln!(o.0, "{name} {}", resident_bytes());
@@ -376,13 +385,14 @@ mod tests {
                 },
             }],
         };
-        let text = render(&[vm]);
+        let text = render(&[vm], &[("tunnel_refused", 3)]);
         let vm_label = r#"vm="alice \"desk\"\\1""#;
         for want in [
             format!("netredir_vm_agent_connected{{{vm_label}}} 1"),
             format!("netredir_vm_tunnel_reconnects_total{{{vm_label}}} 2"),
             format!("netredir_vm_tunnel_bytes_total{{{vm_label},direction=\"out\"}} 5"),
             format!("netredir_vm_refusals_total{{{vm_label},reason=\"rate\"}} 4"),
+            "netredir_daemon_counter_total{counter=\"tunnel_refused\"} 3".to_string(),
             format!("netredir_resource_flows_opened_total{{{vm_label},resource=\"printer\"}} 7"),
             format!(
                 "netredir_resource_bytes_total{{{vm_label},resource=\"printer\",direction=\"to_resource\"}} 100"

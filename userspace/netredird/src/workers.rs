@@ -19,6 +19,7 @@
 //! [`Workers`], which sends each request to the worker of the VM it names,
 //! or to all of them and merges the answers.
 
+use crate::counters::DaemonCounters;
 use crate::datapath::{self, Request, VmSetup};
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
@@ -141,35 +142,6 @@ fn taken(vms: &BTreeMap<String, Entry>, name: &str, iface: &str) -> Option<Strin
         .map(|(n, _)| format!("{iface} already carries VM {n:?}"))
 }
 
-/// The daemon's own counters (tunnel connections, refusals before a VM is
-/// known), shared by the workers; bumped per connection event, not per
-/// frame.
-#[derive(Default)]
-pub struct DaemonCounters(Mutex<BTreeMap<&'static str, u64>>);
-
-impl DaemonCounters {
-    /// Adds `n` to counter `k`.
-    pub fn add(&self, k: &'static str, n: u64) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(k)
-            .or_default() += n;
-    }
-
-    /// The value of counter `k`.
-    pub fn get(&self, k: &str) -> u64 {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(k).copied().unwrap_or(0)
-    }
-
-    /// All of them.
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
 /// A worker's thread, to join.
 pub type Worker = JoinHandle<Result<()>>;
 
@@ -194,6 +166,7 @@ pub struct Workers {
     mailboxes: Vec<Mailbox>,
     registry: Arc<Registry>,
     pairs: Arc<Mutex<PairStore>>,
+    daemon: Arc<DaemonCounters>,
     host: Fingerprint,
 }
 
@@ -239,6 +212,7 @@ impl Workers {
             mailboxes,
             registry: cfg.registry.clone(),
             pairs: cfg.pairs.clone(),
+            daemon: cfg.daemon.clone(),
             host: cfg.identity.fingerprint(),
         };
         Ok((Arc::new(w), threads))
@@ -323,7 +297,7 @@ impl Workers {
             vms.extend(rx.recv_timeout(ANSWER_TIMEOUT).ok()?);
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        Some(crate::metrics::render(&vms))
+        Some(crate::metrics::render(&vms, &self.daemon.pairs()))
     }
 
     /// Stops every worker (each detaches its VMs).
