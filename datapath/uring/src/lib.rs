@@ -12,6 +12,10 @@
 //! One reactor belongs to one thread (the ring is set up single-issuer);
 //! other threads wake it through an eventfd the loop keeps a read on.
 
+mod stream;
+
+pub use stream::Stream;
+
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::collections::VecDeque;
 use std::io;

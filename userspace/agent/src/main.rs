@@ -33,7 +33,7 @@ use netredir_shared::export::ExportSpec;
 use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::tls::{Fingerprint, HostCheck, Identity, PairCode, Tls, write_private};
 use netredir_shared::wire::{FlowId, MAX_DATA, Msg, OpenError, Proto};
-use netredir_uring::{Completion, OpId, Reactor};
+use netredir_uring::{Completion, OpId, Reactor, Stream};
 use relay::{Connects, Denied, Export, Exports, Relay};
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -146,12 +146,10 @@ enum Tag {
 /// The socket of one tunnel connection; all else about it is the endpoint's.
 struct Tunnel {
     tgen: u64,
-    fd: OwnedFd,
-    ops: u32,
+    /// The socket, its send queue and its operations in flight.
+    stream: Stream,
     /// TCP is up and the endpoint has the connection.
     up: bool,
-    out: Vec<u8>,
-    sending: bool,
 }
 
 /// One flow to a real resource; `serial` is agent-local and never reused.
@@ -458,15 +456,14 @@ impl Agent {
         setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         let tgen = self.next_tgen;
         self.next_tgen += 1;
+        let mut stream = Stream::new(fd);
+        stream.op_started();
         self.reactor
-            .connect(fd.as_raw_fd(), addr, DIAL_TIMEOUT, Tag::TunConnect(tgen));
+            .connect(stream.fd(), addr, DIAL_TIMEOUT, Tag::TunConnect(tgen));
         self.tunnel = Some(Tunnel {
             tgen,
-            fd,
-            ops: 1,
+            stream,
             up: false,
-            out: Vec::new(),
-            sending: false,
         });
     }
 
@@ -476,25 +473,27 @@ impl Agent {
         let Some(t) = self.tunnel.take() else {
             return;
         };
-        // SAFETY: shutdown(2) on our socket; pending ops then complete.
-        unsafe { libc::shutdown(t.fd.as_raw_fd(), libc::SHUT_RDWR) };
-        if t.ops > 0 {
+        // Pending operations then complete.
+        t.stream.shutdown(libc::SHUT_RDWR);
+        if !t.stream.idle() {
             self.zombies.push(t);
         }
     }
 
-    /// Counts a tunnel operation done; whether it was on the live tunnel
-    /// (else it belonged to a closed one, now maybe freed).
-    fn tun_op_done(&mut self, tgen: u64) -> bool {
+    /// An operation of tunnel `tgen` completed: `f` takes it on the
+    /// tunnel's stream (the live one, or a closed one finishing, freed once
+    /// idle); the result, and whether it was the live tunnel's.
+    fn on_tunnel<R>(&mut self, tgen: u64, f: impl FnOnce(&mut Stream) -> R) -> Option<(R, bool)> {
         if let Some(t) = self.tunnel.as_mut().filter(|t| t.tgen == tgen) {
-            t.ops -= 1;
-            return true;
+            return Some((f(&mut t.stream), true));
         }
-        if let Some(t) = self.zombies.iter_mut().find(|t| t.tgen == tgen) {
-            t.ops -= 1;
-        }
-        self.zombies.retain(|t| t.ops > 0);
-        false
+        let r = self
+            .zombies
+            .iter_mut()
+            .find(|t| t.tgen == tgen)
+            .map(|t| f(&mut t.stream));
+        self.zombies.retain(|t| !t.stream.idle());
+        r.map(|r| (r, false))
     }
 
     /// The session is over: every flow closes.
@@ -519,9 +518,9 @@ impl Agent {
     fn complete(&mut self, c: Completion<Tag>, now: Instant) {
         match c.tag {
             Tag::TunConnect(tgen) => {
-                if !self.tun_op_done(tgen) {
+                let Some(((), true)) = self.on_tunnel(tgen, Stream::op_done) else {
                     return;
-                }
+                };
                 if let Err(e) = c.io_result() {
                     let why = if c.result == -libc::ECANCELED {
                         "timed out".to_string()
@@ -535,11 +534,9 @@ impl Agent {
                 self.events(now);
             }
             Tag::TunRecv(tgen) => {
-                if !self.tun_op_done(tgen) {
+                let Some(((io, mut buf), true)) = self.on_tunnel(tgen, |s| s.received(c)) else {
                     return;
-                }
-                let io = c.io_result();
-                let mut buf = c.buf.unwrap_or_default();
+                };
                 match io {
                     Ok(0) => self
                         .ep
@@ -549,33 +546,19 @@ impl Agent {
                         self.ep.handle_bytes(&buf, now);
                         if let Some(t) = self.tunnel.as_mut() {
                             buf.clear();
-                            t.ops += 1;
-                            let fd = t.fd.as_raw_fd();
-                            self.reactor.recv(fd, buf, Tag::TunRecv(tgen));
+                            t.stream.recv(&mut self.reactor, buf, Tag::TunRecv(tgen));
                         }
                     }
                 }
                 self.events(now);
             }
             Tag::TunSend(tgen) => {
-                if !self.tun_op_done(tgen) {
+                let Some((sent, true)) = self.on_tunnel(tgen, |s| s.sent(c)) else {
                     return;
-                }
-                let io = c.io_result();
-                let mut buf = c.buf.unwrap_or_default();
-                let t = self.tunnel.as_mut().expect("live");
-                t.sending = false;
-                match io {
-                    Ok(n) if n < buf.len() => {
-                        buf.drain(..n);
-                        buf.extend_from_slice(&t.out);
-                        t.out = buf;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.ep.connection_lost(e.to_string(), now);
-                        self.events(now);
-                    }
+                };
+                if let Err(e) = sent {
+                    self.ep.connection_lost(e.to_string(), now);
+                    self.events(now);
                 }
             }
             Tag::FlowConnect(s) => self.on_flow_connect(s, c),
@@ -605,11 +588,9 @@ impl Agent {
         self.ep.new_connection(tls, now);
         let t = self.tunnel.as_mut().expect("live");
         t.up = true;
-        t.ops += 1;
-        let fd = t.fd.as_raw_fd();
-        let tgen = t.tgen;
-        self.reactor
-            .recv(fd, Vec::with_capacity(RECV_BUF), Tag::TunRecv(tgen));
+        let tag = Tag::TunRecv(t.tgen);
+        t.stream
+            .recv(&mut self.reactor, Vec::with_capacity(RECV_BUF), tag);
         tracing::debug!(server = %self.server[0], "connected; TLS handshake");
     }
 
@@ -982,15 +963,8 @@ impl Agent {
         if let Some(t) = self.tunnel.as_mut()
             && t.up
         {
-            self.ep.poll_transmit(&mut t.out);
-            if !t.sending && !t.out.is_empty() {
-                let out = std::mem::take(&mut t.out);
-                t.sending = true;
-                t.ops += 1;
-                let fd = t.fd.as_raw_fd();
-                let tgen = t.tgen;
-                self.reactor.send(fd, out, 0, Tag::TunSend(tgen));
-            }
+            self.ep.poll_transmit(t.stream.out());
+            t.stream.flush(&mut self.reactor, Tag::TunSend(t.tgen));
         }
     }
 }

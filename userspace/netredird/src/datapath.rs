@@ -61,7 +61,7 @@ use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
 use netredir_shared::vip;
 use netredir_shared::wire::{Msg, OpenError, Proto};
-use netredir_uring::{Completion, OpId, Reactor, Waker};
+use netredir_uring::{Completion, OpId, Reactor, Stream, Waker};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -201,13 +201,11 @@ enum Phase {
 
 struct Conn {
     cgen: u64,
-    fd: OwnedFd,
-    ops: u32,
+    /// The socket, its send queue and its operations in flight.
+    stream: Stream,
     /// TLS and the agent's preamble, until the connection is admitted
     /// (then its VM's endpoint holds the link).
     hs: Option<HostHandshake>,
-    out: Vec<u8>,
-    sending: bool,
     phase: Phase,
     /// The VM whose session it carries (once admitted).
     vm: Option<u64>,
@@ -358,7 +356,7 @@ pub fn run(
             }
             for c in &mut l.conns {
                 // SAFETY: shutdown(2) on a socket we own.
-                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                c.stream.shutdown(libc::SHUT_RDWR);
             }
             let ids: Vec<u64> = l.vms.keys().copied().collect();
             for id in ids {
@@ -1098,18 +1096,13 @@ impl Loop {
         set_nodelay(fd.as_raw_fd());
         let cgen = self.next_cgen;
         self.next_cgen += 1;
-        self.reactor.recv(
-            fd.as_raw_fd(),
-            Vec::with_capacity(PREAUTH_RECV_BUF),
-            Tag::Recv(cgen),
-        );
+        let mut stream = Stream::new(fd);
+        let buf = Vec::with_capacity(PREAUTH_RECV_BUF);
+        stream.recv(&mut self.reactor, buf, Tag::Recv(cgen));
         self.conns.push(Conn {
             cgen,
-            fd,
-            ops: 1,
+            stream,
             hs: Some(HostHandshake::new(tls, now)),
-            out: Vec::new(),
-            sending: false,
             phase: Phase::Preamble,
             vm: None,
             peer,
@@ -1140,36 +1133,28 @@ impl Loop {
             return;
         }
         c.phase = Phase::Closing;
-        // SAFETY: shutdown(2) on our socket; pending ops complete.
-        unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        c.stream.shutdown(libc::SHUT_RDWR);
         self.reap();
     }
 
     fn reap(&mut self) {
         self.conns
-            .retain(|c| !(c.phase == Phase::Closing && c.ops == 0));
+            .retain(|c| !(c.phase == Phase::Closing && c.stream.idle()));
     }
 
     /// Ends a connection in its handshake: what the handshake has to say
     /// last (a refusal, "not now") goes out before the socket shuts.
     fn close_handshake(&mut self, cgen: u64) {
-        let Some(c) = self.conn(cgen) else { return };
+        let Some(c) = self.conns.iter_mut().find(|c| c.cgen == cgen) else {
+            return;
+        };
         if let Some(hs) = c.hs.as_mut() {
-            hs.poll_transmit(&mut c.out);
+            hs.poll_transmit(c.stream.out());
         }
-        let fd = c.fd.as_raw_fd();
-        if !c.sending && !c.out.is_empty() {
-            let b = std::mem::take(&mut c.out);
-            c.ops += 1;
-            c.sending = true;
-            self.reactor.send(fd, b, 0, Tag::Send(cgen));
-        }
-        if let Some(c) = self.conn(cgen) {
-            c.phase = Phase::Closing;
-            // SAFETY: shutdown(2) of the read side only: the answer still
-            // goes out.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-        }
+        c.stream.flush(&mut self.reactor, Tag::Send(cgen));
+        c.phase = Phase::Closing;
+        // The read side only: the answer still goes out.
+        c.stream.shutdown(libc::SHUT_RD);
         self.reap();
     }
 
@@ -1186,14 +1171,14 @@ impl Loop {
     }
 
     fn on_recv(&mut self, cgen: u64, c: Completion<Tag>, now: Instant) {
-        let io = c.io_result();
-        let Some(conn) = self.conn(cgen) else { return };
-        conn.ops -= 1;
+        let Some(conn) = self.conns.iter_mut().find(|c| c.cgen == cgen) else {
+            return;
+        };
+        let (io, mut buf) = conn.stream.received(c);
         if conn.phase == Phase::Closing {
             self.reap();
             return;
         }
-        let mut buf = c.buf.unwrap_or_default();
         let n = match io {
             Ok(0) => {
                 tracing::debug!(cgen, "tunnel connection closed by peer");
@@ -1225,7 +1210,7 @@ impl Loop {
                 }
             }
         }
-        if let Some(conn) = self.conn(cgen)
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.cgen == cgen)
             && conn.phase != Phase::Closing
             && conn.phase != Phase::Handoff
         {
@@ -1233,9 +1218,7 @@ impl Loop {
                 buf = Vec::with_capacity(RECV_BUF);
             }
             buf.clear();
-            conn.ops += 1;
-            let fd = conn.fd.as_raw_fd();
-            self.reactor.recv(fd, buf, Tag::Recv(cgen));
+            conn.stream.recv(&mut self.reactor, buf, Tag::Recv(cgen));
         }
     }
 
@@ -1260,26 +1243,13 @@ impl Loop {
     }
 
     fn on_send(&mut self, cgen: u64, c: Completion<Tag>) {
-        let io = c.io_result();
         let Some(conn) = self.conn(cgen) else { return };
-        conn.ops -= 1;
-        conn.sending = false;
-        let mut buf = c.buf.unwrap_or_default();
-        match io {
+        let vm = conn.vm;
+        match conn.stream.sent(c) {
             Ok(n) => {
                 counters::add(&self.cfg.daemon.tunnel_bytes_out, n as u64);
-                let conn = self
-                    .conns
-                    .iter_mut()
-                    .find(|c| c.cgen == cgen)
-                    .expect("live");
-                if let Some(vm) = conn.vm.and_then(|id| self.vms.get_mut(&id)) {
+                if let Some(vm) = vm.and_then(|id| self.vms.get_mut(&id)) {
                     vm.counters.tunnel_bytes_out += n as u64;
-                }
-                if n < buf.len() {
-                    buf.drain(..n);
-                    buf.extend_from_slice(&conn.out);
-                    conn.out = buf;
                 }
             }
             Err(e) => {
@@ -1617,31 +1587,22 @@ impl Loop {
         }
         // Session output → TLS → the connection carrying it.
         for vm in self.vms.values_mut() {
-            let mut out = Vec::new();
-            if let Some(cgen) = vm.ep.poll_transmit(&mut out)
-                && !out.is_empty()
+            if let Some(cgen) = vm.ep.connection()
                 && let Some(c) = self.conns.iter_mut().find(|c| c.cgen == cgen)
             {
-                if c.out.is_empty() {
-                    c.out = out;
-                } else {
-                    c.out.extend_from_slice(&out);
-                }
+                vm.ep.poll_transmit(c.stream.out());
             }
         }
         for c in self.conns.iter_mut() {
-            if c.phase == Phase::Handoff || (c.phase == Phase::Closing && c.out.is_empty()) {
+            if c.phase == Phase::Handoff {
                 continue;
             }
-            if let Some(hs) = c.hs.as_mut() {
-                hs.poll_transmit(&mut c.out);
+            if c.phase != Phase::Closing
+                && let Some(hs) = c.hs.as_mut()
+            {
+                hs.poll_transmit(c.stream.out());
             }
-            if !c.sending && !c.out.is_empty() {
-                let b = std::mem::take(&mut c.out);
-                c.sending = true;
-                c.ops += 1;
-                self.reactor.send(c.fd.as_raw_fd(), b, 0, Tag::Send(c.cgen));
-            }
+            c.stream.flush(&mut self.reactor, Tag::Send(c.cgen));
         }
         for vm in self.vms.values_mut() {
             vm.frames_out();
@@ -1687,7 +1648,7 @@ impl Loop {
                 self.handoffs.remove(&cgen);
                 continue;
             }
-            if c.ops > 0 {
+            if !c.stream.idle() {
                 continue;
             }
             let conn = self.conns.swap_remove(i);
@@ -1710,15 +1671,13 @@ impl Loop {
         self.next_cgen += 1;
         conn.cgen = cgen;
         conn.phase = Phase::Preamble;
-        let fd = conn.fd.as_raw_fd();
         self.conns.push(conn);
         self.accept(cgen, vm, now);
-        if let Some(c) = self.conn(cgen)
+        if let Some(c) = self.conns.iter_mut().find(|c| c.cgen == cgen)
             && c.phase == Phase::Up
         {
-            c.ops += 1;
-            self.reactor
-                .recv(fd, Vec::with_capacity(RECV_BUF), Tag::Recv(cgen));
+            let buf = Vec::with_capacity(RECV_BUF);
+            c.stream.recv(&mut self.reactor, buf, Tag::Recv(cgen));
         }
     }
 }

@@ -565,19 +565,140 @@ fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// Attaches VM `name` on a new NIC of the testbed (number `n`).
+fn attach_vm(r: &Redir, n: u8, name: &str) -> Result<netredir_benches::testbed::Netns> {
+    let (ns, iface) = r.tb.add_vm(n)?;
+    match request(
+        &r.control,
+        &Request::VmAttach(AttachSpec {
+            name: name.into(),
+            iface,
+            dedicated: false,
+            subnet: None,
+            prefix6: None,
+        }),
+        Duration::from_secs(20),
+    )? {
+        Response::Attached(_) => Ok(ns),
+        other => bail!("vm attach {name}: {other:?}"),
+    }
+}
+
+/// VM `name`'s rate from the guest over `window`, Gbit/s, by netredird's
+/// byte count.
+fn vm_rate(r: &Redir, name: &str, window: Duration) -> Result<f64> {
+    let b0 = vm_bytes(r)?.get(name).copied().unwrap_or(0);
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let b1 = vm_bytes(r)?.get(name).copied().unwrap_or(0);
+    Ok((b1 - b0) as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9)
+}
+
+/// One VM floods (SYNs to an export and UDP at full rate) while another
+/// sends: the other's rate next to its rate with the flooder quiet.
+fn flood(o: &Opts, report: &mut String) -> Result<()> {
+    crate::plot::step("density", "a flooding VM beside a busy one");
+    let window = Duration::from_secs(if o.quick { 2 } else { 5 });
+    let r = Redir::without_vm("bench-flood", &[])?;
+    let ns_a = attach_vm(&r, 2, "flooder")?;
+    let ns_b = attach_vm(&r, 3, "sender")?;
+    r.echo("echo-a", 7007)?;
+    r.tb.spawn(
+        &r.tb.lan,
+        "iperf-b",
+        "iperf3",
+        &["-s", "-1", "-B", LAN_IP, "-p", "5301"],
+    )?;
+    r.wait_listening(5301)?;
+    for (vm, export) in [
+        ("flooder", format!("echo={LAN_IP}:7007")),
+        ("sender", format!("iperf={LAN_IP}:5301")),
+    ] {
+        let state = r.tb.dir().join(format!("agent-{vm}"));
+        r.start_agent_for(Some(vm), &state, &format!("agent-{vm}"), &[&export], &[])?;
+    }
+    let vip_a = r.vip_for("flooder", "echo")?;
+    let vip_b = r.vip_for("sender", "iperf")?;
+    let secs = (2 * window.as_secs() + 20).to_string();
+    let client = std::thread::spawn(move || -> Result<()> {
+        let out = ns_b
+            .command("iperf3")
+            .args(["-c", &vip_b.to_string(), "-p", "5301", "-t", &secs])
+            .output()
+            .context("cannot run iperf3")?;
+        if !out.status.success() {
+            bail!("iperf3: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    });
+    wait_until("the sender to send", Duration::from_secs(15), || {
+        vm_bytes(&r).is_ok_and(|b| b.get("sender").copied().unwrap_or(0) > 0)
+    })?;
+    let alone = vm_rate(&r, "sender", window)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u64> {
+            ns_a.enter(|| -> Result<u64> {
+                let raw = netredir_benches::RawIp::new()?;
+                let udp = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                let (mut sent, mut i) = (0u64, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    i = i.wrapping_add(1);
+                    let syn = netredir_benches::raw_syn((i % 50_000) as u16 + 10_000, vip_a, 7007);
+                    sent += u64::from(raw.send(&syn, vip_a));
+                    let port = 5000 + (i % 100) as u16;
+                    sent += u64::from(udp.send_to(&[0u8; 512], (vip_a, port)).is_ok());
+                }
+                Ok(sent)
+            })?
+        })
+    };
+    let t0 = Instant::now();
+    // The flood's first second (the flooder's limits filling) is not counted.
+    std::thread::sleep(Duration::from_secs(1));
+    let flooded = vm_rate(&r, "sender", window)?;
+    stop.store(true, Ordering::Relaxed);
+    let sent = flooder
+        .join()
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    let pps = sent as f64 / t0.elapsed().as_secs_f64();
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
+    writeln!(report, "### One VM flooding beside a busy one\n")?;
+    writeln!(
+        report,
+        "VM `flooder` sends SYNs to an export and UDP datagrams as fast as one thread can ({pps:.0} packets/s here) while VM `sender` sends to an iperf3 server through its own agent; `sender`'s rate by netredird's byte count over {window:?}, with `flooder` quiet and flooding.\n"
+    )?;
+    writeln!(
+        report,
+        "| sender alone Gbit/s | sender beside the flood Gbit/s | ratio |"
+    )?;
+    writeln!(report, "|---|---|---|")?;
+    writeln!(
+        report,
+        "| {alone:.2} | {flooded:.2} | {:.2} |\n",
+        flooded / alone
+    )?;
+    Ok(())
+}
+
 /// Only the busy VMs (`--only busy`).
 pub(crate) fn busy(o: &Opts, report: &mut String) -> Result<()> {
-    crate::plot::stage("density", if o.quick { 1 } else { 3 });
+    crate::plot::stage("density", if o.quick { 2 } else { 4 });
     writeln!(report, "## Density\n")?;
-    busy_vms(o, report)
+    busy_vms(o, report)?;
+    flood(o, report)
 }
 
 pub(crate) fn run(o: &Opts, report: &mut String) -> Result<()> {
     let sizes = if o.quick { 1 } else { 3 };
-    crate::plot::stage("density", 2 * sizes + 3);
+    crate::plot::stage("density", 2 * sizes + 4);
     writeln!(report, "## Density\n")?;
     idle_sessions(o, report)?;
     busy_vms(o, report)?;
+    flood(o, report)?;
     flows(o, report)?;
     Ok(())
 }
