@@ -179,6 +179,11 @@ impl Pool {
         self.0.frames
     }
 
+    /// Sockets on the pool now (one per attached VM).
+    pub fn sockets(&self) -> u32 {
+        self.0.sockets.load(Ordering::Relaxed)
+    }
+
     /// Frames in no VM's rings now.
     pub fn free_frames(&self) -> usize {
         self.free().len()

@@ -7,7 +7,7 @@ use crate::datapath::VmSetup;
 use crate::workers::Workers;
 use anyhow::{Context, Result, bail};
 use netredir_datapath::steer::{SharedSteer, Target, VmSteer, interface_exists, interface_mac};
-use netredir_datapath::xsk::{Pool, Xsk};
+use netredir_datapath::xsk::{MIN_FILL, Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 
@@ -77,6 +77,16 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         drop(st);
         xsk
     };
+    // Each VM keeps MIN_FILL frames of the shared UMEM even when idle: say
+    // so before idle VMs leave the busy ones too little.
+    let (frames, sockets) = (d.pool.frames(), d.pool.sockets());
+    if u64::from(sockets) * u64::from(MIN_FILL) * 4 > u64::from(frames) * 3 {
+        tracing::warn!(
+            vms = sockets,
+            umem_frames = frames,
+            "the VMs' idle fill rings hold over 3/4 of the UMEM ({MIN_FILL} frames of 4 KiB each): busy VMs get little of it; raise --umem-mib (64 MiB serves about 750 VMs well)"
+        );
+    }
     // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
     let mtu = netredir_datapath::netlink::mtu(iface)
         .unwrap_or(1500)
