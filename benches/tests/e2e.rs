@@ -383,12 +383,17 @@ fn an_unreachable_target_says_no_route_to_host() {
     let res =
         r.tb.vm
             .enter(|| {
-                TcpStream::connect_timeout(&(vip, 9100).into(), Duration::from_secs(20))
-                    .map(|_| ())
-                    .map_err(|e| e.kind())
+                TcpStream::connect_timeout(&(vip, 9100).into(), Duration::from_secs(20)).map(|_| ())
             })
             .unwrap();
-    assert_eq!(res, Err(ErrorKind::HostUnreachable));
+    // The whole error (its errno too) if it is not the one expected: seen
+    // once in CI as "Uncategorized", not reproduced in isolation.
+    assert!(
+        matches!(&res, Err(e) if e.kind() == ErrorKind::HostUnreachable),
+        "{res:?} ({:?}); status: {:?}",
+        res.as_ref().err().and_then(|e| e.raw_os_error()),
+        r.status().map(|s| s.counters)
+    );
     assert!(r.counter("engine.refused_by_agent").unwrap() >= 1);
 }
 
