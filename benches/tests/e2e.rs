@@ -34,6 +34,16 @@ fn a_64_mib_job_arrives_byte_identical() {
     assert_eq!(got.len(), job.len(), "length");
     assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
     assert!(r.counter("engine.bytes_from_guest").unwrap() >= job.len() as u64);
+    // The guest's stack sent large segments (TSO), and they reached the
+    // engine whole, not cut to the MTU.
+    let (frames, gso) = (
+        r.counter("tap.frames_in").unwrap(),
+        r.counter("tap.gso_in").unwrap(),
+    );
+    assert!(
+        gso > 0 && frames < job.len() as u64 / 1500,
+        "{gso} of {frames} frames were large segments"
+    );
 }
 
 #[test]
@@ -346,22 +356,24 @@ fn vm_tso(r: &Redir) -> bool {
 
 #[test]
 fn netredird_detaches_and_cleans_up_on_sigterm() {
-    // Shared NIC (the default): a TC classifier on vm0, XDP only on
-    // netredird's own veth pair, so the VM keeps TSO on everything else.
+    // Shared NIC (the default): a TC classifier on vm0 and netredird's
+    // TAP device for the VM, no XDP, so the VM keeps TSO on everything.
     let r = Redir::new("sigterm").unwrap();
     let vm0 = host_link(&r, HOST_VM_IFACE).expect("vm0");
     let idx: String = vm0.chars().take_while(char::is_ascii_digit).collect();
-    let (outer, inner) = (format!("nr{idx}o"), format!("nr{idx}i"));
+    let tap = format!("nr{idx}t");
     assert!(!vm0.contains("xdp"), "no XDP on a shared NIC: {vm0}");
-    let inner_link = host_link(&r, &inner).expect("netredird's veth pair while running");
-    assert!(inner_link.contains("xdp"), "{inner_link}");
-    assert!(host_link(&r, &outer).is_some());
+    let tap_link = host_link(&r, &tap).expect("netredird's TAP device while running");
+    assert!(
+        tap_link.contains("UP") && !tap_link.contains("xdp"),
+        "{tap_link}"
+    );
     assert!(vm_tso(&r), "the VM's NIC lost TSO with netredir attached");
     assert!(r.control.exists());
     r.tb.signal("netredird", libc::SIGTERM).unwrap();
     let st = r.tb.wait_exit("netredird", TIMEOUT).unwrap();
     assert!(st.success(), "exit status {st:?}");
-    assert!(host_link(&r, &outer).is_none(), "veth pair left behind");
+    assert!(host_link(&r, &tap).is_none(), "TAP device left behind");
     assert!(!r.control.exists(), "control socket left behind");
 
     // Dedicated NIC: XDP right on vm0, and gone after exit.

@@ -131,7 +131,7 @@ enum VmCmd {
         prefix6: Option<String>,
     },
     /// Stops serving a VM: its flows are reset (the guest sees resets),
-    /// its tunnel closes, its programs and veth pair are removed. Its
+    /// its tunnel closes, its programs and TAP device are removed. Its
     /// pairings stay: attached again, its agent reconnects by itself.
     Detach {
         /// The VM's name.

@@ -64,6 +64,14 @@ pub fn set_up(name: &str) -> io::Result<()> {
     request(libc::RTM_NEWLINK, 0, &ifinfomsg(idx, up, up))
 }
 
+/// Sets link `name`'s MTU.
+pub fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
+    let idx = ifindex(name)?;
+    let mut body = ifinfomsg(idx, 0, 0);
+    attr(&mut body, IFLA_MTU, &mtu.to_ne_bytes());
+    request(libc::RTM_NEWLINK, 0, &body)
+}
+
 /// Deletes link `name` (a veth takes its peer along).
 pub fn delete_link(name: &str) -> io::Result<()> {
     let idx = ifindex(name)?;

@@ -3,12 +3,12 @@
 //!
 //! Two modes. Dedicated NIC ([`Steer::attach`]): the XDP program `steer`
 //! on the host end of the VM's NIC, AF_XDP on that NIC. Shared NIC
-//! ([`Steer::make_pair`], then [`Steer::attach_shared`]): a TC classifier
-//! on the NIC picks the frames for the virtual subnet and moves them into
-//! a veth pair netredird makes for itself, where XDP hands them to AF_XDP;
-//! the engine's answers go back out of the NIC through a TC program on the
-//! pair. The VM's other traffic never meets XDP (which on a veth would
-//! turn off TSO for all of it).
+//! ([`Steer::attach_tap`]): a TC classifier on the NIC picks the frames
+//! for the virtual subnet and moves them into a TAP device netredird opens
+//! for the VM ([`crate::tap`], where the guest's large segments arrive
+//! whole); the engine's answers go back out of the NIC through a TC
+//! program on the device. The VM's other traffic never meets XDP (which on
+//! a veth would turn off TSO for all of it).
 
 use crate::netlink;
 use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
@@ -68,16 +68,6 @@ pub enum SteerError {
         /// What aya said.
         source: ProgramError,
     },
-    /// netredir's own veth pair could not be made.
-    #[error("cannot set up netredir's veth pair {pair} for {iface}: {source}")]
-    Pair {
-        /// The pair's names.
-        pair: String,
-        /// The VM's NIC.
-        iface: String,
-        /// What the kernel said.
-        source: io::Error,
-    },
     /// The object or its maps are not what this build expects.
     #[error("steer object: {0}")]
     Object(String),
@@ -109,8 +99,6 @@ struct VmLinks {
     keys: Vec<u32>,
     xdp: Vec<(&'static str, XdpLinkId)>,
     tc: Vec<(&'static str, SchedClassifierLinkId)>,
-    /// Shared NIC: netredir's veth pair (outer end, inner end).
-    pair: Option<(String, String)>,
 }
 
 /// Which frames of a VM are its: the subnet, the /64, and on a dedicated
@@ -128,7 +116,7 @@ pub struct Target {
 }
 
 impl Target {
-    /// The map value for VM `slot` (no pair yet).
+    /// The map value for VM `slot` (no TAP device yet).
     pub fn config(&self, slot: u32) -> SteerConfig {
         let mask = if self.prefix_len == 0 {
             0
@@ -148,20 +136,19 @@ impl Target {
                 let o = p.octets();
                 [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
             }),
-            pair_ifindex: 0,
+            tap_ifindex: 0,
             nic_ifindex: 0,
         }
     }
 }
 
 /// The largest MTU native XDP takes on a veth without multi-buffer
-/// support (a page, less headroom and the skb's shared info). The pair
-/// gets at most this; the engine's TCP MSS follows from it, so a VM NIC
-/// with jumbo frames still works (its segments to vIPs are this small).
+/// support (a page, less headroom and the skb's shared info): a dedicated
+/// NIC may have at most this (a shared NIC takes any MTU).
 pub const MAX_XDP_MTU: u32 = 3500;
 
 /// The programs in the object, and their kinds.
-const XDP_PROGRAMS: [&str; 2] = ["steer", "steer_pair"];
+const XDP_PROGRAMS: [&str; 1] = ["steer"];
 const TC_PROGRAMS: [&str; 2] = ["steer_tc", "reflect"];
 
 fn is_perm(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -296,69 +283,41 @@ impl Steer {
         Ok(())
     }
 
-    /// Shared NIC, first step: makes VM `slot`'s veth pair for `nic` (its
-    /// MTU up to [`MAX_XDP_MTU`], no addresses, IPv6 off, up) and returns
-    /// the name of the end the AF_XDP socket binds to. A pair left by an
-    /// earlier run is replaced; this one is removed at detach.
-    pub fn make_pair(&mut self, slot: u32, nic: &str) -> Result<String, SteerError> {
-        self.links(slot)?;
-        let idx = netlink::ifindex(nic).map_err(|_| SteerError::NoSuchInterface(nic.into()))?;
-        let (outer, inner) = (format!("nr{idx}o"), format!("nr{idx}i"));
-        let fail = |source: io::Error| SteerError::Pair {
-            pair: format!("{outer}/{inner}"),
-            iface: nic.into(),
-            source,
-        };
-        if interface_exists(&outer) {
-            netlink::delete_link(&outer).map_err(fail)?;
-        }
-        let mtu = netlink::mtu(nic).unwrap_or(1500).min(MAX_XDP_MTU);
-        netlink::create_veth(&outer, &inner, mtu).map_err(fail)?;
-        self.links(slot)?.pair = Some((outer.clone(), inner.clone()));
-        for end in [&outer, &inner] {
-            // No addresses, so no IPv6 autoconfiguration chatter either.
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6"), "1");
-            netlink::set_up(end).map_err(fail)?;
-        }
-        Ok(inner)
-    }
-
-    /// Shared NIC, second step (after the AF_XDP socket is registered):
-    /// `steer_pair` on the pair's inner end, `reflect` on its outer end,
-    /// and last `steer_tc` on the VM's NIC. Undone at detach.
-    pub fn attach_shared(
+    /// Shared NIC through a TAP device (after it is open): `reflect` on the
+    /// device's ingress (what the engine writes goes out of the VM's NIC),
+    /// then `steer_tc` on the NIC, redirecting the VM's frames for the
+    /// virtual subnet into the device. Undone at detach; the device itself
+    /// goes with its fd.
+    pub fn attach_tap(
         &mut self,
         slot: u32,
         nic: &str,
+        tap: &str,
         target: &Target,
     ) -> Result<(), SteerError> {
-        let Some((outer, inner)) = self.links(slot)?.pair.clone() else {
-            return Err(SteerError::Object("attach_shared before make_pair".into()));
-        };
+        self.links(slot)?;
         let index = |name: &str| {
             netlink::ifindex(name).map_err(|_| SteerError::NoSuchInterface(name.into()))
         };
-        let (o, i, n) = (index(&outer)?, index(&inner)?, index(nic)?);
+        let (t, n) = (index(tap)?, index(nic)?);
         let cfg = SteerConfig {
-            pair_ifindex: o,
+            tap_ifindex: t,
             nic_ifindex: n,
             ..target.config(slot)
         };
-        for key in [i, o, n] {
+        for key in [t, n] {
             self.set_config(key, cfg)?;
         }
-        let link = xdp_program(&mut self.ebpf, "steer_pair")?
-            .attach(&inner, XdpMode::Driver)
-            .map_err(|source| SteerError::Attach {
-                iface: inner.clone(),
-                source,
-            })?;
-        self.links(slot)?.xdp.push(("steer_pair", link));
+        self.attach_tc(slot, &[("reflect", tap), ("steer_tc", nic)])
+    }
+
+    /// Attaches TC programs at ingress, in order, for VM `slot`.
+    fn attach_tc(&mut self, slot: u32, progs: &[(&'static str, &str)]) -> Result<(), SteerError> {
         // Before TCX (6.6) aya attaches through netlink, under a clsact
         // qdisc that must be there first: add it (it may be already).
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-        for (prog, iface) in [("reflect", outer.as_str()), ("steer_tc", nic)] {
+        for &(prog, iface) in progs {
             if !tcx && let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
                 tracing::debug!(iface, "clsact qdisc not added (there already?): {e}");
             }
@@ -378,7 +337,7 @@ impl Steer {
     }
 
     /// Undoes everything VM `slot` has (programs off its interfaces, its
-    /// map entries, counters zeroed, its veth pair removed) and frees the
+    /// map entries, counters zeroed) and frees the
     /// slot. Interfaces already gone (a stopped VM's) are no error.
     pub fn detach(&mut self, slot: u32) {
         let Some(v) = self.vms.remove(&slot) else {
@@ -405,25 +364,11 @@ impl Steer {
                 }
             }
         }
-        if let Some((outer, _)) = v.pair
-            && let Err(e) = netlink::delete_link(&outer)
-        {
-            tracing::warn!("cannot remove netredir's veth pair {outer}: {e}");
-        }
     }
 
     /// What the programs do on the interface with this ifindex, if set.
     pub fn config_of(&self, ifindex: u32) -> Option<SteerConfig> {
         self.config.get(&ifindex, 0).ok()
-    }
-
-    /// VM `slot`'s veth pair (outer, inner), in shared mode.
-    pub fn pair(&self, slot: u32) -> Option<(&str, &str)> {
-        self.vms
-            .get(&slot)?
-            .pair
-            .as_ref()
-            .map(|(o, i)| (o.as_str(), i.as_str()))
     }
 
     /// The dedicated-NIC program, for `BPF_PROG_TEST_RUN` in tests.
@@ -454,7 +399,7 @@ impl Steer {
 
 impl Drop for Steer {
     fn drop(&mut self) {
-        // The programs detach as the object goes; the pairs go first.
+        // The programs detach as the object goes; each VM's go first.
         let slots: Vec<u32> = self.vms.keys().copied().collect();
         for slot in slots {
             self.detach(slot);

@@ -475,6 +475,9 @@ impl Xsk {
             self.pool
                 .free()
                 .extend(descs[sent..].iter().map(|d| d.addr));
+            // In copy mode the kick sent them: take the frames back now,
+            // not on a later turn (which would cost the loop a wake-up).
+            self.reap();
         }
         // Frames taken: the dropped ones, and those up to the last sent.
         let mut left = sent;

@@ -560,10 +560,11 @@ const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// The shared-NIC classifier makes the same choices as `steer` and sends
-/// ours into netredird's veth pair. In a private network namespace (this
-/// test's thread only), so the pair it makes touches nothing else.
+/// ours into netredird's TAP device for the VM. In a private network
+/// namespace (this test's thread only), so what it makes touches nothing
+/// else.
 #[test]
-fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
+fn the_shared_nic_classifier_sends_ours_into_the_tap_and_passes_the_rest() {
     std::thread::spawn(|| {
         // SAFETY: unshare affects only this thread.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
@@ -583,21 +584,17 @@ fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
         netredir_datapath::netlink::create_veth("vm0", "guest0", 1500).expect("veth");
         netredir_datapath::netlink::set_up("vm0").expect("up");
         assert_eq!(steer.alloc_slot().expect("slot"), SLOT);
-        let inner = steer.make_pair(SLOT, "vm0").expect("veth pair");
-        let xsk = unbound_xsk();
-        use std::os::fd::AsRawFd;
+        let tap = netredir_datapath::tap::Tap::open("nrtest0", 1500).expect("TAP device");
         steer
-            .register_xsk(SLOT, xsk.as_raw_fd())
-            .expect("XSKS insert");
-        steer
-            .attach_shared(SLOT, "vm0", &target)
-            .expect("attach TC and XDP");
-        assert!(inner.ends_with('i'), "{inner}");
-        // What vm0 got (the pair to send into, the VM's slot), on lo too.
+            .attach_tap(SLOT, "vm0", tap.name(), &target)
+            .expect("attach TC");
+        // What vm0 got (the device to send into, the VM's slot), on lo too.
         let vm0 = netredir_datapath::netlink::ifindex("vm0").expect("vm0");
+        let t = netredir_datapath::netlink::ifindex("nrtest0").expect("tap");
         let cfg = steer.config_of(vm0).expect("vm0 configured");
-        assert_eq!((cfg.slot, cfg.nic_ifindex), (SLOT, vm0));
-        assert!(cfg.pair_ifindex > 0);
+        assert_eq!((cfg.slot, cfg.nic_ifindex, cfg.tap_ifindex), (SLOT, vm0, t));
+        // `reflect` on the device finds the NIC to send the engine's frames out of.
+        assert_eq!(steer.config_of(t), Some(cfg));
         steer.set_config(lo(), cfg).expect("config");
 
         expect_tc(
@@ -675,11 +672,13 @@ fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
             reason::PASS_SHORT,
         );
 
-        // Detached: its entries, socket and pair are gone; nothing is
-        // taken, the VM's traffic passes.
+        // Detached: its entries are gone, and the device with its fd;
+        // nothing is taken, the VM's traffic passes.
         steer.detach(SLOT);
         assert!(steer.config_of(vm0).is_none() && steer.config_of(lo()).is_none());
-        assert!(!netredir_datapath::steer::interface_exists(&inner));
+        assert!(steer.config_of(t).is_none());
+        drop(tap);
+        assert!(!netredir_datapath::steer::interface_exists("nrtest0"));
         expect_tc(
             &mut steer,
             "subnet TCP, VM detached",
@@ -687,11 +686,11 @@ fn the_shared_nic_classifier_sends_ours_into_the_pair_and_passes_the_rest() {
             TC_ACT_OK,
             reason::PASS_UNCONFIGURED,
         );
-        // A pair-less config (as while attaching) passes ours, counted.
+        // A config without a device (as while attaching) passes ours, counted.
         steer.set_config(lo(), target.config(SLOT)).expect("config");
         expect_tc(
             &mut steer,
-            "subnet TCP, no pair yet",
+            "subnet TCP, no TAP device yet",
             &ipv4_tcp(vip),
             TC_ACT_OK,
             reason::NO_SOCKET,

@@ -6,7 +6,7 @@
 /// on: which frames `steer` (or `steer_tc`, on a shared NIC) takes for
 /// which VM, and where the shared-NIC programs send them. The programs are
 /// loaded once per host; each attached VM has entries for its NIC (and,
-/// on a shared NIC, for both ends of its veth pair).
+/// on a shared NIC, for its TAP device).
 ///
 /// Written by netredird when a VM attaches; read on every frame. Addresses are in network byte order as they
 /// appear on the wire, so the program compares without swapping.
@@ -25,9 +25,9 @@ pub struct SteerConfig {
     /// The IPv6 /64 prefix of the virtual subnet (its first 8 bytes as on
     /// the wire); all zero means "steer no IPv6".
     pub prefix_v6: [u8; 8],
-    /// Shared NIC: the ifindex of netredir's own veth end that `steer_tc`
-    /// sends the VM's frames for us into (0: not in shared mode).
-    pub pair_ifindex: u32,
+    /// Shared NIC: the ifindex of netredird's TAP device for the VM, that
+    /// `steer_tc` sends the VM's frames for us into (0: not in shared mode).
+    pub tap_ifindex: u32,
     /// Shared NIC: the ifindex of the VM's NIC, where `reflect` sends the
     /// engine's frames out.
     pub nic_ifindex: u32,

@@ -4,11 +4,11 @@
 //! - dedicated NIC: `steer` (XDP, driver mode) on the host end of the VM's
 //!   NIC classifies each frame and redirects ours into the AF_XDP socket;
 //! - shared NIC: `steer_tc` (TC ingress) on the VM's NIC classifies the
-//!   same way and `bpf_redirect`s ours into netredir's own veth pair, where
-//!   `steer_pair` (XDP) hands every frame to the AF_XDP socket; what the
-//!   engine sends back comes out of the pair's other end, where `reflect`
-//!   (TC ingress) sends it out of the VM's NIC. The VM's other traffic
-//!   never meets XDP and keeps the kernel's fast path (GRO/TSO).
+//!   same way and `bpf_redirect`s ours into netredird's TAP device for the
+//!   VM (the guest's GSO segments stay whole on the way); what the engine
+//!   writes to the device comes in on its ingress, where `reflect` (TC)
+//!   sends it out of the VM's NIC. The VM's other traffic never meets XDP
+//!   and keeps the kernel's fast path (GRO/TSO).
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use aya_ebpf::helpers::bpf_redirect;
@@ -18,7 +18,7 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use netredir_ebpf_common::{FLAG_DHCP, MAX_IFACES, MAX_VMS, SteerConfig, reason};
 
 /// Written by netredird, keyed by the ifindex a program runs on (a VM's
-/// NIC, the ends of its veth pair); read here on every frame. The
+/// NIC, its TAP device); read here on every frame. The
 /// programs are loaded once per host and serve every VM through it.
 #[map]
 static CONFIG: HashMap<u32, SteerConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
@@ -118,7 +118,7 @@ fn tc_ifindex(ctx: &TcContext) -> u32 {
 }
 
 /// Shared NIC, on the VM's NIC (TC ingress): classify, and ours into
-/// netredir's veth pair.
+/// netredird's TAP device for the VM.
 #[classifier]
 pub fn steer_tc(ctx: TcContext) -> i32 {
     // Direct access needs the headers in the linear part of the skb.
@@ -133,13 +133,13 @@ pub fn steer_tc(ctx: TcContext) -> i32 {
     }
     match classify(&ctx, &cfg) {
         Class::Steer(why) => {
-            if cfg.pair_ifindex == 0 {
+            if cfg.tap_ifindex == 0 {
                 count(cfg.slot, reason::NO_SOCKET);
                 return TC_ACT_OK as i32;
             }
             count(cfg.slot, why);
             // SAFETY: a helper call with plain integers.
-            unsafe { bpf_redirect(cfg.pair_ifindex, 0) as i32 }
+            unsafe { bpf_redirect(cfg.tap_ifindex, 0) as i32 }
         }
         Class::Pass(why) => {
             count(cfg.slot, why);
@@ -148,23 +148,8 @@ pub fn steer_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// Shared NIC, on netredir's end of the pair (XDP): everything that
-/// arrives was classified already; into AF_XDP.
-#[xdp]
-pub fn steer_pair(ctx: XdpContext) -> u32 {
-    let Some(cfg) = config(ctx.ingress_ifindex() as u32) else {
-        count(0, reason::NO_SOCKET);
-        return xdp_action::XDP_PASS;
-    };
-    let (verdict, why) = to_xsk(&ctx, cfg.slot, reason::COUNT);
-    if why == reason::NO_SOCKET {
-        count(cfg.slot, why);
-    }
-    verdict
-}
-
-/// Shared NIC, on the pair's other end (TC ingress): what the engine sent
-/// goes out of the VM's NIC, to the VM.
+/// Shared NIC, on netredird's TAP device (TC ingress): what the engine
+/// wrote goes out of the VM's NIC, to the VM.
 #[classifier]
 pub fn reflect(ctx: TcContext) -> i32 {
     match config(tc_ifindex(&ctx)).map_or(0, |c| c.nic_ifindex) {

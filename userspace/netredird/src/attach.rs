@@ -1,12 +1,17 @@
 //! Attaching a VM: the slow part (attaching the host's steer programs to
-//! its NIC, the veth pair of a shared NIC, the AF_XDP socket) runs on the
+//! its NIC, the TAP device of a shared NIC, the AF_XDP socket of a
+//! dedicated one) runs on the
 //! caller's thread (main at start, a control client for `vm attach`); the
 //! data path only takes the result, so the other VMs do not wait.
 
 use crate::datapath::VmSetup;
 use crate::workers::Workers;
 use anyhow::{Context, Result, bail};
-use netredir_datapath::steer::{SharedSteer, Target, VmSteer, interface_exists, interface_mac};
+use netredir_datapath::port::Port;
+use netredir_datapath::steer::{
+    MAX_XDP_MTU, SharedSteer, Target, VmSteer, interface_exists, interface_mac,
+};
+use netredir_datapath::tap::Tap;
 use netredir_datapath::xsk::{MIN_FILL, Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
@@ -24,7 +29,7 @@ pub struct Defaults {
     pub steer: SharedSteer,
 }
 
-/// Steer attached and the AF_XDP socket open for `spec`, or why not.
+/// Steer attached and the frame port (AF_XDP socket or TAP device) open for `spec`, or why not.
 pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
     let name = spec.name.trim();
     if name.is_empty() {
@@ -61,36 +66,35 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         prefix6: Some(prefix6.network()),
         dedicated: spec.dedicated,
     };
-    let xsk = if spec.dedicated {
+    let nic_mtu = netredir_datapath::netlink::mtu(iface).unwrap_or(1500);
+    // The engine's MTU toward the guest: the NIC's, at most what XDP
+    // takes where XDP is on the way.
+    let (port, mtu) = if spec.dedicated {
         let xsk = Xsk::open(&d.pool, iface, 0)?;
         let mut st = steer.lock();
         st.register_xsk(slot, xsk.fd())?;
         st.attach(slot, iface, &target)?;
-        drop(st);
-        xsk
+        (Port::Xsk(Box::new(xsk)), nic_mtu.min(MAX_XDP_MTU))
     } else {
-        let inner = steer.lock().make_pair(slot, iface)?;
-        let xsk = Xsk::open(&d.pool, &inner, 0)?;
-        let mut st = steer.lock();
-        st.register_xsk(slot, xsk.fd())?;
-        st.attach_shared(slot, iface, &target)?;
-        drop(st);
-        xsk
+        let idx = netredir_datapath::netlink::ifindex(iface)?;
+        let name = format!("nr{idx}t");
+        let tap = Tap::open(&name, nic_mtu)
+            .with_context(|| format!("cannot set up netredir's TAP device {name} for {iface}"))?;
+        steer.lock().attach_tap(slot, iface, &name, &target)?;
+        (Port::Tap(tap), nic_mtu)
     };
-    // Each VM keeps MIN_FILL frames of the shared UMEM even when idle: say
-    // so before idle VMs leave the busy ones too little.
-    let (frames, sockets) = (d.pool.frames(), d.pool.sockets());
-    if u64::from(sockets) * u64::from(MIN_FILL) * 4 > u64::from(frames) * 3 {
-        tracing::warn!(
-            vms = sockets,
-            umem_frames = frames,
-            "the VMs' idle fill rings hold over 3/4 of the UMEM ({MIN_FILL} frames of 4 KiB each): busy VMs get little of it; raise --umem-mib (64 MiB serves about 750 VMs well)"
-        );
+    if matches!(port, Port::Xsk(_)) {
+        // Each VM keeps MIN_FILL frames of the shared UMEM even when idle:
+        // say so before idle VMs leave the busy ones too little.
+        let (frames, sockets) = (d.pool.frames(), d.pool.sockets());
+        if u64::from(sockets) * u64::from(MIN_FILL) * 4 > u64::from(frames) * 3 {
+            tracing::warn!(
+                vms = sockets,
+                umem_frames = frames,
+                "the VMs' idle fill rings hold over 3/4 of the UMEM ({MIN_FILL} frames of 4 KiB each): busy VMs get little of it; raise --umem-mib (64 MiB serves about 750 VMs well)"
+            );
+        }
     }
-    // The engine's MTU toward the guest: the NIC's, at most what XDP takes.
-    let mtu = netredir_datapath::netlink::mtu(iface)
-        .unwrap_or(1500)
-        .min(netredir_datapath::steer::MAX_XDP_MTU);
     tracing::debug!(vm = %name, %iface, mtu, slot, "steer attached");
     Ok(VmSetup {
         name: name.to_string(),
@@ -101,7 +105,7 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         mtu: mtu as usize,
         mac,
         steer,
-        xsk,
+        port,
     })
 }
 

@@ -13,7 +13,7 @@
 //! socket.
 //!
 //! VMs: any number attach and detach at runtime. The expensive part of an
-//! attach (attaching the host's programs, the veth pair, the AF_XDP
+//! attach (attaching the host's programs, the TAP device or AF_XDP
 //! socket) is done by the caller on its own thread; the loop only takes
 //! the result, so attaching one VM does not stall the others. Detach
 //! resets the VM's flows (the RSTs go out first), ends its session and
@@ -46,8 +46,8 @@ use crate::workers::{Entry, Mailbox, Registry};
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
+use netredir_datapath::port::Port;
 use netredir_datapath::steer::VmSteer;
-use netredir_datapath::xsk::Xsk;
 use netredir_shared::control::{
     FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
 };
@@ -126,8 +126,8 @@ pub struct VmSetup {
     pub mac: [u8; 6],
     /// Its slot of the host's programs (detached when dropped).
     pub steer: VmSteer,
-    /// Its AF_XDP socket.
-    pub xsk: Xsk,
+    /// Where its frames come and go (AF_XDP socket or TAP device).
+    pub port: Port,
 }
 
 /// What the workers are set up with: what all VMs share.
@@ -165,8 +165,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, Copy)]
 enum Tag {
-    /// A VM's AF_XDP socket is readable (the VM's id).
-    Xsk(u64),
+    /// A VM's frame port is readable (the VM's id).
+    Port(u64),
     Accept,
     Wake,
     Recv(u64),
@@ -234,12 +234,12 @@ struct Vm {
     dedicated: bool,
     subnet: Ipv4Subnet,
     prefix6: Ipv6Prefix,
-    /// Declared before `steer`, so dropped first: the socket goes before
-    /// its programs and veth pair.
-    xsk: Xsk,
+    /// Declared before `steer`, so dropped first: the socket (or TAP
+    /// device) goes before its programs.
+    port: Port,
     steer: VmSteer,
-    /// The pending poll on `xsk`, cancelled at detach.
-    xsk_op: Option<OpId>,
+    /// The pending poll on `port`, cancelled at detach.
+    port_op: Option<OpId>,
     engine: Engine,
     /// Its side of the tunnel: the session and the connection carrying it.
     ep: HostEndpoint,
@@ -283,7 +283,10 @@ struct Loop {
     /// Sockets of detached VMs, kept until their cancelled poll has
     /// completed: the kernel holds the socket until then, and its frames
     /// go back to the pool only once it is closed.
-    retiring: HashMap<u64, Xsk>,
+    retiring: HashMap<u64, Port>,
+    /// Where TAP frames are read, one after another (a 64 KiB segment
+    /// and its header).
+    scratch: Vec<u8>,
 }
 
 /// Runs worker `worker` until `Request::Shutdown` or a fatal error;
@@ -310,6 +313,7 @@ pub fn run(
         reported_preauth: (Instant::now(), 0),
         accept_paused: None,
         retiring: HashMap::new(),
+        scratch: Vec::new(),
     };
     let listen_fd = l.listener.as_ref().map(|l| l.as_raw_fd());
     if let Some(fd) = listen_fd {
@@ -324,7 +328,7 @@ pub fn run(
             if let Some(t) = vm.ep.poll_timeout() {
                 delay = delay.min(t.saturating_duration_since(now));
             }
-            if !vm.pending_frames.is_empty() || vm.xsk.tx_pending() {
+            if !vm.pending_frames.is_empty() || vm.port.tx_pending() {
                 delay = delay.min(Duration::from_millis(1));
             }
             if vm.wants_poll() {
@@ -595,11 +599,11 @@ impl Vm {
         }
         if !self.pending_frames.is_empty() {
             let n = self
-                .xsk
+                .port
                 .transmit(self.pending_frames.iter().map(|f| f.as_slice()));
             self.pending_frames.drain(..n);
-        } else if self.xsk.tx_pending() {
-            self.xsk.kick();
+        } else if self.port.tx_pending() {
+            self.port.kick();
         }
     }
 
@@ -716,13 +720,8 @@ impl Vm {
         counters.extend(vm.map(|(k, v)| (format!("vm.{k}"), v)));
         let d = daemon.pairs().into_iter();
         counters.extend(d.map(|(k, v)| (format!("daemon.{k}"), v)));
-        counters.push(("xsk.tx_full".into(), self.xsk.tx_full));
-        counters.push(("xsk.tx_oversize".into(), self.xsk.tx_oversize));
-        counters.push(("xsk.frames_held".into(), self.xsk.frames_held() as u64));
-        counters.push(("xsk.pool_dry".into(), self.xsk.pool_dry));
-        let pool = self.xsk.pool();
-        counters.push(("umem.frames".into(), u64::from(pool.frames())));
-        counters.push(("umem.frames_free".into(), pool.free_frames() as u64));
+        let port = self.port.counters().into_iter();
+        counters.extend(port.map(|(k, v)| (k.to_string(), v)));
         if let Some(session) = self.ep.session() {
             let s = session.stats();
             counters.push(("session.skipped".into(), s.skipped));
@@ -936,7 +935,7 @@ impl Loop {
         ecfg.seed = random_u64();
         ecfg.dhcp = s.dedicated;
         ecfg.zone = cfg.zone.clone();
-        let op = self.reactor.poll_in(s.xsk.fd(), Tag::Xsk(id));
+        let op = self.reactor.poll_in(s.port.fd(), Tag::Port(id));
         let vm = Vm {
             name: s.name,
             worker: self.worker,
@@ -945,8 +944,8 @@ impl Loop {
             subnet: s.subnet,
             prefix6: s.prefix6,
             steer: s.steer,
-            xsk: s.xsk,
-            xsk_op: Some(op),
+            port: s.port,
+            port_op: Some(op),
             engine: Engine::new(ecfg, now),
             ep: HostEndpoint::new(
                 HostConfig {
@@ -996,16 +995,19 @@ impl Loop {
         }
         tracing::info!(vm = %vm.name, iface = %vm.iface, "VM detached");
         let Vm {
-            xsk, steer, xsk_op, ..
+            port,
+            steer,
+            port_op,
+            ..
         } = vm;
         // The programs go first: nothing is steered to the socket anymore.
         drop(steer);
-        match xsk_op {
+        match port_op {
             Some(op) => {
                 self.reactor.cancel(op);
-                self.retiring.insert(id, xsk);
+                self.retiring.insert(id, port);
             }
-            None => drop(xsk),
+            None => drop(port),
         }
     }
 
@@ -1017,12 +1019,16 @@ impl Loop {
         wake_fd: RawFd,
     ) {
         match c.tag {
-            Tag::Xsk(id) => {
+            Tag::Port(id) => {
                 if let Some(vm) = self.vms.get_mut(&id) {
                     let engine = &mut vm.engine;
-                    vm.xsk.receive(|f| engine.handle_frame(f, now));
+                    if matches!(vm.port, Port::Tap(_)) && self.scratch.is_empty() {
+                        self.scratch = vec![0; netredir_datapath::tap::RX_BUFFER];
+                    }
+                    vm.port
+                        .receive(&mut self.scratch, |f| engine.handle_frame(f, now));
                     vm.dirty = true;
-                    vm.xsk_op = Some(self.reactor.poll_in(vm.xsk.fd(), Tag::Xsk(id)));
+                    vm.port_op = Some(self.reactor.poll_in(vm.port.fd(), Tag::Port(id)));
                 } else {
                     // A detached VM's poll, cancelled: its socket may go.
                     self.retiring.remove(&id);

@@ -6,12 +6,12 @@
 //! the VM's virtual subnet and attaches it to the host end of the VM's
 //! NIC: with `--dedicated` as native XDP with the AF_XDP socket on that
 //! NIC; else (a shared NIC) as a TC classifier that moves only the
-//! subnet's frames into a veth pair of netredird's own, where XDP and the
-//! AF_XDP socket sit, so the VM's other traffic keeps the kernel's fast
-//! path. Threads:
+//! subnet's frames into a TAP device of netredird's own for the VM (the
+//! guest's large segments arrive whole), so the VM's other traffic keeps
+//! the kernel's fast path. Threads:
 //! - the data path workers ([`workers`], [`datapath`]): `--workers`
-//!   io_uring loops, each owning its share of the VMs (their AF_XDP
-//!   sockets, engines, sessions and tunnel connections); the first also
+//!   io_uring loops, each owning its share of the VMs (their TAP devices
+//!   or AF_XDP sockets, engines, sessions and tunnel connections); the first also
 //!   accepts agents and runs their handshakes;
 //! - the control server ([`control`]): answers `netredirctl` on a unix
 //!   socket, asking the workers over crossbeam channels (and preparing
