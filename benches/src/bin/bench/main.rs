@@ -6,7 +6,8 @@
 //! (the limit; it crosses the VM's NIC with `steer` attached, so it also
 //! shows what the XDP program costs traffic it passes). Reports Gbit/s,
 //! the ratio to the kernel path, CPU seconds per GB (each path's own
-//! processes, and the whole machine; see `cpu.rs`).
+//! processes, and the whole machine; see `cpu.rs`), and the pass-through
+//! cost: the kernel path with netredir attached to the VM and detached.
 //!
 //! `latency`: small request/response round trips (1 byte and 1 KiB) on
 //! one connection, and connection set-up (connect to first echoed byte),
@@ -28,7 +29,7 @@ mod wan;
 use anyhow::{Context, Result, bail};
 use netredir_benches::Redir;
 use netredir_benches::testbed::{
-    CLIENT_LAN_IP, CLIENT_WAN_IP, HOST_WAN_IP, LAN_IP, Netns, Testbed, wait_until,
+    CLIENT_LAN_IP, CLIENT_WAN_IP, HOST_VM_IFACE, HOST_WAN_IP, LAN_IP, Netns, Testbed, wait_until,
 };
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -411,10 +412,11 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
     let mut behind = Vec::new();
     let mut groups = Vec::new();
     let mut split = Vec::new();
+    let mut pass = Vec::new();
     let mut series: Vec<(String, Vec<f64>)> = ["kernel path", "netredir", "slirp4netns", "pasta"]
         .map(|n| (n.to_string(), Vec::new()))
         .into();
-    plot::stage("lan", 2 * (1 + 4 * streams.len() as u64));
+    plot::stage("lan", 2 * (1 + 4 * streams.len() as u64 + 4));
     for mtu in [1500u32, 9000] {
         crate::plot::step("lan", &format!("MTU {mtu}: building the testbed"));
         let tb = Testbed::new("bench-lan")?;
@@ -510,6 +512,8 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
             r.status().is_ok_and(|s| s.flows == 0)
         })
         .ok();
+        // Last in the MTU's loop: it detaches the VM, which nothing after needs.
+        pass.push((mtu, pass_through(&r, mtu, secs)?));
     }
     writeln!(
         report,
@@ -526,6 +530,28 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
          run moved next to nothing (stalled) and this is the second; \"stalled twice\" is a path \
          that stalled both times, left out of the ratios.\n"
     )?;
+    writeln!(
+        report,
+        "Pass-through: the VM's other traffic through the same NIC (the kernel path, 1 stream, \
+         {secs} s) with netredir attached to the VM and after `netredirctl vm detach`, \
+         alternated attached, detached, attached, detached; Gbit/s attached / detached per pair, \
+         and the mean of the pairs' ratios (target ≥ 0.98):\n"
+    )?;
+    for (mtu, pairs) in &pass {
+        let ratios: Vec<f64> = pairs.iter().map(|(a, d)| a / d).collect();
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        let shown: Vec<String> = pairs
+            .iter()
+            .zip(&ratios)
+            .map(|((a, d), q)| format!("{a:.2} / {d:.2} ({q:.3})"))
+            .collect();
+        writeln!(
+            report,
+            "- MTU {mtu}: {}; mean ratio {mean:.3}",
+            shown.join(", ")
+        )?;
+    }
+    writeln!(report)?;
     plot::bars(
         &o.out.join("lan.png"),
         &plot::Bars {
@@ -541,6 +567,55 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         &behind,
         "netredir was ahead of both peers everywhere.",
     )
+}
+
+/// The kernel path (1 stream) with netredir attached to the VM's NIC, then
+/// detached, twice (attached, detached, attached, detached, so a drift of
+/// the machine shows in the pairs): the (attached, detached) Gbit/s pairs.
+/// Leaves the VM detached.
+fn pass_through(r: &Redir, mtu: u32, secs: u32) -> Result<Vec<(f64, f64)>> {
+    let vm = HOST_VM_IFACE;
+    let ctl = |args: &[&str]| -> Result<()> {
+        let (ok, _, err) = netredir_benches::netredirctl(&r.control, args);
+        if !ok {
+            bail!("netredirctl {}: {}", args.join(" "), err.trim());
+        }
+        Ok(())
+    };
+    let mut pairs = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            ctl(&["vm", "attach", vm, "--iface", vm])?;
+            // As in the table: the agent back online (it redials by itself).
+            wait_until("the agent to reconnect", Duration::from_secs(30), || {
+                r.map()
+                    .is_ok_and(|m| m.iter().any(|e| e.name == "iperf" && e.state == "online"))
+            })
+            .unwrap_or_else(|e| eprintln!("pass-through, MTU {mtu}: {e:#}; measured without it"));
+        }
+        let run = (1, secs);
+        crate::plot::step("lan", &format!("MTU {mtu}: pass-through, attached"));
+        let a = measure(
+            &r.tb,
+            &r.tb.vm,
+            &format!("iperf-a{mtu}-{round}"),
+            LAN_IP,
+            run,
+            &[],
+        )?;
+        ctl(&["vm", "detach", vm])?;
+        crate::plot::step("lan", &format!("MTU {mtu}: pass-through, detached"));
+        let d = measure(
+            &r.tb,
+            &r.tb.vm,
+            &format!("iperf-d{mtu}-{round}"),
+            LAN_IP,
+            run,
+            &[],
+        )?;
+        pairs.push((a.gbit, d.gbit));
+    }
+    Ok(pairs)
 }
 
 /// The report's plain list of where netredir is behind a peer, or `ahead`.
