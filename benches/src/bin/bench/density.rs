@@ -504,7 +504,7 @@ fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
         let cpu0 = (
             cpu(daemon),
             agents.iter().map(|p| cpu(*p)).sum::<f64>(),
-            crate::machine_cpu(),
+            crate::cpu::machine(),
         );
         let t0 = Instant::now();
         std::thread::sleep(window);
@@ -513,7 +513,7 @@ fn busy_vms(o: &Opts, report: &mut String) -> Result<()> {
         let cpu1 = (
             cpu(daemon),
             agents.iter().map(|p| cpu(*p)).sum::<f64>(),
-            crate::machine_cpu(),
+            crate::cpu::machine(),
         );
         // Whether the shared UMEM ran short (a VM's fill ring not topped
         // up: its frames dropped at the NIC).

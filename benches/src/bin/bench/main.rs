@@ -5,11 +5,14 @@
 //! through netredir and through the kernel routing the same namespaces
 //! (the limit; it crosses the VM's NIC with `steer` attached, so it also
 //! shows what the XDP program costs traffic it passes). Reports Gbit/s,
-//! the ratio to the kernel path, and netredir's CPU seconds per GB.
+//! the ratio to the kernel path, CPU seconds per GB (each path's own
+//! processes, and the whole machine; see `cpu.rs`), and the pass-through
+//! cost: the kernel path with netredir attached to the VM and detached.
 //!
 //! `latency`: small request/response round trips (1 byte and 1 KiB) on
 //! one connection, and connection set-up (connect to first echoed byte),
-//! p50 and p99, through netredir and through the kernel path.
+//! p50 and p99, through netredir and through the kernel path, and each
+//! path's process CPU per 1-byte round trip.
 //!
 //! `wan`: Ghostscript-rendered print jobs over the project's WAN emulator
 //! at three link profiles, through netredir (compression off and auto),
@@ -18,6 +21,7 @@
 //! Writes a Markdown report (`--out DIR`, default `results/`). `--quick`
 //! runs short measurements (CI's smoke run; no thresholds are asserted).
 
+mod cpu;
 mod density;
 mod plot;
 mod wan;
@@ -25,7 +29,7 @@ mod wan;
 use anyhow::{Context, Result, bail};
 use netredir_benches::Redir;
 use netredir_benches::testbed::{
-    CLIENT_LAN_IP, CLIENT_WAN_IP, HOST_WAN_IP, LAN_IP, Netns, Testbed, wait_until,
+    CLIENT_LAN_IP, CLIENT_WAN_IP, HOST_VM_IFACE, HOST_WAN_IP, LAN_IP, Netns, Testbed, wait_until,
 };
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -187,7 +191,9 @@ pub(crate) fn kernel_routes(tb: &Testbed) -> Result<()> {
     Ok(())
 }
 
-/// One iperf3 run from namespace `from` to `dst`; Gbit/s received.
+/// One iperf3 run from namespace `from` to `dst`: Gbit/s received (the
+/// omitted first second left out), and GB sent over the whole run (that
+/// second included: the CPU it took is counted too).
 fn iperf(
     tb: &Testbed,
     from: &Netns,
@@ -195,7 +201,7 @@ fn iperf(
     dst: &str,
     streams: u32,
     secs: u32,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     tb.spawn(&tb.lan, name, "iperf3", &["-s", "-1", "-B", LAN_IP])?;
     wait_until("iperf3 to listen", Duration::from_secs(10), || {
         tb.lan
@@ -228,23 +234,18 @@ fn iperf(
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("no throughput in iperf3's answer: {}", v["error"]))?;
-    Ok(bps / 1e9)
-}
-
-/// Busy CPU seconds of the whole machine so far (all CPUs, /proc/stat):
-/// every path is charged everything it makes the machine do.
-fn machine_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or("");
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal: all but idle, iowait.
-    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
-    // SAFETY: sysconf has no preconditions.
-    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let sent: f64 = v["intervals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["sum"]["bytes"].as_f64())
+        .sum();
+    let gb = if sent > 0.0 {
+        sent / 1e9
+    } else {
+        bps * f64::from(secs) / 8e9
+    };
+    Ok((bps / 1e9, gb))
 }
 
 /// slirp4netns giving namespace `ns` its network (NAT into the host's
@@ -318,35 +319,66 @@ fn pasta(tb: &Testbed, ns: &Netns, mtu: u32) -> Result<()> {
     )
 }
 
-/// One row of the LAN table.
+/// One cell of the LAN table.
 struct LanResult {
     gbit: f64,
-    cpu_per_gb: f64,
+    /// The whole machine's CPU seconds per GB moved.
+    machine_per_gb: f64,
+    /// CPU seconds per GB of each process the path runs (none for the
+    /// kernel path), by name.
+    procs_per_gb: Vec<(String, f64)>,
     /// Moved next to nothing, twice.
     stalled: bool,
     /// The first run stalled.
     retried: bool,
 }
 
+impl LanResult {
+    /// The path's processes' CPU seconds per GB, all together, if it runs any.
+    fn process_per_gb(&self) -> Option<f64> {
+        (!self.procs_per_gb.is_empty()).then(|| self.procs_per_gb.iter().map(|(_, c)| c).sum())
+    }
+
+    /// `Gbit/s (process CPU s/GB / machine CPU s/GB)`, `–` for no process.
+    fn cell(&self) -> String {
+        if self.stalled {
+            return "stalled twice".to_string();
+        }
+        let process = self
+            .process_per_gb()
+            .map_or("–".to_string(), |c| format!("{c:.1}"));
+        format!(
+            "{:.2} ({process} / {:.1}){}",
+            self.gbit,
+            self.machine_per_gb,
+            if self.retried { " †" } else { "" }
+        )
+    }
+}
+
+/// One iperf3 run (`streams` streams for `secs` s) from `from` to `dst`,
+/// charging the path the CPU of the process trees `procs` (name, pid) and
+/// of the machine.
 fn measure(
     tb: &Testbed,
     from: &Netns,
     name: &str,
     dst: &str,
-    streams: u32,
-    secs: u32,
+    (streams, secs): (u32, u32),
+    procs: &[(&str, u32)],
 ) -> Result<LanResult> {
     // A run that moved next to nothing stalled (seen with pasta): it is
     // measured once more, and reported as stalled if it stalls again.
     for attempt in 0..2 {
-        let before = machine_cpu();
-        let gbit = iperf(tb, from, &format!("{name}-{attempt}"), dst, streams, secs)?;
-        let cpu = machine_cpu() - before;
-        let gb = gbit * f64::from(secs) / 8.0;
+        let before = cpu::Sample::now(procs);
+        let (gbit, gb) = iperf(tb, from, &format!("{name}-{attempt}"), dst, streams, secs)?;
+        let (machine, per_proc) = before.until(&cpu::Sample::now(procs));
+        let per_gb = |c: f64| if gb > 0.0 { c / gb } else { 0.0 };
         if gbit >= 0.05 || attempt == 1 {
             return Ok(LanResult {
                 gbit,
-                cpu_per_gb: if gb > 0.0 { cpu / gb } else { 0.0 },
+                machine_per_gb: per_gb(machine),
+                procs_per_gb: per_proc.into_iter().map(|(n, c)| (n, per_gb(c))).collect(),
                 stalled: gbit < 0.05,
                 retried: attempt == 1,
             });
@@ -364,7 +396,13 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
     )?;
     writeln!(
         report,
-        "Gbit/s (machine CPU seconds per GB). Ratios are netredir's throughput over the kernel path's and over the best peer's.\n"
+        "Gbit/s (CPU seconds per GB moved: the path's own processes / the whole machine). The \
+         processes are netredird and the agent for netredir, the slirp4netns or pasta process \
+         (with any children) for the peers; the kernel path has no process of its own, so it has \
+         only the machine figure. The machine figure also holds both iperf3s and the kernel's \
+         packet work; the process figure holds what the kernel does on the process's behalf, \
+         but not softirq work that happens to run on another task. Ratios are netredir's \
+         throughput over the kernel path's and over the best peer's.\n"
     )?;
     writeln!(
         report,
@@ -373,10 +411,12 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
     writeln!(report, "|---|---|---|---|---|---|---|---|")?;
     let mut behind = Vec::new();
     let mut groups = Vec::new();
+    let mut split = Vec::new();
+    let mut pass = Vec::new();
     let mut series: Vec<(String, Vec<f64>)> = ["kernel path", "netredir", "slirp4netns", "pasta"]
         .map(|n| (n.to_string(), Vec::new()))
         .into();
-    plot::stage("lan", 2 * (1 + 4 * streams.len() as u64));
+    plot::stage("lan", 2 * (1 + 4 * streams.len() as u64 + 4));
     for mtu in [1500u32, 9000] {
         crate::plot::step("lan", &format!("MTU {mtu}: building the testbed"));
         let tb = Testbed::new("bench-lan")?;
@@ -395,28 +435,44 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         let pasta_ns = r.tb.add_netns(&format!("pasta{mtu}"))?;
         pasta(&r.tb, &pasta_ns, mtu)?;
         let vip = r.vip("iperf")?.to_string();
+        let netredir = [
+            ("netredird", r.tb.pid("netredird")?),
+            ("agent", r.tb.pid("agent")?),
+        ];
+        let slirp_proc = [("slirp4netns", r.tb.pid(&format!("slirp4netns-{mtu}"))?)];
+        let pasta_proc = [("pasta", r.tb.pid(&format!("pasta-{mtu}"))?)];
         for &n in streams {
             let tag = format!("{mtu}-{n}");
+            let run = (n, secs);
             crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): kernel path"));
-            let kernel = measure(&r.tb, &r.tb.vm, &format!("iperf-k{tag}"), LAN_IP, n, secs)?;
+            let kernel = measure(&r.tb, &r.tb.vm, &format!("iperf-k{tag}"), LAN_IP, run, &[])?;
             crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): netredir"));
-            let ours = measure(&r.tb, &r.tb.vm, &format!("iperf-n{tag}"), &vip, n, secs)?;
+            let ours = measure(
+                &r.tb,
+                &r.tb.vm,
+                &format!("iperf-n{tag}"),
+                &vip,
+                run,
+                &netredir,
+            )?;
             crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): slirp4netns"));
-            let slirp = measure(&r.tb, &slirp_ns, &format!("iperf-s{tag}"), LAN_IP, n, secs)?;
+            let slirp = measure(
+                &r.tb,
+                &slirp_ns,
+                &format!("iperf-s{tag}"),
+                LAN_IP,
+                run,
+                &slirp_proc,
+            )?;
             crate::plot::step("lan", &format!("MTU {mtu}, {n} stream(s): pasta"));
-            let pst = measure(&r.tb, &pasta_ns, &format!("iperf-p{tag}"), LAN_IP, n, secs)?;
-            let cell = |x: &LanResult| {
-                if x.stalled {
-                    "stalled twice".to_string()
-                } else {
-                    format!(
-                        "{:.2} ({:.1}){}",
-                        x.gbit,
-                        x.cpu_per_gb,
-                        if x.retried { " †" } else { "" }
-                    )
-                }
-            };
+            let pst = measure(
+                &r.tb,
+                &pasta_ns,
+                &format!("iperf-p{tag}"),
+                LAN_IP,
+                run,
+                &pasta_proc,
+            )?;
             let (peer, best) = if slirp.gbit >= pst.gbit {
                 ("slirp4netns", slirp.gbit)
             } else {
@@ -425,10 +481,10 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
             writeln!(
                 report,
                 "| {mtu} | {n} | {} | {} | {} | {} | {:.2} | {:.2} |",
-                cell(&kernel),
-                cell(&ours),
-                cell(&slirp),
-                cell(&pst),
+                kernel.cell(),
+                ours.cell(),
+                slirp.cell(),
+                pst.cell(),
                 ours.gbit / kernel.gbit,
                 ours.gbit / best
             )?;
@@ -438,10 +494,16 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
                     ours.gbit
                 ));
             }
-            groups.push(format!(
-                "MTU {mtu}, {n} stream{}",
-                if n == 1 { "" } else { "s" }
+            let group = format!("MTU {mtu}, {n} stream{}", if n == 1 { "" } else { "s" });
+            split.push(format!(
+                "{group}: {}",
+                ours.procs_per_gb
+                    .iter()
+                    .map(|(_, c)| format!("{c:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
             ));
+            groups.push(group);
             for (i, x) in [&kernel, &ours, &slirp, &pst].into_iter().enumerate() {
                 series[i].1.push(x.gbit);
             }
@@ -450,7 +512,14 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
             r.status().is_ok_and(|s| s.flows == 0)
         })
         .ok();
+        // Last in the MTU's loop: it detaches the VM, which nothing after needs.
+        pass.push((mtu, pass_through(&r, mtu, secs)?));
     }
+    writeln!(
+        report,
+        "\nnetredir's process CPU seconds per GB, netredird + agent: {}.",
+        split.join("; ")
+    )?;
     writeln!(
         report,
         "\nThe kernel path is the VM's own NIC routed by host and client straight to the LAN \
@@ -461,6 +530,28 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
          run moved next to nothing (stalled) and this is the second; \"stalled twice\" is a path \
          that stalled both times, left out of the ratios.\n"
     )?;
+    writeln!(
+        report,
+        "Pass-through: the VM's other traffic through the same NIC (the kernel path, 1 stream, \
+         {secs} s) with netredir attached to the VM and after `netredirctl vm detach`, \
+         alternated attached, detached, attached, detached; Gbit/s attached / detached per pair, \
+         and the mean of the pairs' ratios (target ≥ 0.98):\n"
+    )?;
+    for (mtu, pairs) in &pass {
+        let ratios: Vec<f64> = pairs.iter().map(|(a, d)| a / d).collect();
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        let shown: Vec<String> = pairs
+            .iter()
+            .zip(&ratios)
+            .map(|((a, d), q)| format!("{a:.2} / {d:.2} ({q:.3})"))
+            .collect();
+        writeln!(
+            report,
+            "- MTU {mtu}: {}; mean ratio {mean:.3}",
+            shown.join(", ")
+        )?;
+    }
+    writeln!(report)?;
     plot::bars(
         &o.out.join("lan.png"),
         &plot::Bars {
@@ -476,6 +567,55 @@ fn lan(o: &Opts, report: &mut String) -> Result<()> {
         &behind,
         "netredir was ahead of both peers everywhere.",
     )
+}
+
+/// The kernel path (1 stream) with netredir attached to the VM's NIC, then
+/// detached, twice (attached, detached, attached, detached, so a drift of
+/// the machine shows in the pairs): the (attached, detached) Gbit/s pairs.
+/// Leaves the VM detached.
+fn pass_through(r: &Redir, mtu: u32, secs: u32) -> Result<Vec<(f64, f64)>> {
+    let vm = HOST_VM_IFACE;
+    let ctl = |args: &[&str]| -> Result<()> {
+        let (ok, _, err) = netredir_benches::netredirctl(&r.control, args);
+        if !ok {
+            bail!("netredirctl {}: {}", args.join(" "), err.trim());
+        }
+        Ok(())
+    };
+    let mut pairs = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            ctl(&["vm", "attach", vm, "--iface", vm])?;
+            // As in the table: the agent back online (it redials by itself).
+            wait_until("the agent to reconnect", Duration::from_secs(30), || {
+                r.map()
+                    .is_ok_and(|m| m.iter().any(|e| e.name == "iperf" && e.state == "online"))
+            })
+            .unwrap_or_else(|e| eprintln!("pass-through, MTU {mtu}: {e:#}; measured without it"));
+        }
+        let run = (1, secs);
+        crate::plot::step("lan", &format!("MTU {mtu}: pass-through, attached"));
+        let a = measure(
+            &r.tb,
+            &r.tb.vm,
+            &format!("iperf-a{mtu}-{round}"),
+            LAN_IP,
+            run,
+            &[],
+        )?;
+        ctl(&["vm", "detach", vm])?;
+        crate::plot::step("lan", &format!("MTU {mtu}: pass-through, detached"));
+        let d = measure(
+            &r.tb,
+            &r.tb.vm,
+            &format!("iperf-d{mtu}-{round}"),
+            LAN_IP,
+            run,
+            &[],
+        )?;
+        pairs.push((a.gbit, d.gbit));
+    }
+    Ok(pairs)
 }
 
 /// The report's plain list of where netredir is behind a peer, or `ahead`.
@@ -561,6 +701,18 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         ("slirp4netns", &slirp_ns, direct),
         ("pasta", &pasta_ns, direct),
     ];
+    // Each path's own processes, charged for the 1-byte round trips.
+    let procs: [Vec<(&str, u32)>; 4] = [
+        Vec::new(),
+        vec![
+            ("netredird", r.tb.pid("netredird")?),
+            ("agent", r.tb.pid("agent")?),
+        ],
+        vec![("slirp4netns", r.tb.pid("slirp4netns-1500")?)],
+        vec![("pasta", r.tb.pid("pasta-1500")?)],
+    ];
+    let mut cpu_row = String::from("| 1 B request/response: process CPU µs per round trip |");
+    let mut netredir_split = Vec::new();
     let (n, m) = if o.quick { (200, 30) } else { (5000, 500) };
     writeln!(report, "## Latency (p50 / p99, microseconds)\n")?;
     let mut head = String::from("| measurement |");
@@ -588,7 +740,8 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         crate::plot::step("latency", what);
         let mut row = format!("| {what} |");
         let mut p50 = Vec::new();
-        for (name, ns, addr) in &paths {
+        for ((name, ns, addr), procs) in paths.iter().zip(&procs) {
+            let before = cpu::Sample::now(procs);
             let d = ns
                 .enter(|| match i {
                     0 => round_trips(*addr, 1, n),
@@ -596,6 +749,22 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
                     _ => setups(*addr, m),
                 })?
                 .with_context(|| format!("{what} via {name} to {addr}"))?;
+            if i == 0 {
+                let (_, per_proc) = before.until(&cpu::Sample::now(procs));
+                let us = |c: f64| c * 1e6 / n as f64;
+                if per_proc.is_empty() {
+                    cpu_row.push_str(" – |");
+                } else {
+                    let total: f64 = per_proc.iter().map(|(_, c)| us(*c)).sum();
+                    let _ = write!(cpu_row, " {total:.1} |");
+                }
+                if *name == "netredir" {
+                    netredir_split = per_proc
+                        .iter()
+                        .map(|(p, c)| format!("{p} {:.1}", us(*c)))
+                        .collect();
+                }
+            }
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             let _ = write!(
                 row,
@@ -617,6 +786,7 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         );
         writeln!(report, "{row}")?;
     }
+    writeln!(report, "{cpu_row} | |")?;
     plot::bars(
         &o.out.join("latency.png"),
         &plot::Bars {
@@ -632,6 +802,14 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         "\n{n} round trips per size on one connection; {m} connections for set-up (netredir holds \
          the guest's SYN until the agent has connected the real one, so set-up includes a tunnel \
          round trip; the peers answer the guest's SYN at once).\n"
+    )?;
+    writeln!(
+        report,
+        "Process CPU per round trip: what the path's own processes used during the 1 B round \
+         trips (netredird and the agent for netredir: {}; the slirp4netns or pasta process for \
+         the peers), over the round trips; the kernel path has no process of its own. The LAN's \
+         echo server and the client are left out.\n",
+        netredir_split.join(", ")
     )?;
     Ok(())
 }
