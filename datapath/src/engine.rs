@@ -1404,7 +1404,10 @@ impl Engine {
                 self.counters.bytes_to_guest += n as u64;
                 moved = true;
             }
-            if f.ungranted > 0 && (f.to_guest.is_empty() || f.ungranted >= self.cfg.window / 4) {
+            // A grant once a quarter of the window moved, not per write:
+            // the agent still has three quarters, and a grant per response
+            // would cost a message (and the agent a wake-up) per round trip.
+            if f.ungranted > 0 && f.ungranted >= self.cfg.window / 4 {
                 self.events.push_back(Event::Window {
                     flow: id,
                     credit: f.ungranted,
