@@ -17,10 +17,52 @@ use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpEndpoint,
 };
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Counts heap allocations made while [`counted`] runs: the engine's
+/// allocations per frame, read off the bulk benchmark.
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f` with its allocations counted (one thread: the benchmark's).
+fn counted<R>(f: impl FnOnce() -> R) -> R {
+    COUNTING.store(true, Ordering::Relaxed);
+    let r = f();
+    COUNTING.store(false, Ordering::Relaxed);
+    r
+}
 
 const ENGINE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -120,6 +162,8 @@ struct Pair {
     sock: SocketHandle,
     flow: FlowId,
     pattern: Vec<u8>,
+    /// Data events taken so far (each one allocation for its payload).
+    datas: u64,
 }
 
 impl Pair {
@@ -157,6 +201,7 @@ impl Pair {
             sock,
             flow: 0,
             pattern: netredir_benches::job_bytes(PATTERN, 9),
+            datas: 0,
         };
         let evs = p.drive();
         p.flow = match evs.as_slice() {
@@ -242,14 +287,17 @@ impl Pair {
 
             let t0 = Instant::now();
             while let Some(f) = self.wire.from_guest.pop_front() {
-                self.engine.handle_frame(&f, now);
+                counted(|| self.engine.handle_frame(&f, now));
                 frames += 1;
             }
-            self.engine.poll(now);
+            counted(|| self.engine.poll(now));
             let mut credit = 0u32;
+            // (A Data event's payload is one allocation per chunk of up
+            // to MAX_CHUNK bytes: per message, not per frame; not counted.)
             while let Some(e) = self.engine.poll_event() {
                 match e {
                     Event::Data { flow, bytes } if flow == self.flow => {
+                        self.datas += 1;
                         got += bytes.len();
                         credit += bytes.len() as u32;
                         black_box(bytes);
@@ -259,12 +307,13 @@ impl Pair {
                 }
             }
             if credit > 0 {
-                self.engine
-                    .window(self.flow, credit, now)
-                    .expect("open flow");
+                counted(|| self.engine.window(self.flow, credit, now)).expect("open flow");
             }
-            while let Some(f) = self.engine.poll_frame() {
-                self.wire.to_guest.push_back(f);
+            while let Some(f) = counted(|| self.engine.poll_frame()) {
+                // The daemon sends a frame and gives it back to the
+                // engine; here the guest's wire gets a copy.
+                self.wire.to_guest.push_back(f.clone());
+                counted(|| self.engine.recycle_frame(f));
                 frames += 1;
             }
             in_engine += t0.elapsed();
@@ -311,7 +360,12 @@ fn bench_bulk(c: &mut Criterion) {
         p.engine.counters().frames_in,
         p.engine.counters().frames_out,
     );
+    let (allocs, datas) = (ALLOCS.load(Ordering::Relaxed), p.datas);
     let (wall, in_engine) = p.pump(BULK);
+    let datas = p.datas - datas;
+    // Each Data event's payload is one allocation (per message, not per
+    // frame): the rest is the frame path's.
+    let allocs = (ALLOCS.load(Ordering::Relaxed) - allocs).saturating_sub(datas);
     let (fin, fout) = (
         p.engine.counters().frames_in - fin,
         p.engine.counters().frames_out - fout,
@@ -319,9 +373,12 @@ fn bench_bulk(c: &mut Criterion) {
     if !std::env::args().any(|a| a == "--list") {
         eprintln!(
             "\n8 MiB guest -> agent: {fin} frames from the guest, {fout} to it; \
-             one pass: {:.0} ns per guest frame in the engine, {:.0} with the guest stack\n",
+             one pass: {:.0} ns per guest frame in the engine, {:.0} with the guest stack; \
+             {allocs} heap allocations in the engine's frame path ({:.3} per frame) \
+             besides one per Data message ({datas})\n",
             in_engine.as_nanos() as f64 / fin as f64,
             wall.as_nanos() as f64 / fin as f64,
+            allocs as f64 / (fin + fout) as f64,
         );
     }
     let mut g = c.benchmark_group("engine/guest_to_agent_8MiB");

@@ -446,41 +446,87 @@ pub struct FlowState {
     pub from_guest: u64,
 }
 
-/// The smoltcp device: two queues of IP packets.
+/// Room kept in front of each outgoing IP packet for its Ethernet
+/// header, written in place when the frame is finished.
+const ETH_ROOM: usize = 14;
+/// Buffers kept for reuse per direction (frames are not allocated one by
+/// one once a VM is busy), and the largest kept: 16 at most of 16 KiB, so
+/// a VM holds at most 512 KiB of them (48 KiB at MTU 1500); a large
+/// segment's buffer (up to 64 KiB, one per 40 frames' worth) is freed.
+const SPARE: usize = 16;
+const SPARE_CAP: usize = 16 * 1024;
+
+/// The smoltcp device: two queues of IP packets, and buffers for reuse.
+/// Outgoing packets sit [`ETH_ROOM`] bytes into their buffer.
 #[derive(Default)]
 struct Queues {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    rx_spare: Vec<Vec<u8>>,
+    tx_spare: Vec<Vec<u8>>,
     mtu: usize,
 }
 
-struct RxTok(Vec<u8>);
-struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Puts `b` back in `spare` if there is room and it is not too big.
+fn keep(spare: &mut Vec<Vec<u8>>, b: Vec<u8>) {
+    if spare.len() < SPARE && b.capacity() <= SPARE_CAP {
+        spare.push(b);
+    }
+}
 
-impl phy::RxToken for RxTok {
+impl Queues {
+    /// Queues a received IP packet (copied into a reused buffer).
+    fn push_rx(&mut self, packet: &[u8]) {
+        let mut b = self.rx_spare.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(packet);
+        self.rx.push_back(b);
+    }
+
+    /// Queues an IP packet built elsewhere for the guest.
+    fn push_ip(&mut self, ip: &[u8]) {
+        let mut b = self.tx_spare.pop().unwrap_or_default();
+        b.clear();
+        b.resize(ETH_ROOM, 0);
+        b.extend_from_slice(ip);
+        self.tx.push_back(b);
+    }
+}
+
+struct RxTok<'a>(Vec<u8>, &'a mut Vec<Vec<u8>>);
+struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>, &'a mut Vec<Vec<u8>>);
+
+impl phy::RxToken for RxTok<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.0);
+        keep(self.1, self.0);
+        r
     }
 }
 
 impl phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = vec![0u8; len];
-        let r = f(&mut b);
+        let mut b = self.1.pop().unwrap_or_default();
+        b.clear();
+        b.resize(ETH_ROOM + len, 0);
+        let r = f(&mut b[ETH_ROOM..]);
         self.0.push_back(b);
         r
     }
 }
 
 impl Device for Queues {
-    type RxToken<'a> = RxTok;
+    type RxToken<'a> = RxTok<'a>;
     type TxToken<'a> = TxTok<'a>;
-    fn receive(&mut self, _: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxTok<'_>, TxTok<'_>)> {
         let p = self.rx.pop_front()?;
-        Some((RxTok(p), TxTok(&mut self.tx)))
+        Some((
+            RxTok(p, &mut self.rx_spare),
+            TxTok(&mut self.tx, &mut self.tx_spare),
+        ))
     }
     fn transmit(&mut self, _: SmolInstant) -> Option<TxTok<'_>> {
-        Some(TxTok(&mut self.tx))
+        Some(TxTok(&mut self.tx, &mut self.tx_spare))
     }
     fn capabilities(&self) -> DeviceCapabilities {
         let mut c = DeviceCapabilities::default();
@@ -899,7 +945,13 @@ impl Engine {
         if is_syn {
             self.handle_syn(key, packet.to_vec(), now);
         } else {
-            self.dev.rx.push_back(packet.to_vec());
+            // Into smoltcp now, not at the next poll: its buffer is free
+            // again at once, so a batch of frames reuses one buffer
+            // instead of holding (and allocating) one per frame.
+            self.dev.push_rx(packet);
+            let ts = self.ts(now);
+            self.iface
+                .poll_ingress_single(ts, &mut self.dev, &mut self.sockets);
         }
     }
 
@@ -976,7 +1028,7 @@ impl Engine {
         if let Some(c) = refused {
             *c += 1;
             // No socket matches: smoltcp answers RST|ACK on the next poll.
-            self.dev.rx.push_back(packet.to_vec());
+            self.dev.push_rx(packet);
             return None;
         }
         resource
@@ -1485,20 +1537,18 @@ impl Engine {
             self.dev.tx.clear();
             return;
         };
-        while let Some(ip) = self.dev.tx.pop_front() {
+        while let Some(mut out) = self.dev.tx.pop_front() {
+            // The Ethernet header goes into the room left for it: no copy.
             let eth = EthernetRepr {
                 src_addr: EthernetAddress(self.cfg.mac),
                 dst_addr: dst,
-                ethertype: if ip.first().is_some_and(|b| b >> 4 == 6) {
+                ethertype: if out.get(ETH_ROOM).is_some_and(|b| b >> 4 == 6) {
                     EthernetProtocol::Ipv6
                 } else {
                     EthernetProtocol::Ipv4
                 },
             };
-            let mut out = vec![0u8; eth.buffer_len() + ip.len()];
-            let mut f = EthernetFrame::new_unchecked(&mut out[..]);
-            eth.emit(&mut f);
-            f.payload_mut().copy_from_slice(&ip);
+            eth.emit(&mut EthernetFrame::new_unchecked(&mut out[..]));
             self.counters.frames_out += 1;
             self.frames.push_back(out);
         }
@@ -1507,6 +1557,12 @@ impl Engine {
     /// The next frame for the guest.
     pub fn poll_frame(&mut self) -> Option<Vec<u8>> {
         self.frames.pop_front()
+    }
+
+    /// Gives back a frame from [`Engine::poll_frame`] once it is sent, for
+    /// the next frame to reuse (no allocation per frame).
+    pub fn recycle_frame(&mut self, frame: Vec<u8>) {
+        keep(&mut self.dev.tx_spare, frame);
     }
 
     /// Puts back a frame the device could not take yet (it goes first).

@@ -525,9 +525,14 @@ impl Drop for Xsk {
 mod tests {
     use super::*;
 
+    /// A pool binds to `lo` queue 0, which takes one socket: the tests
+    /// that make one take turns (they run in parallel otherwise).
+    static LO: Mutex<()> = Mutex::new(());
+
     #[test]
     fn a_pool_shares_its_frames_and_gets_them_back() {
         // Needs AF_XDP (root): CI has it.
+        let _lo = LO.lock().unwrap_or_else(|e| e.into_inner());
         let pool = Pool::new(256).unwrap();
         assert_eq!(pool.frames(), 2 * MAX_FILL, "at least two VMs' worth");
         let all = pool.free_frames();
@@ -541,6 +546,7 @@ mod tests {
     #[test]
     fn busy_sockets_share_what_idle_ones_leave_evenly() {
         // Needs AF_XDP (root): CI has it.
+        let _lo = LO.lock().unwrap_or_else(|e| e.into_inner());
         let pool = Pool::new(16384).unwrap();
         let set = |sockets, busy| {
             pool.0.sockets.store(sockets, Ordering::Relaxed);

@@ -197,7 +197,7 @@ impl Engine {
         body[icmp_len - extra.len()..].copy_from_slice(&extra);
         Icmpv6Packet::new_unchecked(&mut body[..]).fill_checksum(&src, &to);
         self.counters.router_adverts += 1;
-        self.dev.tx.push_back(out);
+        self.dev.push_ip(&out);
         self.collect_frames();
     }
 
@@ -224,7 +224,7 @@ impl Engine {
             &mut Icmpv6Packet::new_unchecked(&mut out[ip.buffer_len()..]),
             &checksums(),
         );
-        self.dev.tx.push_back(out);
+        self.dev.push_ip(&out);
         self.collect_frames();
     }
 }

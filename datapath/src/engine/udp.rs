@@ -300,7 +300,7 @@ impl Engine {
             &mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]),
             &checksums(),
         );
-        self.dev.tx.push_back(out);
+        self.dev.push_ip(&out);
         self.collect_frames();
     }
 
@@ -432,14 +432,16 @@ impl Engine {
             &checksums(),
         );
         if out.len() <= self.cfg.mtu {
-            self.dev.tx.push_back(out);
+            self.dev.push_ip(&out);
         } else {
             // As a router on the path would: fragments the guest's stack
             // reassembles (SNMP and DNS answers can exceed the MTU).
             self.counters.udp_fragmented += 1;
             self.frag_ident = self.frag_ident.wrapping_add(1);
             let frags = fragment(&out, hlen, self.cfg.mtu, self.frag_ident);
-            self.dev.tx.extend(frags);
+            for f in &frags {
+                self.dev.push_ip(f);
+            }
         }
         self.collect_frames();
     }

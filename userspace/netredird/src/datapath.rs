@@ -601,7 +601,9 @@ impl Vm {
             let n = self
                 .port
                 .transmit(self.pending_frames.iter().map(|f| f.as_slice()));
-            self.pending_frames.drain(..n);
+            for f in self.pending_frames.drain(..n) {
+                self.engine.recycle_frame(f);
+            }
         } else if self.port.tx_pending() {
             self.port.kick();
         }
