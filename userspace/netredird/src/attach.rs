@@ -15,6 +15,7 @@ use netredir_datapath::tap::Tap;
 use netredir_datapath::xsk::{MIN_FILL, Pool, Xsk};
 use netredir_shared::control::{AttachSpec, Response};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
+use std::sync::{Arc, Mutex};
 
 /// What a VM gets unless its attach says otherwise (the daemon's flags).
 #[derive(Clone)]
@@ -23,10 +24,28 @@ pub struct Defaults {
     pub subnet: Ipv4Subnet,
     /// Virtual IPv6 /64.
     pub prefix6: Ipv6Prefix,
-    /// The host's UMEM, which every VM's AF_XDP socket shares.
-    pub pool: Pool,
+    /// The host's UMEM, which every dedicated NIC's AF_XDP socket shares:
+    /// made at the first such attach (it is locked in RAM, and a host of
+    /// shared NICs needs none).
+    pub pool: Arc<Mutex<Option<Pool>>>,
+    /// Its size, in frames.
+    pub umem_frames: u32,
     /// The host's steer programs, loaded once, which every VM uses.
     pub steer: SharedSteer,
+}
+
+impl Defaults {
+    /// The host's UMEM, made now if this is its first use.
+    fn pool(&self) -> Result<Pool> {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = p.as_ref() {
+            return Ok(pool.clone());
+        }
+        let pool = Pool::new(self.umem_frames)
+            .context("cannot set up the host's UMEM for AF_XDP (--umem-mib)")?;
+        *p = Some(pool.clone());
+        Ok(pool)
+    }
 }
 
 /// Steer attached and the frame port (AF_XDP socket or TAP device) open for `spec`, or why not.
@@ -70,7 +89,8 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
     // The engine's MTU toward the guest: the NIC's, at most what XDP
     // takes where XDP is on the way.
     let (port, mtu) = if spec.dedicated {
-        let xsk = Xsk::open(&d.pool, iface, 0)?;
+        let pool = d.pool()?;
+        let xsk = Xsk::open(&pool, iface, 0)?;
         let mut st = steer.lock();
         st.register_xsk(slot, xsk.fd())?;
         st.attach(slot, iface, &target)?;
@@ -83,10 +103,10 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         steer.lock().attach_tap(slot, iface, &name, &target)?;
         (Port::Tap(tap), nic_mtu)
     };
-    if matches!(port, Port::Xsk(_)) {
+    if let Port::Xsk(x) = &port {
         // Each VM keeps MIN_FILL frames of the shared UMEM even when idle:
         // say so before idle VMs leave the busy ones too little.
-        let (frames, sockets) = (d.pool.frames(), d.pool.sockets());
+        let (frames, sockets) = (x.pool().frames(), x.pool().sockets());
         if u64::from(sockets) * u64::from(MIN_FILL) * 4 > u64::from(frames) * 3 {
             tracing::warn!(
                 vms = sockets,

@@ -114,10 +114,11 @@ struct Args {
     /// flows in the same memory.
     #[arg(long, value_name = "KIB", default_value_t = 256)]
     flow_buffer_kib: usize,
-    /// Memory for frames between the VMs' NICs and netredird, MiB, shared
-    /// by every VM (an idle one keeps 64 KiB of it, a busy one up to
-    /// 2 MiB): the UMEM of the AF_XDP sockets, locked in RAM. 64 MiB
-    /// serves about 750 VMs well; give more for more.
+    /// Memory for frames between dedicated NICs and netredird, MiB, shared
+    /// by every VM attached with --dedicated (an idle one keeps 64 KiB of
+    /// it, a busy one up to 2 MiB): the UMEM of the AF_XDP sockets, locked
+    /// in RAM, made at the first such attach (shared NICs need none).
+    /// 64 MiB serves about 750 such VMs well; give more for more.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     umem_mib: usize,
     /// Data path threads; each serves its share of the VMs (a VM stays on
@@ -289,8 +290,6 @@ fn run(args: Args) -> Result<()> {
         flow_buffer: args.flow_buffer_kib * 1024,
         max_buffer: args.max_buffer_mib << 20,
     };
-    let pool = netredir_datapath::xsk::Pool::new((args.umem_mib << 20) as u32 / FRAME_SIZE)
-        .context("cannot set up the host's UMEM (--umem-mib)")?;
     // The programs are loaded once, for every VM: the verifier runs here,
     // not at each attach.
     let steer = Arc::new(std::sync::Mutex::new(
@@ -303,7 +302,8 @@ fn run(args: Args) -> Result<()> {
     let defaults = Arc::new(attach::Defaults {
         subnet: args.subnet,
         prefix6: args.prefix6,
-        pool,
+        pool: Arc::default(),
+        umem_frames: (args.umem_mib << 20) as u32 / FRAME_SIZE,
         steer,
     });
     let (dp, threads) = workers::Workers::start(workers, cfg, listener)?;

@@ -56,6 +56,8 @@ use zstd::stream::raw::{
 pub const RECORD_HEADER: usize = 4 + 8 + 8;
 /// Largest record body (seq + ack + messages).
 pub const MAX_RECORD: usize = MAX_FRAME_LEN + 16;
+/// Smallest `Data` payload that compression `auto` tries to compress.
+pub const MIN_COMPRESS: usize = 64;
 /// Most compression contexts per direction per session.
 pub const MAX_CONTEXTS: usize = 64;
 /// zstd window: bounds each context's memory (about 1.2 MiB to compress at
@@ -662,6 +664,11 @@ impl Session {
         self.stats.data_bytes_out += bytes.len() as u64;
         let level = match mode {
             Compression::Off => None,
+            // Too small to shrink (a zstd block header alone is 3 bytes),
+            // and a context made for it would be dropped again at once:
+            // a request's few bytes go raw, at no CPU cost. Not fed to the
+            // stream either, so the peer's copy stays the same.
+            Compression::Auto if bytes.len() < MIN_COMPRESS => None,
             Compression::Auto if looks_incompressible(&bytes) => None,
             Compression::Auto => Some(Compression::DEFAULT_LEVEL),
             Compression::Level(l) => Some(l),
