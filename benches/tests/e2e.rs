@@ -47,6 +47,34 @@ fn a_64_mib_job_arrives_byte_identical() {
 }
 
 #[test]
+fn busy_polling_daemons_carry_the_same_bytes() {
+    let spin = ["--busy-poll-us", "200"];
+    let r = Redir::with_args("busypoll", &spin).unwrap();
+    r.echo("echo", 7007).unwrap();
+    r.start_agent_with("agent", &[&format!("echo={LAN_IP}:7007")], &spin)
+        .unwrap();
+    let vip = r.vip("echo").unwrap();
+    let data = job_bytes(256 * 1024, 5);
+    let back =
+        r.tb.vm
+            .enter(|| -> std::io::Result<Vec<u8>> {
+                let mut s = connect((vip, 7007).into())?;
+                let mut back = Vec::new();
+                // Request/response in small pieces: the case busy polling is for.
+                for chunk in data.chunks(512) {
+                    s.write_all(chunk)?;
+                    let mut got = vec![0u8; chunk.len()];
+                    s.read_exact(&mut got)?;
+                    back.extend_from_slice(&got);
+                }
+                Ok(back)
+            })
+            .unwrap()
+            .unwrap();
+    assert_eq!(sha256_hex(&back), sha256_hex(&data));
+}
+
+#[test]
 fn a_hundred_concurrent_connections_through_two_resources() {
     let r = Redir::new("concurrent").unwrap();
     r.digest_sink("sink", 9100).unwrap();

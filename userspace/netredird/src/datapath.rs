@@ -161,6 +161,8 @@ pub struct Config {
     pub flow_buffer: usize,
     /// Most bytes all TCP flows' buffers of one VM may take.
     pub max_buffer: usize,
+    /// How long a worker spins for its next event before it sleeps.
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -299,7 +301,8 @@ pub fn run(
     waker: Arc<Waker>,
     peers: Vec<Mailbox>,
 ) -> Result<()> {
-    let reactor = Reactor::new(256).context("cannot set up io_uring")?;
+    let mut reactor = Reactor::new(256).context("cannot set up io_uring")?;
+    reactor.set_spin(cfg.busy_poll);
     let mut l = Loop {
         worker,
         cfg,

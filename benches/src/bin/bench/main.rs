@@ -679,6 +679,11 @@ fn setups(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Duration>
     Ok(out)
 }
 
+/// The busy-poll budget of the latency table's busy-poll column: about a
+/// netredir round trip, so neither daemon sleeps between a request and its
+/// reply.
+const BUSY_POLL_US: u32 = 200;
+
 fn latency(o: &Opts, report: &mut String) -> Result<()> {
     plot::stage("latency", 4);
     crate::plot::step("latency", "building the testbed");
@@ -693,16 +698,28 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
     let pasta_ns = r.tb.add_netns("pasta")?;
     pasta(&r.tb, &pasta_ns, 1500)?;
     let vip = r.vip("echo")?;
+    // The same with busy polling in both daemons, on a testbed of its own.
+    let spin = BUSY_POLL_US.to_string();
+    let bp = Redir::with_args("bench-latency-bp", &["--busy-poll-us", &spin])?;
+    bp.echo("echo", 7007)?;
+    bp.start_agent_with(
+        "agent",
+        &[&format!("echo={LAN_IP}:7007")],
+        &["--busy-poll-us", &spin],
+    )?;
+    let bp_vip = bp.vip("echo")?;
     let direct: std::net::SocketAddr = format!("{LAN_IP}:7007").parse()?;
     let ours: std::net::SocketAddr = (vip, 7007).into();
-    let paths: [(&str, &Netns, std::net::SocketAddr); 4] = [
+    let bp_name = format!("netredir, busy poll {BUSY_POLL_US} µs");
+    let paths: [(&str, &Netns, std::net::SocketAddr); 5] = [
         ("kernel", &r.tb.vm, direct),
         ("netredir", &r.tb.vm, ours),
         ("slirp4netns", &slirp_ns, direct),
         ("pasta", &pasta_ns, direct),
+        (&bp_name, &bp.tb.vm, (bp_vip, 7007).into()),
     ];
     // Each path's own processes, charged for the 1-byte round trips.
-    let procs: [Vec<(&str, u32)>; 4] = [
+    let procs: [Vec<(&str, u32)>; 5] = [
         Vec::new(),
         vec![
             ("netredird", r.tb.pid("netredird")?),
@@ -710,6 +727,10 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         ],
         vec![("slirp4netns", r.tb.pid("slirp4netns-1500")?)],
         vec![("pasta", r.tb.pid("pasta-1500")?)],
+        vec![
+            ("netredird", bp.tb.pid("netredird")?),
+            ("agent", bp.tb.pid("agent")?),
+        ],
     ];
     let mut cpu_row = String::from("| 1 B request/response: process CPU µs per round trip |");
     let mut netredir_split = Vec::new();
@@ -721,8 +742,10 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         let _ = write!(head, " {name} |");
         rule.push_str("---|");
     }
-    head.push_str(" netredir / kernel (p50) | netredir / best peer (p50) |");
-    rule.push_str("---|---|");
+    head.push_str(
+        " netredir / kernel (p50) | netredir / best peer (p50) | busy poll / best peer (p50) |",
+    );
+    rule.push_str("---|---|---|");
     writeln!(report, "{head}\n{rule}")?;
     let mut groups = Vec::new();
     let mut series: Vec<(String, Vec<f64>)> = paths
@@ -780,13 +803,14 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         }
         let _ = write!(
             row,
-            " {:.2} | {:.2} |",
+            " {:.2} | {:.2} | {:.2} |",
             p50[1] / p50[0],
-            p50[1] / p50[2].min(p50[3])
+            p50[1] / p50[2].min(p50[3]),
+            p50[4] / p50[2].min(p50[3])
         );
         writeln!(report, "{row}")?;
     }
-    writeln!(report, "{cpu_row} | |")?;
+    writeln!(report, "{cpu_row} | | |")?;
     plot::bars(
         &o.out.join("latency.png"),
         &plot::Bars {
@@ -801,7 +825,9 @@ fn latency(o: &Opts, report: &mut String) -> Result<()> {
         report,
         "\n{n} round trips per size on one connection; {m} connections for set-up (netredir holds \
          the guest's SYN until the agent has connected the real one, so set-up includes a tunnel \
-         round trip; the peers answer the guest's SYN at once).\n"
+         round trip; the peers answer the guest's SYN at once). \"Busy poll\": netredird and \
+         the agent started with `--busy-poll-us {BUSY_POLL_US}` (each spins that long for its \
+         next event before sleeping), on a testbed of their own.\n"
     )?;
     writeln!(
         report,
