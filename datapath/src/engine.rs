@@ -1418,7 +1418,6 @@ impl Engine {
     fn service_flows(&mut self, now: Instant) -> bool {
         let mut moved = false;
         let mut ended = Vec::new();
-        let mut buf = [0u8; MAX_CHUNK];
         for (&id, f) in self.flows.iter_mut() {
             let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
             match f.phase {
@@ -1474,20 +1473,29 @@ impl Engine {
                     self.throttled = true;
                     break;
                 }
-                let want = (f.credit as usize).min(MAX_CHUNK);
-                let Ok(n) = s.recv_slice(&mut buf[..want]) else {
-                    break;
-                };
+                let want = (f.credit as usize).min(MAX_CHUNK).min(s.recv_queue());
+                // Straight from the socket's ring into the message (one
+                // copy; the ring's free part may wrap: two pieces then).
+                let mut bytes = Vec::with_capacity(want);
+                while bytes.len() < want {
+                    let room = want - bytes.len();
+                    let got = s.recv(|b| {
+                        let k = b.len().min(room);
+                        bytes.extend_from_slice(&b[..k]);
+                        (k, k)
+                    });
+                    if !matches!(got, Ok(k) if k > 0) {
+                        break;
+                    }
+                }
+                let n = bytes.len();
                 if n == 0 {
                     break;
                 }
                 f.credit -= n as u32;
                 self.counters.bytes_from_guest += n as u64;
                 self.queued_out += n;
-                self.events.push_back(Event::Data {
-                    flow: id,
-                    bytes: buf[..n].to_vec(),
-                });
+                self.events.push_back(Event::Data { flow: id, bytes });
                 moved = true;
             }
             let state = s.state();
