@@ -364,13 +364,13 @@ fn flows_through_a_thousand_cuts_lose_nothing() {
         counts[3]
     );
     // The stated caps (README, "Memory bounds"), for this many flows:
-    // netredird's UMEM 64 MiB, flow buffers 96 MiB, queue 2 MiB, replay
+    // netredird's flow buffers 96 MiB (no UMEM: a TAP device), queue 2 MiB, replay
     // 8 MiB and a compression context pair (1.2 + 0.3 MiB) per busy flow
     // up to 64; the agent's window (1 MiB), receive buffer (256 KiB) and
     // join buffer (64 KiB) per flow, its replay and its contexts; 32 MiB
     // each for code, stacks and heap.
     let contexts = workers.min(64) as u64 * (3 << 19);
-    let cap_host = ((64 + 96 + 2 + 8 + 32) << 20) + contexts;
+    let cap_host = ((96 + 2 + 8 + 32) << 20) + contexts;
     let cap_agent =
         workers as u64 * ((1 << 20) + (256 << 10) + (64 << 10)) + ((8 + 32) << 20) + contexts;
     eprintln!(
