@@ -4,6 +4,10 @@
 //! Every tunnel byte goes through these, both ways, so they bound the
 //! tunnel's throughput before compression or TLS are even counted.
 
+// Linked with memcpy wrapped (build.rs): the wrapper must be here.
+#[path = "common/copies.rs"]
+mod copies;
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use netredir_shared::wire::{Decoder, MAX_DATA, Msg};
 use std::hint::black_box;

@@ -8,6 +8,10 @@
 //! from ratio and throughput side by side: compression is the tunnel's
 //! costliest step per byte.
 
+// Linked with memcpy wrapped (build.rs): the wrapper must be here.
+#[path = "common/copies.rs"]
+mod copies;
+
 use criterion::{
     BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };

@@ -7,6 +7,10 @@
 //! The bulk case is reported twice: the engine's time alone, and with the
 //! guest's TCP/IP stack (also smoltcp, in the same thread) added.
 
+// Linked with memcpy wrapped (build.rs): the wrapper must be here.
+#[path = "common/copies.rs"]
+mod copies;
+
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use netredir_datapath::engine::{Engine, EngineConfig, Event, FlowId, ResourceId};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};

@@ -81,27 +81,29 @@ impl Link {
         cipher: &[u8],
         session: Option<&mut Session>,
     ) -> Result<Vec<Msg>, LinkError> {
+        if self.preamble.is_none() {
+            // Records: TLS decrypts straight into the session's buffer
+            // (without a session, they have nowhere to go).
+            let tls = &mut self.tls;
+            match session {
+                Some(s) => s.feed_with(|inbuf| tls.feed(cipher, inbuf).map_err(LinkError::from))?,
+                None => tls.feed(cipher, &mut Vec::new())?,
+            }
+            return Ok(Vec::new());
+        }
         self.plain.clear();
         self.tls.feed(cipher, &mut self.plain)?;
-        match &mut self.preamble {
-            Some(d) => {
-                d.feed(&self.plain);
-                let mut msgs = Vec::new();
-                while !self.preamble_over
-                    && let Some(m) = d.next_msg()?
-                {
-                    self.preamble_over = ends_preamble(&m);
-                    msgs.push(m);
-                }
-                Ok(msgs)
-            }
-            None => {
-                if let Some(s) = session {
-                    s.feed(&self.plain)?;
-                }
-                Ok(Vec::new())
+        let mut msgs = Vec::new();
+        if let Some(d) = &mut self.preamble {
+            d.feed(&self.plain);
+            while !self.preamble_over
+                && let Some(m) = d.next_msg()?
+            {
+                self.preamble_over = ends_preamble(&m);
+                msgs.push(m);
             }
         }
+        Ok(msgs)
     }
 
     /// Queues a preamble message.
@@ -129,8 +131,10 @@ impl Link {
             && let Some(s) = session
             && s.has_output()
         {
-            let b = s.take_output();
-            self.tls.write(&b);
+            // One vectored write: rustls copies each payload once, from
+            // the buffer it has been in since the flow read it.
+            let out = s.take_output_parts();
+            self.tls.write_vectored(&out.slices());
         }
         self.tls.take_ciphertext(out);
     }

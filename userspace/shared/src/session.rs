@@ -46,7 +46,9 @@
 use crate::wire::{Decoder, FlowId, MAX_DATA, MAX_FRAME_LEN, Msg, WireError};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::io::IoSlice;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zstd::stream::raw::{
     CParameter, DParameter, Decoder as ZDec, Encoder as ZEnc, InBuffer, Operation, OutBuffer,
@@ -228,12 +230,14 @@ pub struct Session {
     received: u64,
     ack_sent: u64,
     unacked_in: usize,
-    replay: VecDeque<(u64, Vec<u8>)>,
+    replay: VecDeque<(u64, Arc<Body>)>,
     replay_bytes: usize,
-    building: Vec<u8>,
+    building: Body,
+    /// Scratch for one message's frame head (reused).
+    head: Vec<u8>,
     /// Bytes the compressed messages in `building` inflate to.
     building_plain: usize,
-    out: Vec<u8>,
+    out: Vec<OutPart>,
     inbuf: Vec<u8>,
     /// Start of the unprocessed part of `inbuf`.
     inpos: usize,
@@ -264,7 +268,8 @@ impl Session {
             unacked_in: 0,
             replay: VecDeque::new(),
             replay_bytes: 0,
-            building: Vec::new(),
+            building: Body::default(),
+            head: Vec::new(),
             building_plain: 0,
             out: Vec::new(),
             inbuf: Vec::new(),
@@ -310,7 +315,7 @@ impl Session {
     /// Whether more session messages may be queued (the replay buffer is
     /// below its limit); when false, stop reading from flows.
     pub fn can_send(&self) -> bool {
-        self.replay_bytes + self.building.len() < self.cfg.replay_limit
+        self.replay_bytes + self.building.len < self.cfg.replay_limit
     }
 
     /// Sets how `flow`'s data is compressed (default: the session's).
@@ -348,23 +353,28 @@ impl Session {
             }
             m => m,
         };
-        self.emit(&msg, 0);
+        self.emit(msg, 0);
     }
 
     /// Appends `msg` to the record being built, closing the record first
     /// if it would not fit (`plain`: what a compressed message inflates to).
-    fn emit(&mut self, msg: &Msg, plain: usize) {
+    fn emit(&mut self, msg: Msg, plain: usize) {
         if plain > 0 && self.building_plain + plain > MAX_RECORD_PLAIN {
             self.flush();
         }
-        let before = self.building.len();
-        msg.emit(&mut self.building);
-        if self.building.len() > MAX_FRAME_LEN {
-            // Did not fit: close the record before this message.
-            let tail = self.building.split_off(before);
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        let bulk = msg.emit_split(&mut head);
+        let size = head.len() + bulk.as_ref().map_or(0, Vec::len);
+        if self.building.len + size > MAX_FRAME_LEN {
+            // Would not fit: close the record before this message.
             self.flush();
-            self.building = tail;
         }
+        self.building.pack(&head);
+        if let Some(b) = bulk {
+            self.building.push_bulk(b);
+        }
+        self.head = head;
         self.building_plain += plain;
     }
 
@@ -384,7 +394,8 @@ impl Session {
     pub fn send_control(&mut self, msg: Msg) {
         let mut body = Vec::new();
         msg.emit(&mut body);
-        self.put_record(0, &body);
+        self.put_head(0, body.len());
+        self.out_bytes().extend_from_slice(&body);
     }
 
     /// Closes the record being built (if any): it goes out and into replay.
@@ -392,38 +403,66 @@ impl Session {
         if self.building.is_empty() {
             return;
         }
-        let body = std::mem::take(&mut self.building);
+        let body = Arc::new(std::mem::take(&mut self.building));
         self.building_plain = 0;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.put_record(seq, &body);
         self.stats.records_sent += 1;
-        self.replay_bytes += body.len();
+        self.replay_bytes += body.len;
         self.replay.push_back((seq, body));
     }
 
-    fn put_record(&mut self, seq: u64, body: &[u8]) {
-        let len = (16 + body.len()) as u32;
-        self.out.extend_from_slice(&len.to_be_bytes());
-        self.out.extend_from_slice(&seq.to_be_bytes());
-        self.out.extend_from_slice(&self.received.to_be_bytes());
-        self.out.extend_from_slice(body);
+    /// Queues record `seq` with `body`, shared with the replay buffer.
+    fn put_record(&mut self, seq: u64, body: &Arc<Body>) {
+        self.put_head(seq, body.len);
+        self.out.push(OutPart::Body(Arc::clone(body)));
+    }
+
+    /// Queues the header of a record whose `body_len` bytes follow.
+    fn put_head(&mut self, seq: u64, body_len: usize) {
+        let len = (16 + body_len) as u32;
+        let received = self.received;
+        let out = self.out_bytes();
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&received.to_be_bytes());
         self.ack_sent = self.received;
         self.unacked_in = 0;
-        self.stats.wire_bytes_out += (RECORD_HEADER + body.len()) as u64;
+        self.stats.wire_bytes_out += (RECORD_HEADER + body_len) as u64;
+    }
+
+    /// The output piece that small bytes (headers, control records) go to.
+    fn out_bytes(&mut self) -> &mut Vec<u8> {
+        if !matches!(self.out.last(), Some(OutPart::Bytes(_))) {
+            self.out.push(OutPart::Bytes(Vec::with_capacity(64)));
+        }
+        match self.out.last_mut() {
+            Some(OutPart::Bytes(b)) => b,
+            _ => unreachable!("pushed above"),
+        }
     }
 
     /// Sends a pure acknowledgement if the peer has not heard one for a
     /// while ([`SessionConfig::ack_every`] bytes), or if `force`.
     pub fn maybe_ack(&mut self, force: bool) {
         if self.received > self.ack_sent && (force || self.unacked_in >= self.cfg.ack_every) {
-            self.put_record(0, &[]);
+            self.put_head(0, 0);
         }
     }
 
-    /// Takes the bytes to write to the transport.
+    /// Takes what is to be written to the transport, as the pieces it is
+    /// held in (bodies shared with the replay buffer, not copied).
+    pub fn take_output_parts(&mut self) -> Output {
+        Output {
+            parts: std::mem::take(&mut self.out),
+        }
+    }
+
+    /// Takes the bytes to write to the transport, concatenated (a copy:
+    /// for tests and tools; the tunnel writes [`Session::take_output_parts`]).
     pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
+        self.take_output_parts().to_vec()
     }
 
     /// Whether bytes are waiting for [`Session::take_output`].
@@ -435,13 +474,30 @@ impl Session {
     /// [`Session::poll_msg`], which unpacks the records one at a time.
     /// Errors mean the peer broke the protocol: drop the connection.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.stats.wire_bytes_in += bytes.len() as u64;
+        self.feed_with(|inbuf| {
+            inbuf.extend_from_slice(bytes);
+            Ok::<_, SessionError>(())
+        })
+    }
+
+    /// Like [`Session::feed`], with `fill` appending the bytes to the
+    /// session's own buffer (TLS decrypts straight into it: no copy). If
+    /// `fill` fails, what it appended is dropped and its error returned.
+    pub fn feed_with<E: From<SessionError>>(
+        &mut self,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
         if self.inpos > 0 && self.inpos * 2 >= self.inbuf.len() {
             self.inbuf.drain(..self.inpos);
             self.inpos = 0;
         }
-        self.inbuf.extend_from_slice(bytes);
-        self.process()
+        let before = self.inbuf.len();
+        if let Err(e) = fill(&mut self.inbuf) {
+            self.inbuf.truncate(before);
+            return Err(e);
+        }
+        self.stats.wire_bytes_in += (self.inbuf.len() - before) as u64;
+        Ok(self.process()?)
     }
 
     /// Unpacks records until one yields messages (or none is complete).
@@ -506,7 +562,7 @@ impl Session {
             if *seq > ack {
                 break;
             }
-            self.replay_bytes -= body.len();
+            self.replay_bytes -= body.len;
             self.replay.pop_front();
         }
         Ok(())
@@ -580,7 +636,7 @@ impl Session {
         self.forget_flow(flow);
         self.mark_dead(flow);
         self.inbox.push_back(Msg::Reset { flow });
-        self.emit(&Msg::Reset { flow }, 0);
+        self.emit(Msg::Reset { flow }, 0);
     }
 
     /// The next message from the peer; unpacks the next record when the
@@ -615,7 +671,7 @@ impl Session {
                 have,
             });
         }
-        let records: Vec<(u64, Vec<u8>)> = self.replay.iter().cloned().collect();
+        let records: Vec<(u64, Arc<Body>)> = self.replay.iter().cloned().collect();
         for (seq, body) in records {
             self.put_record(seq, &body);
             self.stats.records_retransmitted += 1;
@@ -642,7 +698,7 @@ impl Session {
     fn drop_enc(&mut self, flow: FlowId) {
         if self.enc.remove(&flow).is_some() {
             self.enc_reset.insert(flow, true);
-            self.emit(&Msg::ZEnd { flow }, 0);
+            self.emit(Msg::ZEnd { flow }, 0);
         }
     }
 
@@ -710,7 +766,7 @@ impl Session {
                     bytes: z,
                 };
                 // Emitted here: the receiver's inflation budget counts it.
-                self.emit(&msg, bytes.len());
+                self.emit(msg, bytes.len());
                 return None;
             }
             Some(_) => {
@@ -792,6 +848,105 @@ impl Session {
             return None;
         }
         Some(self.zscratch[..n].to_vec())
+    }
+}
+
+/// Payloads at least this long stay in the `Vec` they came in, as a piece
+/// of their record of their own (no copy before TLS); shorter ones are
+/// packed with the frame heads around them.
+const BULK_MIN: usize = 512;
+
+/// A record body as the pieces it was built from: frame heads and small
+/// payloads packed together, bulk payloads in the buffers they arrived in.
+/// Shared (`Arc`) between the replay buffer and the output.
+#[derive(Default)]
+struct Body {
+    parts: Vec<Vec<u8>>,
+    /// Whether the last piece is a packed one (small bytes may join it).
+    packing: bool,
+    len: usize,
+}
+
+impl Body {
+    /// Appends small bytes to the packed piece at the end.
+    fn pack(&mut self, bytes: &[u8]) {
+        if !self.packing {
+            self.parts.push(Vec::with_capacity(256));
+            self.packing = true;
+        }
+        self.parts
+            .last_mut()
+            .expect("pushed")
+            .extend_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Appends a payload: kept as its own piece if it is big and its
+    /// buffer not mostly empty (the replay limit counts lengths, so a
+    /// small payload in a big buffer must not be kept), else packed.
+    fn push_bulk(&mut self, bytes: Vec<u8>) {
+        if bytes.len() >= BULK_MIN && bytes.capacity() <= 2 * bytes.len() {
+            self.len += bytes.len();
+            self.parts.push(bytes);
+            self.packing = false;
+        } else {
+            self.pack(&bytes);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Why the output is pieces: record headers and control records in
+/// small buffers, record bodies shared with the replay buffer.
+enum OutPart {
+    Bytes(Vec<u8>),
+    Body(Arc<Body>),
+}
+
+/// What a session has for the transport, as the pieces it is held in:
+/// written with one vectored write, never concatenated on the way.
+pub struct Output {
+    parts: Vec<OutPart>,
+}
+
+impl Output {
+    /// The pieces in order, for a vectored write.
+    pub fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut v = Vec::with_capacity(self.parts.len() * 2);
+        for p in &self.parts {
+            match p {
+                OutPart::Bytes(b) => v.push(IoSlice::new(b)),
+                OutPart::Body(body) => v.extend(body.parts.iter().map(|b| IoSlice::new(b))),
+            }
+        }
+        v
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                OutPart::Bytes(b) => b.len(),
+                OutPart::Body(body) => body.len,
+            })
+            .sum()
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The pieces concatenated (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.slices()
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect()
     }
 }
 

@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
@@ -232,9 +232,9 @@ impl Identity {
         Fingerprint::of(&self.cert_der)
     }
 
-    /// A fresh identity held only in memory.
-    #[cfg(test)]
-    pub(crate) fn generate(common_name: &str) -> Result<Self, TlsError> {
+    /// A fresh identity held only in memory, for tests and benchmarks
+    /// that must not touch the disk.
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
         let key = new_key()?;
         let cert = self_signed(&key, common_name)?;
         Ok(Self {
@@ -615,9 +615,21 @@ impl Tls {
     /// Before the handshake ends the bytes wait inside rustls. Writing to a
     /// connection that already failed drops them; `feed` has reported why.
     pub fn write(&mut self, plaintext: &[u8]) {
-        // With no buffer limit this fails only on an already failed
-        // connection, whose error `feed` returned.
-        let _ = self.conn.writer().write_all(plaintext);
+        self.write_vectored(&[IoSlice::new(plaintext)]);
+    }
+
+    /// Queues the pieces in order, as [`Tls::write`] would their concatenation.
+    pub fn write_vectored(&mut self, pieces: &[IoSlice<'_>]) {
+        let mut owned = pieces.to_vec();
+        let mut left = &mut owned[..];
+        while !left.is_empty() {
+            // With no buffer limit this fails only on an already failed
+            // connection, whose error `feed` returned.
+            match self.conn.writer().write_vectored(left) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
+            }
+        }
     }
 
     /// Appends all ciphertext waiting to be sent (handshake, data, alerts) to `out`.

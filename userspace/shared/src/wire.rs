@@ -376,9 +376,34 @@ impl Msg {
     /// the caller's bug; they are cut to fit rather than corrupting the
     /// stream.
     pub fn emit(&self, out: &mut Vec<u8>) {
+        let bulk = self.emit_head(out);
+        out.extend_from_slice(bulk);
+    }
+
+    /// Like [`Msg::emit`], but a payload-carrying message's payload is not
+    /// written: it is handed back as a `Vec` for the caller to send from
+    /// where it already is (the frame's length counts it). The record path
+    /// uses this to keep a byte from being copied on its way to TLS.
+    pub fn emit_split(self, out: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let n = self.emit_head(out).len();
+        match self {
+            Msg::Data { mut bytes, .. }
+            | Msg::DataZ { mut bytes, .. }
+            | Msg::Datagram { mut bytes, .. } => {
+                bytes.truncate(n);
+                Some(bytes)
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes the frame but for its bulk payload, which it returns (empty
+    /// for messages without one); the length prefix counts the payload.
+    fn emit_head(&self, out: &mut Vec<u8>) -> &[u8] {
         let start = out.len();
         out.extend_from_slice(&[0; HEADER_LEN]);
         out.push(self.kind());
+        let mut bulk: &[u8] = &[];
         match self {
             Msg::Hello { version, name } => {
                 out.extend_from_slice(&version.to_be_bytes());
@@ -421,7 +446,7 @@ impl Msg {
             }
             Msg::Data { flow, bytes } => {
                 out.extend_from_slice(&flow.to_be_bytes());
-                out.extend_from_slice(&bytes[..bytes.len().min(MAX_DATA)]);
+                bulk = &bytes[..bytes.len().min(MAX_DATA)];
             }
             Msg::Window { flow, credit } => {
                 out.extend_from_slice(&flow.to_be_bytes());
@@ -430,7 +455,7 @@ impl Msg {
             Msg::DataZ { flow, reset, bytes } => {
                 out.extend_from_slice(&flow.to_be_bytes());
                 out.push(u8::from(*reset));
-                out.extend_from_slice(&bytes[..bytes.len().min(MAX_FRAME_LEN - 6)]);
+                bulk = &bytes[..bytes.len().min(MAX_FRAME_LEN - 6)];
             }
             Msg::Resume { session, received } => {
                 out.extend_from_slice(&session.to_be_bytes());
@@ -465,7 +490,7 @@ impl Msg {
             }
             Msg::Datagram { flow, bytes } => {
                 out.extend_from_slice(&flow.to_be_bytes());
-                out.extend_from_slice(&bytes[..bytes.len().min(MAX_DATA)]);
+                bulk = &bytes[..bytes.len().min(MAX_DATA)];
             }
             Msg::Echo {
                 token,
@@ -481,8 +506,9 @@ impl Msg {
                 out.push(u8::from(*ok));
             }
         }
-        let len = (out.len() - start - HEADER_LEN) as u32;
+        let len = (out.len() - start - HEADER_LEN + bulk.len()) as u32;
         out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        bulk
     }
 
     /// Parses one frame body (kind byte first), as found after the length.

@@ -688,3 +688,62 @@ proptest! {
         prop_assert_eq!(drain(&mut b), want);
     }
 }
+
+#[test]
+fn big_payloads_go_out_in_their_own_buffers_and_small_ones_are_packed() {
+    let mut a = Session::new(SessionConfig {
+        compression: Compression::Off,
+        ..SessionConfig::default()
+    });
+    let big = random(4096, 7);
+    let expect_big = big.clone();
+    let big_ptr = big.as_ptr();
+    // Small, and a big buffer that is mostly empty: both copied into the
+    // packed piece, so the replay limit (which counts lengths) holds.
+    let mut sparse = Vec::with_capacity(64 * 1024);
+    sparse.extend_from_slice(&random(600, 8));
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: b"tiny".to_vec(),
+        },
+        Instant::now(),
+    );
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: big,
+        },
+        Instant::now(),
+    );
+    a.send(
+        Msg::Data {
+            flow: 1,
+            bytes: sparse.clone(),
+        },
+        Instant::now(),
+    );
+    a.flush();
+    let out = a.take_output_parts();
+    let slices = out.slices();
+    let own: Vec<&IoSlice> = slices.iter().filter(|s| s.as_ptr() == big_ptr).collect();
+    assert_eq!(own.len(), 1, "the big payload is sent from where it was");
+    assert_eq!(own[0].len(), expect_big.len());
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.len() < 1024 || s.as_ptr() == big_ptr),
+        "the sparse buffer was packed: {:?}",
+        slices.iter().map(|s| s.len()).collect::<Vec<_>>()
+    );
+    let mut b = Session::new(SessionConfig::default());
+    b.feed(&out.to_vec()).unwrap();
+    let got: Vec<Vec<u8>> = drain(&mut b)
+        .into_iter()
+        .map(|m| match m {
+            Msg::Data { bytes, .. } => bytes,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, vec![b"tiny".to_vec(), expect_big, sparse]);
+}
