@@ -540,6 +540,43 @@ impl Device for Queues {
     }
 }
 
+/// The device for one frame that the engine reads where it landed (the
+/// port's ring or read buffer): smoltcp takes it from there, with no copy
+/// into a queue first. What smoltcp sends in reply goes to the queues.
+struct InPlace<'q, 'p> {
+    frame: Option<&'p [u8]>,
+    q: &'q mut Queues,
+}
+
+struct SliceRx<'a>(&'a [u8]);
+
+impl phy::RxToken for SliceRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl<'p> Device for InPlace<'_, 'p> {
+    type RxToken<'a>
+        = SliceRx<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxTok<'a>
+    where
+        Self: 'a;
+    fn receive(&mut self, _: SmolInstant) -> Option<(SliceRx<'_>, TxTok<'_>)> {
+        let f = self.frame.take()?;
+        Some((SliceRx(f), TxTok(&mut self.q.tx, &mut self.q.tx_spare)))
+    }
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxTok<'_>> {
+        Some(TxTok(&mut self.q.tx, &mut self.q.tx_spare))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.q.capabilities()
+    }
+}
+
 /// One VM's network as netredir sees it. A value: many can live side by side.
 pub struct Engine {
     cfg: EngineConfig,
@@ -945,13 +982,22 @@ impl Engine {
         if is_syn {
             self.handle_syn(key, packet.to_vec(), now);
         } else {
-            // Into smoltcp now, not at the next poll: its buffer is free
-            // again at once, so a batch of frames reuses one buffer
-            // instead of holding (and allocating) one per frame.
-            self.dev.push_rx(packet);
+            // Into smoltcp now, read where it lies, not queued for the
+            // next poll: no copy, no buffer per frame. Behind frames
+            // already queued (a SYN sent again), it waits its turn.
             let ts = self.ts(now);
-            self.iface
-                .poll_ingress_single(ts, &mut self.dev, &mut self.sockets);
+            if self.dev.rx.is_empty() {
+                let mut dev = InPlace {
+                    frame: Some(packet),
+                    q: &mut self.dev,
+                };
+                self.iface
+                    .poll_ingress_single(ts, &mut dev, &mut self.sockets);
+            } else {
+                self.dev.push_rx(packet);
+                self.iface
+                    .poll_ingress_single(ts, &mut self.dev, &mut self.sockets);
+            }
         }
     }
 
