@@ -615,7 +615,7 @@ impl Agent {
                 let Some(f) = self.flow_by_id(flow) else {
                     return;
                 };
-                if f.relay.host_data(&bytes).is_err() {
+                if f.relay.host_data(bytes).is_err() {
                     tracing::warn!(flow, "host overran the flow window; resetting the flow");
                     let s = self.by_id[&flow];
                     self.send_msg(Msg::Reset { flow });

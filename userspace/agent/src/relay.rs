@@ -5,7 +5,7 @@
 
 use netredir_shared::export::ExportSpec;
 use netredir_shared::session::Compression;
-use netredir_shared::wire::{AGENT_WINDOW, HOST_WINDOW, MAX_DATA, Msg, OpenError, Proto};
+use netredir_shared::wire::{AGENT_WINDOW, HOST_WINDOW, Msg, OpenError, Proto};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
@@ -115,6 +115,10 @@ impl Default for Relay {
     }
 }
 
+/// Payloads this long or longer are written from their own buffer; shorter
+/// ones are gathered into buffers of this size.
+const JOIN_MAX: usize = 4096;
+
 impl Relay {
     /// A new flow: the host grants us [`HOST_WINDOW`] at the start.
     pub fn new() -> Self {
@@ -127,24 +131,34 @@ impl Relay {
         }
     }
 
-    /// Data from the host for the resource. Small writes join the last
-    /// queued buffer, so that a resource that does not read costs its
-    /// window and no more (a buffer per 1-byte message would cost ~50
-    /// bytes each). Beyond the window, the host broke its side: reset.
-    pub fn host_data(&mut self, bytes: &[u8]) -> Result<(), Overrun> {
+    /// Data from the host for the resource. A big payload is written from
+    /// the buffer it arrived in (no copy); small ones join the last queued
+    /// buffer while it has room, so that a resource that does not read
+    /// costs its window and no more (a buffer per 1-byte message would
+    /// cost ~50 bytes each). Beyond the window, the host broke its side:
+    /// reset.
+    pub fn host_data(&mut self, bytes: Vec<u8>) -> Result<(), Overrun> {
         let held = self.queued + self.in_flight + self.ungranted as usize;
         if held + bytes.len() > AGENT_WINDOW as usize {
             return Err(Overrun);
         }
+        self.queued += bytes.len();
+        if bytes.len() >= JOIN_MAX {
+            self.to_target.push_back(bytes);
+            return Ok(());
+        }
         match self.to_target.back_mut() {
-            Some(last) if last.len() + bytes.len() <= MAX_DATA => last.extend_from_slice(bytes),
+            // Only into room already there: growing a big buffer would
+            // copy it.
+            Some(last) if last.capacity() - last.len() >= bytes.len() => {
+                last.extend_from_slice(&bytes)
+            }
             _ => {
-                let mut b = Vec::with_capacity(MAX_DATA.min(bytes.len().max(4096)));
-                b.extend_from_slice(bytes);
+                let mut b = Vec::with_capacity(JOIN_MAX);
+                b.extend_from_slice(&bytes);
                 self.to_target.push_back(b);
             }
         }
-        self.queued += bytes.len();
         Ok(())
     }
 
@@ -283,6 +297,7 @@ impl Connects {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netredir_shared::wire::MAX_DATA;
     use std::net::Ipv4Addr;
 
     fn exports() -> Exports {
@@ -382,15 +397,19 @@ mod tests {
         let mut r = Relay::new();
         let chunk = vec![7u8; 64 * 1024];
         for _ in 0..AGENT_WINDOW as usize / chunk.len() {
-            r.host_data(&chunk).unwrap();
+            r.host_data(chunk.clone()).unwrap();
         }
         assert_eq!(r.held(), AGENT_WINDOW as usize);
-        assert_eq!(r.host_data(b"x"), Err(Overrun), "one byte over the window");
+        assert_eq!(
+            r.host_data(b"x".to_vec()),
+            Err(Overrun),
+            "one byte over the window"
+        );
         // The resource takes a whole buffer, then half of one.
         let b = r.next_write().unwrap();
         assert_eq!(b.len(), MAX_DATA);
         // In flight still counts against the window.
-        assert_eq!(r.host_data(b"x"), Err(Overrun));
+        assert_eq!(r.host_data(b"x".to_vec()), Err(Overrun));
         r.written(b.len(), b);
         assert_eq!(
             r.take_grant(),
@@ -401,7 +420,7 @@ mod tests {
         r.written(1000, b);
         assert_eq!(r.held(), AGENT_WINDOW as usize - MAX_DATA - 1000);
         // Written but not granted back yet still counts.
-        assert_eq!(r.host_data(b"x"), Err(Overrun));
+        assert_eq!(r.host_data(b"x".to_vec()), Err(Overrun));
         // The rest of a short write goes first.
         let b = r.next_write().unwrap();
         assert_eq!(b.len(), MAX_DATA - 1000);
@@ -412,18 +431,33 @@ mod tests {
             if let Some(g) = r.take_grant() {
                 assert!(g >= AGENT_WINDOW / 4, "grants come in large pieces: {g}");
                 // Granted: the host may send that much again.
-                r.host_data(&vec![1u8; g as usize]).unwrap();
-                assert_eq!(r.host_data(b"x"), Err(Overrun));
+                r.host_data(vec![1u8; g as usize]).unwrap();
+                assert_eq!(r.host_data(b"x".to_vec()), Err(Overrun));
                 break;
             }
         }
     }
 
     #[test]
+    fn a_big_payload_is_written_from_the_buffer_it_came_in() {
+        let mut r = Relay::new();
+        r.host_data(b"hi".to_vec()).unwrap();
+        let big = vec![5u8; 60_000];
+        let at = big.as_ptr();
+        r.host_data(big).unwrap();
+        r.host_data(b"after".to_vec()).unwrap();
+        assert_eq!(r.next_write().unwrap(), b"hi");
+        let b = r.next_write().unwrap();
+        assert_eq!((b.as_ptr(), b.len()), (at, 60_000), "not copied");
+        assert_eq!(r.next_write().unwrap(), b"after", "not appended to it");
+        assert!(r.next_write().is_none());
+    }
+
+    #[test]
     fn grants_wait_for_a_quarter_of_the_window_and_small_writes_share_a_buffer() {
         let mut r = Relay::new();
         for _ in 0..100 {
-            r.host_data(b"a").unwrap();
+            r.host_data(b"a".to_vec()).unwrap();
         }
         let b = r.next_write().unwrap();
         assert_eq!(b.len(), 100, "a hundred 1-byte messages, one buffer");
@@ -438,7 +472,7 @@ mod tests {
         assert_eq!(r.held(), 0);
         // The rest of a quarter of the window, written: one grant of all.
         let rest = vec![7u8; AGENT_WINDOW as usize / 4 - 100];
-        r.host_data(&rest).unwrap();
+        r.host_data(rest).unwrap();
         while let Some(b) = r.next_write() {
             let n = b.len();
             r.written(n, b);
