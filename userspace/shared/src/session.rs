@@ -43,7 +43,7 @@
 //! the application polls ([`Session::poll_msg`]), so a hostile peer cannot
 //! make the receiver hold more than one record's worth.
 
-use crate::wire::{Decoder, FlowId, MAX_DATA, MAX_FRAME_LEN, Msg, WireError};
+use crate::wire::{FlowId, MAX_DATA, MAX_FRAME_LEN, Msg, WireError, parse_frames};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
@@ -952,16 +952,7 @@ impl Output {
 
 /// The messages of one record body, or why it is not valid.
 fn parse_body(body: &[u8]) -> Result<Vec<Msg>, SessionError> {
-    let mut d = Decoder::new();
-    d.feed(body);
-    let mut msgs = Vec::new();
-    while let Some(m) = d.next_msg()? {
-        msgs.push(m);
-    }
-    if d.buffered() != 0 {
-        return Err(SessionError::Wire(WireError::BadLength(d.buffered())));
-    }
-    Ok(msgs)
+    Ok(parse_frames(body)?)
 }
 
 /// Compresses `data` as one flushed piece of the flow's stream.

@@ -696,6 +696,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Parses a run of whole frames (a record's body) where it lies, without
+/// the copy into a [`Decoder`]'s buffer; a frame cut short is an error.
+pub fn parse_frames(mut bytes: &[u8]) -> Result<Vec<Msg>, WireError> {
+    let mut msgs = Vec::new();
+    while !bytes.is_empty() {
+        let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
+            return Err(WireError::BadLength(bytes.len()));
+        };
+        let len = u32::from_be_bytes(*head) as usize;
+        if len == 0 || len > MAX_FRAME_LEN {
+            return Err(WireError::BadLength(len));
+        }
+        let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Err(WireError::BadLength(bytes.len()));
+        };
+        msgs.push(Msg::parse(body)?);
+        bytes = &bytes[HEADER_LEN + len..];
+    }
+    Ok(msgs)
+}
+
 /// Reassembles messages from a byte stream that arrives in arbitrary pieces.
 ///
 /// After an error the stream is unusable (framing is lost); the caller
@@ -1029,6 +1050,29 @@ mod tests {
             }
             prop_assert_eq!(got, msgs);
             prop_assert_eq!(d.buffered(), 0);
+        }
+
+        /// A run of whole frames parses in place to what a decoder gives;
+        /// cut anywhere inside a frame, it is an error, never a panic.
+        #[test]
+        fn frames_parse_in_place_as_the_decoder_does(
+            msgs in proptest::collection::vec(arb_msg(), 1..20),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut stream = Vec::new();
+            let mut ends = vec![0];
+            for m in &msgs {
+                m.emit(&mut stream);
+                ends.push(stream.len());
+            }
+            prop_assert_eq!(parse_frames(&stream).unwrap(), msgs.clone());
+            let at = cut.index(stream.len());
+            let got = parse_frames(&stream[..at]);
+            if ends.contains(&at) {
+                prop_assert_eq!(got.unwrap(), msgs[..ends.iter().position(|e| *e == at).unwrap()].to_vec());
+            } else {
+                prop_assert!(got.is_err());
+            }
         }
 
         /// Garbage never panics; the decoder either waits or fails.
