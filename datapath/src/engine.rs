@@ -565,12 +565,12 @@ impl<'p> Device for InPlace<'_, 'p> {
         = TxTok<'a>
     where
         Self: 'a;
-    fn receive(&mut self, _: SmolInstant) -> Option<(SliceRx<'_>, TxTok<'_>)> {
+    fn receive(&mut self, t: SmolInstant) -> Option<(SliceRx<'_>, TxTok<'_>)> {
         let f = self.frame.take()?;
-        Some((SliceRx(f), TxTok(&mut self.q.tx, &mut self.q.tx_spare)))
+        Some((SliceRx(f), self.q.transmit(t)?))
     }
-    fn transmit(&mut self, _: SmolInstant) -> Option<TxTok<'_>> {
-        Some(TxTok(&mut self.q.tx, &mut self.q.tx_spare))
+    fn transmit(&mut self, t: SmolInstant) -> Option<TxTok<'_>> {
+        self.q.transmit(t)
     }
     fn capabilities(&self) -> DeviceCapabilities {
         self.q.capabilities()

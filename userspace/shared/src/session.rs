@@ -925,22 +925,6 @@ impl Output {
         v
     }
 
-    /// Bytes in all pieces.
-    pub fn len(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| match p {
-                OutPart::Bytes(b) => b.len(),
-                OutPart::Body(body) => body.len,
-            })
-            .sum()
-    }
-
-    /// Whether there is nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The pieces concatenated (a copy).
     pub fn to_vec(&self) -> Vec<u8> {
         self.slices()

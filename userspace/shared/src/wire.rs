@@ -696,23 +696,32 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The first frame in `bytes`, as its body and the bytes it takes with
+/// its length; `None` while it is incomplete. The one place a frame's
+/// length is checked, for the stream [`Decoder`] and [`parse_frames`].
+fn split_frame(bytes: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+    let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*head) as usize;
+    if len == 0 || len > MAX_FRAME_LEN {
+        return Err(WireError::BadLength(len));
+    }
+    Ok(bytes
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .map(|body| (body, HEADER_LEN + len)))
+}
+
 /// Parses a run of whole frames (a record's body) where it lies, without
 /// the copy into a [`Decoder`]'s buffer; a frame cut short is an error.
 pub fn parse_frames(mut bytes: &[u8]) -> Result<Vec<Msg>, WireError> {
     let mut msgs = Vec::new();
     while !bytes.is_empty() {
-        let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
-            return Err(WireError::BadLength(bytes.len()));
-        };
-        let len = u32::from_be_bytes(*head) as usize;
-        if len == 0 || len > MAX_FRAME_LEN {
-            return Err(WireError::BadLength(len));
-        }
-        let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        let Some((body, n)) = split_frame(bytes)? else {
             return Err(WireError::BadLength(bytes.len()));
         };
         msgs.push(Msg::parse(body)?);
-        bytes = &bytes[HEADER_LEN + len..];
+        bytes = &bytes[n..];
     }
     Ok(msgs)
 }
@@ -753,23 +762,19 @@ impl Decoder {
         if self.failed {
             return Err(WireError::BadLength(0));
         }
-        let avail = &self.buf[self.pos..];
-        if avail.len() < HEADER_LEN {
-            self.compact();
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len == 0 || len > MAX_FRAME_LEN {
-            self.failed = true;
-            return Err(WireError::BadLength(len));
-        }
-        if avail.len() < HEADER_LEN + len {
-            self.compact();
-            return Ok(None);
-        }
-        let body = &avail[HEADER_LEN..HEADER_LEN + len];
+        let (body, n) = match split_frame(&self.buf[self.pos..]) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                self.compact();
+                return Ok(None);
+            }
+            Err(e) => {
+                self.failed = true;
+                return Err(e);
+            }
+        };
         let res = Msg::parse(body);
-        self.pos += HEADER_LEN + len;
+        self.pos += n;
         if res.is_err() {
             self.failed = true;
         }
