@@ -143,8 +143,8 @@ impl Target {
 }
 
 /// The largest MTU native XDP takes on a veth without multi-buffer
-/// support (a page, less headroom and the skb's shared info): a dedicated
-/// NIC may have at most this (a shared NIC takes any MTU).
+/// support (a page, less headroom and the skb's shared info): netredird
+/// steers a dedicated NIC above it as a shared one (TC into a TAP device).
 pub const MAX_XDP_MTU: u32 = 3500;
 
 /// The programs in the object, and their kinds.

@@ -86,15 +86,27 @@ pub fn prepare(spec: &AttachSpec, d: &Defaults) -> Result<VmSetup> {
         dedicated: spec.dedicated,
     };
     let nic_mtu = netredir_datapath::netlink::mtu(iface).unwrap_or(1500);
-    // The engine's MTU toward the guest: the NIC's, at most what XDP
-    // takes where XDP is on the way.
-    let (port, mtu) = if spec.dedicated {
+    // A dedicated NIC takes XDP into AF_XDP while its frames fit a page.
+    // Above that (jumbo frames) XDP on a veth would need multi-buffer, so
+    // it takes the shared NIC's path instead: the TC classifier (with the
+    // dedicated flag: DHCP and router solicitations too) into a TAP
+    // device, where frames of any size, and the guest's GSO segments,
+    // arrive whole.
+    let xdp = spec.dedicated && nic_mtu <= MAX_XDP_MTU;
+    if spec.dedicated && !xdp {
+        tracing::info!(
+            %iface,
+            mtu = nic_mtu,
+            "dedicated NIC with MTU above {MAX_XDP_MTU}: steered by the TC classifier into a TAP device (jumbo frames whole), not by XDP"
+        );
+    }
+    let (port, mtu) = if xdp {
         let pool = d.pool()?;
         let xsk = Xsk::open(&pool, iface, 0)?;
         let mut st = steer.lock();
         st.register_xsk(slot, xsk.fd())?;
         st.attach(slot, iface, &target)?;
-        (Port::Xsk(Box::new(xsk)), nic_mtu.min(MAX_XDP_MTU))
+        (Port::Xsk(Box::new(xsk)), nic_mtu)
     } else {
         let idx = netredir_datapath::netlink::ifindex(iface)?;
         let name = format!("nr{idx}t");

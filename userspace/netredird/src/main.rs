@@ -5,7 +5,7 @@
 //! or `--iface` at start): for each, [`attach`] loads `steer`, points it at
 //! the VM's virtual subnet and attaches it to the host end of the VM's
 //! NIC: with `--dedicated` as native XDP with the AF_XDP socket on that
-//! NIC; else (a shared NIC) as a TC classifier that moves only the
+//! NIC (up to MTU 3500; a jumbo-frame one as a shared NIC is); else (a shared NIC) as a TC classifier that moves only the
 //! subnet's frames into a TAP device of netredird's own for the VM (the
 //! guest's large segments arrive whole), so the VM's other traffic keeps
 //! the kernel's fast path. Threads:
@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
     /// The --iface VM's NIC carries only netredir traffic: steer by XDP right on
-    /// it, answer its DHCP requests (address, DNS server, route for the
+    /// it (up to MTU 3500; above, by the TC classifier and a TAP device), answer its DHCP requests (address, DNS server, route for the
     /// subnet) and send IPv6 router advertisements (SLAAC in the prefix,
     /// DNS server, no default route). Without it the NIC is shared: a TC
     /// classifier takes only the subnet's frames.
