@@ -10,6 +10,8 @@
 //! - [`session`]: records, acknowledgements, replay and per-flow
 //!   compression on top of the messages.
 //! - [`export`]: parsing `--export NAME=HOST:PORT` as the agent takes it.
+//! - [`http_rewrite`]: per-flow HTTP/IPP rewriting at the agent, so a printer
+//!   that checks `Host` accepts the guest's virtual name.
 //! - [`vip`]: the one function that turns a resource name into its vIP.
 //! - [`control`]: the control API's requests and answers (line-delimited
 //!   JSON on a unix socket) and a small blocking client for it.
@@ -24,6 +26,7 @@ pub mod control;
 pub mod docs;
 pub mod endpoint;
 pub mod export;
+pub mod http_rewrite;
 pub mod link;
 pub mod pairing;
 pub mod session;
