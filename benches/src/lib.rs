@@ -353,6 +353,122 @@ impl Redir {
         self.wait_listening_udp(161)
     }
 
+    /// A private D-Bus system bus and avahi-daemon in `ns` (what
+    /// ippeveprinter and the avahi tools talk to); the bus's address. The
+    /// daemon's pid file and socket live in a tmpfs of its own mount
+    /// namespace, so tests running side by side each have theirs.
+    pub fn avahi(&self, ns: &testbed::Netns) -> Result<String> {
+        let dir = self.tb.dir().join(format!("avahi-{}", ns.name()));
+        std::fs::create_dir_all(&dir)?;
+        let bus = dir.join("bus");
+        let conf = dir.join("bus.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#,
+                bus.display()
+            ),
+        )?;
+        let tag = ns.name().to_string();
+        let conf = conf.to_string_lossy().into_owned();
+        self.tb.spawn(
+            ns,
+            &format!("dbus-{tag}"),
+            "dbus-daemon",
+            &["--nofork", "--nopidfile", "--config-file", &conf],
+        )?;
+        wait_until("the private D-Bus socket", Duration::from_secs(10), || {
+            bus.exists()
+        })?;
+        let address = format!("unix:path={}", bus.display());
+        let aconf = dir.join("avahi-daemon.conf");
+        // A host name of its own: the namespaces' hostname is the machine's.
+        let host: String = tag
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::fs::write(
+            &aconf,
+            format!(
+                "[server]\nhost-name={host}\nuse-ipv4=yes\nuse-ipv6=yes\nenable-dbus=yes\n[wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=no\n"
+            ),
+        )?;
+        let script = format!(
+            "mount -t tmpfs netredir-avahi /run/avahi-daemon 2>/dev/null || {{ mkdir -p /run/avahi-daemon && mount -t tmpfs netredir-avahi /run/avahi-daemon; }}; exec avahi-daemon -f {} --no-chroot --no-drop-root --no-rlimits",
+            aconf.display()
+        );
+        let env = format!("DBUS_SYSTEM_BUS_ADDRESS={address}");
+        self.tb.spawn(
+            ns,
+            &format!("avahi-{tag}"),
+            "env",
+            &[&env, "sh", "-c", &script],
+        )?;
+        let name = format!("avahi-{tag}");
+        wait_until("avahi-daemon on its bus", Duration::from_secs(10), || {
+            !self.tb.running(&name)
+                || ns
+                    .command("env")
+                    .args([&env, "avahi-browse", "-at", "-k"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        })?;
+        if !self.tb.running(&name) {
+            bail!("avahi-daemon exited:\n{}", self.tb.log_tail(&name));
+        }
+        Ok(address)
+    }
+
+    /// CUPS's IPP Everywhere printer on the LAN at `port`, on every
+    /// address, keeping each job's document in `spool`. As real printers
+    /// and cupsd, it answers 400 to a `Host` that is neither its name nor
+    /// an address; its URIs name what the client's `Host` said. It needs
+    /// avahi, started here too.
+    pub fn ippeveprinter(&self, name: &str, port: u16, spool: &std::path::Path) -> Result<()> {
+        let bus = self.avahi(&self.tb.lan)?;
+        std::fs::create_dir_all(spool)?;
+        let env = format!("DBUS_SYSTEM_BUS_ADDRESS={bus}");
+        let port_s = port.to_string();
+        let spool_s = spool.to_string_lossy().into_owned();
+        self.tb.spawn(
+            &self.tb.lan,
+            name,
+            "env",
+            &[
+                &env,
+                "ippeveprinter",
+                "-p",
+                &port_s,
+                "-d",
+                &spool_s,
+                "-k",
+                // Jobs "print" at once (the default is 5-15 s of
+                // simulated printing, while further jobs are refused).
+                "-c",
+                "/bin/true",
+                "-f",
+                "application/pdf,application/octet-stream",
+                name,
+            ],
+        )?;
+        self.wait_listening(port)
+            .with_context(|| format!("ippeveprinter's log:\n{}", self.tb.log_tail(name)))
+    }
+
     /// A printer that takes one job on `port` and writes it to `file`
     /// (socat), exiting when the job's connection closes.
     pub fn printer_once(&self, name: &str, port: u16, file: &std::path::Path) -> Result<()> {

@@ -415,3 +415,108 @@ fn a_syn_flood_leaves_memory_bounded_and_real_connections_working() {
         rss >> 20
     );
 }
+
+#[test]
+fn a_guest_prints_by_name_to_an_ipp_everywhere_printer() {
+    // ippeveprinter, as cupsd and real printers, answers 400 to a Host it
+    // does not know as its own: the agent rewrites it (and the URIs in
+    // the IPP attributes) on a port marked /ipp, and back in answers.
+    let r = Redir::new("ippname").unwrap();
+    let spool = r.tb.dir().join("ipp-spool");
+    r.ippeveprinter("laser", 8631, &spool).unwrap();
+    r.start_agent(
+        "agent",
+        &[
+            &format!("laser={LAN_IP}:8631/ipp"),
+            &format!("plain={LAN_IP}:8631"),
+        ],
+    )
+    .unwrap();
+    r.tb.set_resolv_conf(
+        &r.tb.vm,
+        "nameserver 100.77.0.53\nsearch netredir.internal\n",
+    )
+    .unwrap();
+    let uri = "ipp://laser.netredir.internal:8631/ipp/print";
+    let (ok, out) = vm_run(&r, "ipptool", &["-tv", uri, "get-printer-attributes.test"]);
+    assert!(
+        ok,
+        "get-printer-attributes by name: {out}\nprinter: {}",
+        r.tb.log_tail("laser")
+    );
+    let supported = format!(
+        "printer-uri-supported (1setOf uri) = {uri},ipps://laser.netredir.internal:8631/ipp/print"
+    );
+    assert!(
+        out.contains(&supported),
+        "the printer's URIs name what the guest used: {out}"
+    );
+    assert!(
+        !out.contains(LAN_IP),
+        "the printer's real address reached the guest: {out}"
+    );
+    // The same printer without the mark: its own refusal comes through.
+    let (ok, out) = vm_run(
+        &r,
+        "ipptool",
+        &[
+            "-tv",
+            "ipp://plain.netredir.internal:8631/ipp/print",
+            "get-printer-attributes.test",
+        ],
+    );
+    let log = r.tb.log_tail("laser");
+    assert!(
+        !ok && log.contains("Bad Host: header 'plain.netredir.internal'"),
+        "unrewritten Host: {out}\n{log}"
+    );
+    // A document, sent chunked and with a length: kept byte-identical.
+    let mut doc = b"%PDF-1.4\n".to_vec();
+    doc.extend(job_bytes(300 << 10, 12));
+    let path = r.tb.dir().join("doc.pdf");
+    std::fs::write(&path, &doc).unwrap();
+    let path = path.to_string_lossy().into_owned();
+    for framing in ["-c", "-L"] {
+        // One job at a time: the second may find the first still
+        // printing (a moment), and is sent again.
+        let mut last = String::new();
+        wait_until(
+            &format!("print-job {framing}"),
+            Duration::from_secs(20),
+            || {
+                let (ok, out) = vm_run(
+                    &r,
+                    "ipptool",
+                    &["-tv", framing, "-f", &path, uri, "print-job.test"],
+                );
+                assert!(
+                    ok || out.contains("server-error-busy"),
+                    "print-job {framing}: {out}"
+                );
+                last = out;
+                ok
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {last}"));
+    }
+    let mut kept = Vec::new();
+    wait_until(
+        "both documents in the spool",
+        Duration::from_secs(20),
+        || {
+            kept = std::fs::read_dir(&spool)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "pdf"))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            kept.len() == 2
+                && kept
+                    .iter()
+                    .all(|p| std::fs::read(p).is_ok_and(|b| b == doc))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {kept:?}"));
+}

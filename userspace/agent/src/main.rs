@@ -29,7 +29,8 @@ mod datagrams;
 mod relay;
 mod resolve;
 use netredir_shared::endpoint::{AgentConfig, AgentEndpoint, AgentEvent, ConnLost, Fatal};
-use netredir_shared::export::ExportSpec;
+use netredir_shared::export::{App, ExportSpec};
+use netredir_shared::http_rewrite::HttpRewriter;
 use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::tls::{Fingerprint, HostCheck, Identity, PairCode, Tls, write_private};
 use netredir_shared::wire::{FlowId, MAX_DATA, Msg, OpenError, Proto};
@@ -48,8 +49,12 @@ struct Args {
     /// netredird's tunnel address (its --listen).
     #[arg(long, value_name = "ADDR:PORT")]
     connect: String,
-    /// A resource to export, NAME=HOST:PORT; repeat for more.
-    #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
+    /// A resource to export, NAME=HOST[:PORTS]; repeat for more. PORTS are
+    /// comma-separated, each optionally /udp, or /ipp or /http for a TCP
+    /// port whose requests name their destination (the agent rewrites
+    /// `Host` and IPP's URIs to the real printer; 631 is /ipp and 80 is
+    /// /http anyway). Without PORTS: 9100, 631, 515 and 161/udp.
+    #[arg(long, value_name = "NAME=HOST[:PORTS]", required = true)]
     export: Vec<ExportSpec>,
     /// One-time code from `netredirctl pair` on the host: pairs this agent
     /// with the host (needed once; later runs use the stored pin).
@@ -178,6 +183,11 @@ struct Flow {
     target: SocketAddr,
     /// Waiting for a connect slot: when to give up.
     queued: Option<Instant>,
+    /// On IPP and HTTP ports: the destination in the data, rewritten.
+    rewrite: Option<Box<HttpRewriter>>,
+    /// The resource closed its side; the host is told once the bytes a
+    /// rewrite held for its credit are sent.
+    fin_owed: bool,
 }
 
 struct Agent {
@@ -206,6 +216,8 @@ struct Agent {
     connects: Connects,
     /// The "cannot ping" warning was logged (once is enough).
     icmp_warned: bool,
+    /// HTTP/IPP messages passed unchanged because they did not parse.
+    unparsed_http: u64,
     fatal: Option<String>,
 }
 
@@ -320,6 +332,7 @@ fn run(args: Args) -> Result<()> {
         next_serial: 1,
         connects,
         icmp_warned: false,
+        unparsed_http: 0,
         fatal: None,
     };
     a.events(now);
@@ -615,7 +628,15 @@ impl Agent {
                 let Some(f) = self.flow_by_id(flow) else {
                     return;
                 };
-                if f.relay.host_data(bytes).is_err() {
+                let taken = match f.rewrite.as_mut() {
+                    Some(rw) => {
+                        let mut out = Vec::with_capacity(bytes.len() + 64);
+                        rw.request(&bytes, &mut out);
+                        f.relay.host_data_as(out, bytes.len())
+                    }
+                    None => f.relay.host_data(bytes),
+                };
+                if taken.is_err() {
                     tracing::warn!(flow, "host overran the flow window; resetting the flow");
                     let s = self.by_id[&flow];
                     self.send_msg(Msg::Reset { flow });
@@ -629,6 +650,13 @@ impl Agent {
             }
             Msg::Fin { flow } => {
                 if let Some(f) = self.flow_by_id(flow) {
+                    if let Some(rw) = f.rewrite.as_mut() {
+                        // What the rewrite still holds goes before the FIN
+                        // (it stands for no tunnel bytes: never an overrun).
+                        let mut out = Vec::new();
+                        rw.request_end(&mut out);
+                        let _ = f.relay.host_data_as(out, 0);
+                    }
                     f.fin_from_host = true;
                 }
             }
@@ -708,6 +736,11 @@ impl Agent {
         let Some(addr) = self.target(resource, port, Proto::Tcp, flow) else {
             return;
         };
+        let rewrite = self.exports.get(resource as usize).and_then(|e| {
+            let app = e.spec.app(port)?;
+            let rw = HttpRewriter::new(&e.spec.authority(port), app == App::Ipp);
+            Some(Box::new(rw))
+        });
         let fd = match new_socket(&addr) {
             Ok(fd) => fd,
             Err(err) => {
@@ -743,6 +776,8 @@ impl Agent {
                 abortive: false,
                 target: addr,
                 queued: Some(deadline),
+                rewrite,
+                fin_owed: false,
             },
         );
         self.connects.push(addr, serial);
@@ -811,6 +846,26 @@ impl Agent {
         };
         if f.dead && f.ops == 0 {
             let f = self.flows.remove(&serial).expect("present");
+            if let Some(rw) = &f.rewrite {
+                let st = rw.stats();
+                tracing::debug!(
+                    flow = f.id,
+                    hosts = st.hosts,
+                    uris = st.uris,
+                    unparsed = st.unparsed,
+                    "HTTP rewriting of the flow"
+                );
+                if st.unparsed > 0 {
+                    self.unparsed_http += st.unparsed;
+                    tracing::warn!(
+                        flow = f.id,
+                        target = %f.target,
+                        total = self.unparsed_http,
+                        "{} HTTP message(s) passed unchanged: not parsed as HTTP/IPP (or beyond the rewrite's bounds)",
+                        st.unparsed
+                    );
+                }
+            }
             if f.abortive {
                 let l = libc::linger {
                     l_onoff: 1,
@@ -868,7 +923,18 @@ impl Agent {
         match c.result {
             0 => {
                 f.eof = true;
-                self.send_msg(Msg::Fin { flow: id });
+                let mut sendable = Vec::new();
+                if let Some(rw) = f.rewrite.as_mut() {
+                    let mut out = Vec::new();
+                    rw.response_end(&mut out);
+                    sendable = f.relay.for_host(out);
+                }
+                let owed = f.relay.holds_for_host();
+                f.fin_owed = owed;
+                self.send_data(id, &sendable);
+                if !owed {
+                    self.send_msg(Msg::Fin { flow: id });
+                }
                 self.maybe_done(serial);
             }
             r if r < 0 => {
@@ -881,15 +947,30 @@ impl Agent {
                 self.kill_flow(serial, true);
             }
             n => {
-                f.relay.read(n as usize);
                 let buf = c.buf.unwrap_or_default();
-                for chunk in buf.chunks(MAX_DATA) {
-                    self.send_msg(Msg::Data {
-                        flow: id,
-                        bytes: chunk.to_vec(),
-                    });
-                }
+                let buf = match f.rewrite.as_mut() {
+                    Some(rw) => {
+                        let mut out = Vec::with_capacity(buf.len() + 64);
+                        rw.response(&buf, &mut out);
+                        f.relay.for_host(out)
+                    }
+                    None => {
+                        f.relay.read(n as usize);
+                        buf
+                    }
+                };
+                self.send_data(id, &buf);
             }
+        }
+    }
+
+    /// `bytes` from the resource to the host, in messages it takes.
+    fn send_data(&mut self, flow: FlowId, bytes: &[u8]) {
+        for chunk in bytes.chunks(MAX_DATA) {
+            self.send_msg(Msg::Data {
+                flow,
+                bytes: chunk.to_vec(),
+            });
         }
     }
 
@@ -919,6 +1000,7 @@ impl Agent {
     fn maybe_done(&mut self, serial: u64) {
         if let Some(f) = self.flows.get(&serial)
             && f.eof
+            && !f.fin_owed
             && f.shut_wr
             && !f.sending
         {
@@ -932,6 +1014,7 @@ impl Agent {
         let serials: Vec<u64> = self.flows.keys().copied().collect();
         let mut grants = Vec::new();
         let mut done = Vec::new();
+        let mut released = Vec::new();
         for s in serials {
             let f = self.flows.get_mut(&s).expect("present");
             if f.dead || !f.connected {
@@ -960,6 +1043,21 @@ impl Agent {
             }
             if let Some(credit) = f.relay.take_grant() {
                 grants.push((f.id, credit));
+            }
+            if let Some(b) = f.relay.release() {
+                released.push((f.id, b));
+            }
+            if f.fin_owed && !f.relay.holds_for_host() {
+                f.fin_owed = false;
+                released.push((f.id, Vec::new()));
+                done.push(s);
+            }
+        }
+        for (flow, bytes) in released {
+            if bytes.is_empty() {
+                self.send_msg(Msg::Fin { flow });
+            } else {
+                self.send_data(flow, &bytes);
             }
         }
         for (flow, credit) in grants {

@@ -97,16 +97,26 @@ pub struct Overrun;
 /// resource for the host, and what the host sent that the resource has not
 /// taken yet. The host may have [`AGENT_WINDOW`] bytes unacknowledged; the
 /// agent grants them back as the resource takes them.
+///
+/// Credits count bytes as they cross the tunnel. Where the agent rewrites
+/// a flow (HTTP `Host`), what it writes to the resource is not what the
+/// host sent: each queued buffer carries the tunnel bytes it stands for,
+/// granted back when it is written; and what a rewrite made longer than
+/// the host's credit waits here for more.
 pub struct Relay {
     /// Bytes we may still send the host.
     credit: u32,
-    /// Bytes from the host queued for the resource, oldest first.
-    to_target: VecDeque<Vec<u8>>,
+    /// Buffers for the resource, oldest first, each with the tunnel bytes
+    /// it stands for.
+    to_target: VecDeque<(Vec<u8>, u32)>,
+    /// Tunnel bytes queued.
     queued: usize,
-    /// Bytes handed to a send not completed yet.
+    /// Tunnel bytes of the buffer a send has, not completed yet.
     in_flight: usize,
-    /// Bytes the resource took, not granted back yet.
+    /// Tunnel bytes the resource took, not granted back yet.
     ungranted: u32,
+    /// Rewritten bytes for the host beyond its credit.
+    to_host: Vec<u8>,
 }
 
 impl Default for Relay {
@@ -128,6 +138,7 @@ impl Relay {
             queued: 0,
             in_flight: 0,
             ungranted: 0,
+            to_host: Vec::new(),
         }
     }
 
@@ -138,25 +149,45 @@ impl Relay {
     /// cost ~50 bytes each). Beyond the window, the host broke its side:
     /// reset.
     pub fn host_data(&mut self, bytes: Vec<u8>) -> Result<(), Overrun> {
+        let n = bytes.len();
+        self.host_data_as(bytes, n)
+    }
+
+    /// `cost` bytes from the host, to be written to the resource as
+    /// `bytes` (rewritten: longer, shorter, or nothing yet).
+    pub fn host_data_as(&mut self, bytes: Vec<u8>, cost: usize) -> Result<(), Overrun> {
         let held = self.queued + self.in_flight + self.ungranted as usize;
-        if held + bytes.len() > AGENT_WINDOW as usize {
+        if held + cost > AGENT_WINDOW as usize {
             return Err(Overrun);
         }
-        self.queued += bytes.len();
+        // Within the window, so it fits a u32.
+        let c = cost as u32;
+        self.queued += cost;
         if bytes.len() >= JOIN_MAX {
-            self.to_target.push_back(bytes);
+            self.to_target.push_back((bytes, c));
             return Ok(());
         }
         match self.to_target.back_mut() {
             // Only into room already there: growing a big buffer would
             // copy it.
-            Some(last) if last.capacity() - last.len() >= bytes.len() => {
-                last.extend_from_slice(&bytes)
+            Some((last, lc)) if last.capacity() - last.len() >= bytes.len() => {
+                last.extend_from_slice(&bytes);
+                *lc += c;
+            }
+            _ if bytes.is_empty() => {
+                // Nothing to write (a rewrite holds it): its bytes are
+                // the resource's as soon as what came before is.
+                self.queued -= cost;
+                if self.in_flight > 0 {
+                    self.in_flight += cost;
+                } else {
+                    self.ungranted += c;
+                }
             }
             _ => {
                 let mut b = Vec::with_capacity(JOIN_MAX);
                 b.extend_from_slice(&bytes);
-                self.to_target.push_back(b);
+                self.to_target.push_back((b, c));
             }
         }
         Ok(())
@@ -170,6 +201,9 @@ impl Relay {
     /// How much to read from the resource now, at most `max` (0: wait for
     /// the host's credit).
     pub fn read_budget(&self, max: usize) -> usize {
+        if !self.to_host.is_empty() {
+            return 0;
+        }
         (self.credit as usize).min(max)
     }
 
@@ -178,22 +212,56 @@ impl Relay {
         self.credit = self.credit.saturating_sub(n as u32);
     }
 
+    /// Rewritten bytes from the resource: what may go to the host now;
+    /// the rest waits for [`Relay::release`].
+    pub fn for_host(&mut self, mut bytes: Vec<u8>) -> Vec<u8> {
+        if !self.to_host.is_empty() {
+            self.to_host.extend_from_slice(&bytes);
+            return self.release().unwrap_or_default();
+        }
+        let now = bytes.len().min(self.credit as usize);
+        self.credit -= now as u32;
+        if now < bytes.len() {
+            self.to_host = bytes.split_off(now);
+        }
+        bytes
+    }
+
+    /// Held bytes for the host that its credit now allows, if any.
+    pub fn release(&mut self) -> Option<Vec<u8>> {
+        let now = self.to_host.len().min(self.credit as usize);
+        if now == 0 {
+            return None;
+        }
+        self.credit -= now as u32;
+        let rest = self.to_host.split_off(now);
+        Some(std::mem::replace(&mut self.to_host, rest))
+    }
+
+    /// Whether bytes for the host wait for its credit.
+    pub fn holds_for_host(&self) -> bool {
+        !self.to_host.is_empty()
+    }
+
     /// The next buffer to write to the resource (one write at a time).
     pub fn next_write(&mut self) -> Option<Vec<u8>> {
-        let b = self.to_target.pop_front()?;
-        self.queued -= b.len();
-        self.in_flight += b.len();
+        let (b, cost) = self.to_target.pop_front()?;
+        self.queued -= cost as usize;
+        self.in_flight += cost as usize;
         Some(b)
     }
 
     /// A write of `buf` took `n` bytes; the rest goes first next time.
+    /// What is left keeps as many tunnel bytes as it has bytes (at most
+    /// what the buffer stood for); the others are granted back.
     pub fn written(&mut self, n: usize, mut buf: Vec<u8>) {
-        self.in_flight -= buf.len();
-        self.ungranted += n as u32;
+        let cost = std::mem::take(&mut self.in_flight);
+        let left = (buf.len() - n.min(buf.len())).min(cost);
+        self.ungranted += (cost - left) as u32;
         if n < buf.len() {
             buf.drain(..n);
-            self.queued += buf.len();
-            self.to_target.push_front(buf);
+            self.queued += left;
+            self.to_target.push_front((buf, left as u32));
         }
     }
 
@@ -224,6 +292,7 @@ impl Relay {
     pub fn clear(&mut self) {
         self.to_target.clear();
         self.queued = 0;
+        self.to_host = Vec::new();
     }
 }
 
@@ -479,6 +548,60 @@ mod tests {
         }
         assert_eq!(r.take_grant(), Some(AGENT_WINDOW / 4));
         assert_eq!(r.take_grant(), None, "granted once");
+    }
+
+    #[test]
+    fn rewritten_bytes_are_granted_back_as_the_tunnel_bytes_they_stand_for() {
+        // A rewrite that makes 10 bytes of 30, holds 20 back, then lets
+        // out 50: the host is granted exactly the 60 it sent, however
+        // the writes split.
+        let mut r = Relay::new();
+        r.host_data_as(vec![1; 10], 30).unwrap();
+        r.host_data_as(Vec::new(), 20).unwrap();
+        r.host_data_as(vec![2; 50], 10).unwrap();
+        assert_eq!(r.held(), 60, "tunnel bytes");
+        let b = r.next_write().unwrap();
+        assert_eq!(b.len(), 60, "small writes still share a buffer");
+        r.written(7, b);
+        let b = r.next_write().unwrap();
+        assert_eq!(b.len(), 53);
+        r.written(53, b);
+        assert!(r.is_drained());
+        assert_eq!(r.held(), 0);
+        // Nothing written yet and nothing queued: a held-back piece is
+        // the resource's at once.
+        r.host_data_as(Vec::new(), 5).unwrap();
+        let rest = vec![3u8; AGENT_WINDOW as usize / 4];
+        r.host_data_as(rest, AGENT_WINDOW as usize / 4 - 65)
+            .unwrap();
+        let b = r.next_write().unwrap();
+        let n = b.len();
+        r.written(n, b);
+        assert_eq!(r.take_grant(), Some(AGENT_WINDOW / 4));
+        // The window still holds in tunnel bytes.
+        r.host_data_as(vec![0; 10], AGENT_WINDOW as usize).unwrap();
+        assert_eq!(r.host_data_as(Vec::new(), 1), Err(Overrun));
+    }
+
+    #[test]
+    fn bytes_a_rewrite_made_longer_wait_for_the_hosts_credit() {
+        let mut r = Relay::new();
+        r.read(HOST_WINDOW as usize - 100);
+        let sent = r.for_host(vec![9u8; 150]);
+        assert_eq!(sent.len(), 100, "the credit left");
+        assert!(r.holds_for_host());
+        assert_eq!(r.read_budget(1000), 0, "no read while bytes wait");
+        assert_eq!(r.release(), None, "no credit");
+        // More arrives behind them (the end of the stream): in order.
+        assert!(r.for_host(vec![8u8; 5]).is_empty());
+        r.window(30);
+        assert_eq!(r.release().unwrap(), vec![9u8; 30]);
+        r.window(1000);
+        let mut rest = r.release().unwrap();
+        assert_eq!(rest.split_off(20), vec![8u8; 5]);
+        assert_eq!(rest, vec![9u8; 20]);
+        assert!(!r.holds_for_host());
+        assert_eq!(r.read_budget(10_000), 1000 - 25);
     }
 
     #[test]

@@ -1,4 +1,10 @@
 //! `--export NAME=HOST[:PORTS]`: what the agent offers and where it really is.
+//!
+//! A TCP port may be marked `/ipp` or `/http` (`laser=10.0.0.5:8631/ipp`):
+//! the agent then rewrites the destination that the protocol carries in
+//! its data (the HTTP `Host`, URIs in IPP attributes), because printers
+//! refuse a name they do not know as their own. Port 631 is IPP and port
+//! 80 is HTTP without a mark.
 
 use crate::wire::Proto;
 use std::fmt;
@@ -13,6 +19,24 @@ pub const PRINTER_PORTS: [(u16, Proto); 4] = [
     (161, Proto::Udp),
 ];
 
+/// What a TCP port carries, where the destination is in the data too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum App {
+    /// HTTP: the `Host` header (and `Location` in answers) is rewritten.
+    Http,
+    /// IPP over HTTP: as HTTP, and the URIs in its attributes.
+    Ipp,
+}
+
+/// The protocol a port has without a mark: IPP on 631, HTTP on 80.
+pub fn default_app(port: u16) -> Option<App> {
+    match port {
+        631 => Some(App::Ipp),
+        80 => Some(App::Http),
+        _ => None,
+    }
+}
+
 /// One exported resource as the user wrote it on the agent's command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -22,12 +46,32 @@ pub struct ExportSpec {
     pub host: String,
     /// Ports the guest may reach; the same port on the real resource.
     pub ports: Vec<(u16, Proto)>,
+    /// TCP ports marked `/ipp` or `/http` on the command line.
+    pub marked: Vec<(u16, App)>,
 }
 
 impl ExportSpec {
     /// Whether the policy allows `port` over `proto`.
     pub fn allows(&self, port: u16, proto: Proto) -> bool {
         self.ports.contains(&(port, proto))
+    }
+
+    /// What TCP `port` carries, if the agent rewrites destinations in it.
+    pub fn app(&self, port: u16) -> Option<App> {
+        self.marked
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, a)| *a)
+            .or_else(|| default_app(port))
+    }
+
+    /// The real resource's `host:port` as an HTTP `Host` names it.
+    pub fn authority(&self, port: u16) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{port}", self.host)
+        } else {
+            format!("{}:{port}", self.host)
+        }
     }
 }
 
@@ -42,7 +86,7 @@ pub enum ExportError {
     BadName(String),
     /// A port is zero, not a number, or has an unknown protocol.
     #[error(
-        "{0:?}: ports are numbers from 1 to 65535, optionally /tcp or /udp, separated by commas"
+        "{0:?}: ports are numbers from 1 to 65535, optionally /tcp, /udp, /ipp or /http, separated by commas"
     )]
     BadPort(String),
 }
@@ -61,22 +105,36 @@ fn valid_host(h: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
-fn parse_ports(s: &str, whole: &str) -> Result<Vec<(u16, Proto)>, ExportError> {
+/// Exported ports and the TCP ports marked with their protocol.
+type Ports = (Vec<(u16, Proto)>, Vec<(u16, App)>);
+
+fn parse_ports(s: &str, whole: &str) -> Result<Ports, ExportError> {
     let bad = || ExportError::BadPort(whole.into());
     let mut ports = Vec::new();
+    let mut marked: Vec<(u16, App)> = Vec::new();
     for item in s.split(',') {
-        let (num, proto) = match item.split_once('/') {
-            Some((n, "tcp")) => (n, Proto::Tcp),
-            Some((n, "udp")) => (n, Proto::Udp),
+        let (num, proto, app) = match item.split_once('/') {
+            Some((n, "tcp")) => (n, Proto::Tcp, None),
+            Some((n, "udp")) => (n, Proto::Udp, None),
+            Some((n, "ipp")) => (n, Proto::Tcp, Some(App::Ipp)),
+            Some((n, "http")) => (n, Proto::Tcp, Some(App::Http)),
             Some(_) => return Err(bad()),
-            None => (item, Proto::Tcp),
+            None => (item, Proto::Tcp, None),
         };
         let port: u16 = num.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
         if !ports.contains(&(port, proto)) {
             ports.push((port, proto));
         }
+        if let Some(app) = app {
+            // The last mark of a port wins; a mark that says what the
+            // port is anyway is not kept (it prints back the same).
+            marked.retain(|(p, _)| *p != port);
+            if default_app(port) != Some(app) {
+                marked.push((port, app));
+            }
+        }
     }
-    Ok(ports)
+    Ok((ports, marked))
 }
 
 impl FromStr for ExportSpec {
@@ -112,14 +170,15 @@ impl FromStr for ExportSpec {
         if !valid_host(host) {
             return Err(ExportError::Syntax(s.into()));
         }
-        let ports = match ports {
+        let (ports, marked) = match ports {
             Some(p) => parse_ports(p, s)?,
-            None => PRINTER_PORTS.to_vec(),
+            None => (PRINTER_PORTS.to_vec(), Vec::new()),
         };
         Ok(Self {
             name: name.to_ascii_lowercase(),
             host: host.into(),
             ports,
+            marked,
         })
     }
 }
@@ -130,7 +189,11 @@ impl fmt::Display for ExportSpec {
             .ports
             .iter()
             .map(|(p, proto)| match proto {
-                Proto::Tcp => p.to_string(),
+                Proto::Tcp => match self.marked.iter().find(|(m, _)| m == p) {
+                    Some((_, App::Ipp)) => format!("{p}/ipp"),
+                    Some((_, App::Http)) => format!("{p}/http"),
+                    None => p.to_string(),
+                },
                 Proto::Udp => format!("{p}/udp"),
             })
             .collect();
@@ -168,6 +231,28 @@ mod tests {
             let again: ExportSpec = format!("{}={e}", e.name).parse().unwrap();
             assert_eq!(again, e);
         }
+    }
+
+    #[test]
+    fn ports_marked_ipp_or_http_are_tcp_and_print_back() {
+        let e: ExportSpec = "laser=10.0.0.5:8631/ipp,8080/http,9100".parse().unwrap();
+        assert_eq!(
+            e.ports,
+            vec![(8631, Proto::Tcp), (8080, Proto::Tcp), (9100, Proto::Tcp)]
+        );
+        assert_eq!(
+            (e.app(8631), e.app(8080), e.app(9100)),
+            (Some(App::Ipp), Some(App::Http), None)
+        );
+        assert_eq!(e.to_string(), "10.0.0.5:8631/ipp,8080/http,9100");
+        // 631 and 80 without a mark.
+        let d: ExportSpec = "p=printer.lan:631,80,631/ipp".parse().unwrap();
+        assert_eq!((d.app(631), d.app(80)), (Some(App::Ipp), Some(App::Http)));
+        assert!(d.marked.is_empty(), "{d:?}");
+        assert_eq!(d.authority(631), "printer.lan:631");
+        let v6: ExportSpec = "p=[fd00::5]:8631/ipp".parse().unwrap();
+        assert_eq!(v6.authority(8631), "[fd00::5]:8631");
+        assert_eq!(format!("p={v6}").parse::<ExportSpec>().unwrap(), v6);
     }
 
     #[test]
