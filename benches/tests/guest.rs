@@ -520,3 +520,55 @@ fn a_guest_prints_by_name_to_an_ipp_everywhere_printer() {
     )
     .unwrap_or_else(|e| panic!("{e}: {kept:?}"));
 }
+
+#[test]
+fn a_guest_browsing_its_link_finds_the_printer_by_mdns() {
+    browse_by_mdns(Redir::new("mdns").unwrap());
+}
+
+#[test]
+fn a_guest_on_a_dedicated_nic_finds_the_printer_by_mdns() {
+    browse_by_mdns(Redir::with_args("mdnsx", &["--dedicated"]).unwrap());
+}
+
+/// avahi in the guest, as a stock desktop runs it: the printer is on its
+/// link by mDNS, at its vIP, with nothing configured.
+fn browse_by_mdns(r: Redir) {
+    r.start_agent("agent", &[&format!("laser={LAN_IP}:631,9100")])
+        .unwrap();
+    let bus = r.avahi(&r.tb.vm).unwrap();
+    let env = format!("DBUS_SYSTEM_BUS_ADDRESS={bus}");
+    let vip = r.vip("laser").unwrap().to_string();
+    // Each run of avahi-browse stops at "all for now": one may end before
+    // an answer came, so ask again until one has it.
+    let browse = |service: &str, port: u16| {
+        let mut out = String::new();
+        let found = format!(";{vip};{port};");
+        wait_until(
+            &format!("avahi in the guest to resolve {service}"),
+            Duration::from_secs(30),
+            || {
+                out = vm_run(&r, "env", &[&env, "avahi-browse", "-rtp", service]).1;
+                out.lines()
+                    .any(|l| l.starts_with("=;") && l.contains(&found))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+        out.lines()
+            .find(|l| l.starts_with("=;") && l.contains(&found))
+            .unwrap()
+            .to_string()
+    };
+    let line = browse("_ipp._tcp", 631);
+    assert!(
+        line.contains(";laser;") && line.contains(";laser.local;") && line.contains("rp=ipp/print"),
+        "{line}"
+    );
+    let raw = browse("_pdl-datastream._tcp", 9100);
+    assert!(raw.contains(";laser;"), "raw printing: {raw}");
+    assert!(
+        r.counter("steer.mdns").unwrap() >= 1,
+        "the guest's queries were copied"
+    );
+    assert!(r.counter("engine.mdns_answers").unwrap() >= 1);
+}

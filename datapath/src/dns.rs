@@ -298,6 +298,23 @@ impl VDns {
         encode(response, limit)
     }
 
+    /// The records of `name` (lowercase, fully qualified), if it exists
+    /// here: what the mDNS responder answers from.
+    pub(crate) fn records(&self, name: &Name) -> Option<&[Record]> {
+        self.names.get(name).map(Vec::as_slice)
+    }
+
+    /// Every record of the zone, in no particular order: what the mDNS
+    /// responder announces.
+    pub(crate) fn all_records(&self) -> impl Iterator<Item = &Record> {
+        self.names.values().flatten()
+    }
+
+    /// The zone's apex (for mDNS, `local.`).
+    pub(crate) fn apex(&self) -> &Name {
+        &self.zone
+    }
+
     /// Fills in `response` (code, AA, sections) for one question.
     fn resolve(&self, question: &Query, response: &mut Message) {
         let mut qname = question.name().clone();
@@ -339,7 +356,7 @@ impl VDns {
     /// The additional records for `answers`: for a PTR to a service
     /// instance, its SRV and TXT (RFC 6763 §12.1); for every SRV, the
     /// target's addresses.
-    fn additionals(&self, answers: &[Record]) -> Vec<Record> {
+    pub(crate) fn additionals(&self, answers: &[Record]) -> Vec<Record> {
         let mut out = Vec::new();
         let mut instances_done = HashSet::new();
         let mut hosts_done = HashSet::new();

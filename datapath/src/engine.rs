@@ -29,6 +29,7 @@
 //! [`Engine::poll_delay`] says when to call [`Engine::poll`] again.
 
 use crate::dns::{DnsResource, VDns};
+use crate::mdns::Mdns;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -287,6 +288,12 @@ pub struct Counters {
     pub dns_queries: u64,
     /// vDNS queries that did not parse.
     pub dns_malformed: u64,
+    /// mDNS packets from the guest to the group (questions and others').
+    pub mdns_packets: u64,
+    /// mDNS answers and announcements sent.
+    pub mdns_answers: u64,
+    /// mDNS packets that did not parse.
+    pub mdns_malformed: u64,
     /// Datagrams dropped (too many held while opening).
     pub udp_dropped: u64,
     /// Of `resets`: flows whose socket closed or went back to listening
@@ -334,6 +341,9 @@ impl Counters {
             ("bytes_to_guest", self.bytes_to_guest),
             ("dns_queries", self.dns_queries),
             ("dns_malformed", self.dns_malformed),
+            ("mdns_packets", self.mdns_packets),
+            ("mdns_answers", self.mdns_answers),
+            ("mdns_malformed", self.mdns_malformed),
             ("udp_dropped", self.udp_dropped),
             ("udp_fragmented", self.udp_fragmented),
             ("resets_socket", self.resets_socket),
@@ -592,6 +602,8 @@ pub struct Engine {
     echoes: HashMap<u32, udp::PendingEcho>,
     next_echo: u32,
     dns: VDns,
+    /// The responder for the guest's link (the same records, in `local`).
+    mdns: Mdns,
     leases: dhcp::Leases,
     tokens: f64,
     tokens_at: Instant,
@@ -653,6 +665,7 @@ impl Engine {
             echoes: HashMap::new(),
             next_echo: 0,
             dns,
+            mdns: Mdns::new(),
             leases: dhcp::Leases::default(),
             tokens,
             tokens_at: now,
@@ -825,8 +838,17 @@ impl Engine {
                 v6: Some(vip6(self.cfg.prefix6, *vip)),
                 tcp_ports: r.ports.clone(),
             })
-            .collect();
-        self.dns.set_resources(list);
+            .collect::<Vec<_>>();
+        self.dns.set_resources(list.clone());
+        // The guest's link hears what came and what went.
+        let mut now = Mdns::new();
+        now.set_resources(list);
+        let before = std::mem::replace(&mut self.mdns, now);
+        let mut packets = self.mdns.goodbye(&before);
+        packets.extend(self.mdns.announce_new(&before));
+        for p in packets {
+            self.send_mdns(&p);
+        }
     }
 
     /// Whether an agent is there to open flows. Going offline resets every
@@ -1595,7 +1617,7 @@ impl Engine {
             // The Ethernet header goes into the room left for it: no copy.
             let eth = EthernetRepr {
                 src_addr: EthernetAddress(self.cfg.mac),
-                dst_addr: dst,
+                dst_addr: multicast_mac(&out[ETH_ROOM..]).unwrap_or(dst),
                 ethertype: if out.get(ETH_ROOM).is_some_and(|b| b >> 4 == 6) {
                     EthernetProtocol::Ipv6
                 } else {
@@ -1660,6 +1682,23 @@ impl Engine {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+/// The Ethernet group address of IP packet `ip`'s destination, if that is
+/// a multicast group (RFC 1112 §6.4, RFC 2464 §7).
+fn multicast_mac(ip: &[u8]) -> Option<EthernetAddress> {
+    match ip.first()? >> 4 {
+        4 => {
+            let d = ip.get(16..20)?;
+            (d[0] & 0xf0 == 0xe0)
+                .then(|| EthernetAddress([0x01, 0x00, 0x5e, d[1] & 0x7f, d[2], d[3]]))
+        }
+        6 => {
+            let d = ip.get(24..40)?;
+            (d[0] == 0xff).then(|| EthernetAddress([0x33, 0x33, d[12], d[13], d[14], d[15]]))
+        }
+        _ => None,
     }
 }
 

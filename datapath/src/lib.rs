@@ -13,6 +13,7 @@
 
 pub mod dns;
 pub mod engine;
+pub mod mdns;
 #[cfg(feature = "kernel")]
 pub mod netlink;
 #[cfg(feature = "kernel")]

@@ -326,6 +326,85 @@ fn dhcp_discover() -> Vec<u8> {
     f
 }
 
+/// An mDNS query from the VM to its group (`dst`), IPv4; to port
+/// `port`.
+fn mdns4(dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut ip = vec![
+        0x45, 0, 0, 40, 0, 1, 0, 0, 255, 17, 0, 0, 10, 200, 0, 2, // .. src
+    ];
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(&[0x14, 0xe9]); // from 5353
+    ip.extend_from_slice(&port.to_be_bytes());
+    ip.extend_from_slice(&[0, 20, 0, 0]);
+    ip.extend_from_slice(&[0u8; 12]);
+    let mut f = vec![0x01, 0, 0x5e, 0, 0, 0xfb];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f
+}
+
+/// The same over IPv6, to `ff02::fb`.
+fn mdns6(port: u16) -> Vec<u8> {
+    let mut udp = vec![0x14, 0xe9];
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&[0, 20, 0, 0]);
+    udp.extend_from_slice(&[0u8; 12]);
+    ipv6("ff02::fb".parse().unwrap(), 17, 255, &udp)
+}
+
+#[test]
+fn mdns_from_the_vm_goes_to_the_engine_and_other_multicast_passes() {
+    let mut steer = Steer::load().expect("load steer (needs root)");
+    let xsk = unbound_xsk();
+    use std::os::fd::AsRawFd;
+    steer
+        .register_xsk(SLOT, xsk.as_raw_fd())
+        .expect("XSKS insert");
+    configure(
+        &mut steer,
+        Ipv4Addr::new(100, 77, 0, 0),
+        16,
+        Some("fd6e:7264::".parse().unwrap()),
+        true,
+    );
+    let group = Ipv4Addr::new(224, 0, 0, 251);
+    expect(
+        &mut steer,
+        "mDNS",
+        &mdns4(group, 5353),
+        XDP_REDIRECT,
+        reason::MDNS,
+    );
+    expect(
+        &mut steer,
+        "mDNS over IPv6",
+        &mdns6(5353),
+        XDP_REDIRECT,
+        reason::MDNS,
+    );
+    expect(
+        &mut steer,
+        "the group, another port",
+        &mdns4(group, 5354),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+    expect(
+        &mut steer,
+        "another group",
+        &mdns4(Ipv4Addr::new(239, 255, 255, 250), 5353),
+        XDP_PASS,
+        reason::PASS_IPV4_OTHER,
+    );
+    expect(
+        &mut steer,
+        "IPv6, another port",
+        &mdns6(53),
+        XDP_PASS,
+        reason::PASS_IPV6,
+    );
+}
+
 #[test]
 fn dhcp_is_steered_only_on_a_dedicated_nic() {
     let mut steer = Steer::load().expect("load steer (needs root)");
@@ -648,6 +727,28 @@ fn the_shared_nic_classifier_sends_ours_into_the_tap_and_passes_the_rest() {
             &ipv6("fd00:200::1".parse().unwrap(), 6, 64, &tcp6),
             TC_ACT_OK,
             reason::PASS_IPV6,
+        );
+        // mDNS: a copy for the engine, the frame itself goes on.
+        expect_tc(
+            &mut steer,
+            "mDNS",
+            &mdns4(Ipv4Addr::new(224, 0, 0, 251), 5353),
+            TC_ACT_OK,
+            reason::MDNS,
+        );
+        expect_tc(
+            &mut steer,
+            "mDNS over IPv6",
+            &mdns6(5353),
+            TC_ACT_OK,
+            reason::MDNS,
+        );
+        expect_tc(
+            &mut steer,
+            "SSDP multicast",
+            &mdns4(Ipv4Addr::new(239, 255, 255, 250), 1900),
+            TC_ACT_OK,
+            reason::PASS_IPV4_OTHER,
         );
         expect_tc(
             &mut steer,

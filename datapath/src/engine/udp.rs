@@ -9,6 +9,7 @@
 //! to the vDNS address are answered here.
 
 use super::*;
+use crate::mdns;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Repr, Ipv4Repr,
     Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
@@ -62,6 +63,25 @@ impl Engine {
         };
         let payload = udp.payload();
         let (sport, dport) = (udp.src_port(), udp.dst_port());
+        if dport == mdns::MDNS_PORT && is_mdns_group(vip) {
+            self.counters.mdns_packets += 1;
+            match self.mdns.answer(payload, sport) {
+                Ok(Some(mdns::Reply::Multicast(b))) => self.send_mdns_to(vip, &b),
+                Ok(Some(mdns::Reply::Unicast(b))) => {
+                    // From the vDNS address: a legacy resolver expects its
+                    // answer from a unicast source.
+                    let src = match vip {
+                        IpAddress::Ipv4(_) => IpAddress::Ipv4(self.dns_addr()),
+                        IpAddress::Ipv6(_) => IpAddress::Ipv6(self.dns_addr6()),
+                    };
+                    self.counters.mdns_answers += 1;
+                    self.send_udp(src, mdns::MDNS_PORT, guest, sport, &b);
+                }
+                Ok(None) => {}
+                Err(_) => self.counters.mdns_malformed += 1,
+            }
+            return;
+        }
         if dport == 67 && matches!(vip, IpAddress::Ipv4(_)) {
             self.handle_dhcp(payload);
             return;
@@ -382,6 +402,23 @@ impl Engine {
 
     /// Builds and queues one UDP packet to the guest (both addresses of
     /// the same family).
+    /// An unsolicited mDNS answer to the guest's link, both families.
+    pub(super) fn send_mdns(&mut self, payload: &[u8]) {
+        self.send_mdns_to(IpAddress::Ipv4(mdns::GROUP_V4), payload);
+        self.send_mdns_to(IpAddress::Ipv6(mdns::GROUP_V6), payload);
+    }
+
+    /// An mDNS answer to `group`, from the vDNS address of its family and
+    /// port 5353, with the hop limit of 255 that marks it as from the link.
+    pub(super) fn send_mdns_to(&mut self, group: IpAddress, payload: &[u8]) {
+        let src = match group {
+            IpAddress::Ipv4(_) => IpAddress::Ipv4(self.dns_addr()),
+            IpAddress::Ipv6(_) => IpAddress::Ipv6(self.dns_addr6()),
+        };
+        self.counters.mdns_answers += 1;
+        self.send_udp_hops(src, mdns::MDNS_PORT, group, mdns::MDNS_PORT, payload, 255);
+    }
+
     pub(super) fn send_udp(
         &mut self,
         src: impl Into<IpAddress>,
@@ -389,6 +426,18 @@ impl Engine {
         dst: impl Into<IpAddress>,
         dport: u16,
         payload: &[u8],
+    ) {
+        self.send_udp_hops(src, sport, dst, dport, payload, 64);
+    }
+
+    fn send_udp_hops(
+        &mut self,
+        src: impl Into<IpAddress>,
+        sport: u16,
+        dst: impl Into<IpAddress>,
+        dport: u16,
+        payload: &[u8],
+        hop_limit: u8,
     ) {
         let (src, dst) = (src.into(), dst.into());
         let udp = UdpRepr {
@@ -403,7 +452,7 @@ impl Engine {
                     dst_addr: d,
                     next_header: IpProtocol::Udp,
                     payload_len: udp_len,
-                    hop_limit: 64,
+                    hop_limit,
                 };
                 let mut out = vec![0u8; ip.buffer_len() + udp_len];
                 ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &checksums());
@@ -415,7 +464,7 @@ impl Engine {
                     dst_addr: d,
                     next_header: IpProtocol::Udp,
                     payload_len: udp_len,
-                    hop_limit: 64,
+                    hop_limit,
                 };
                 let mut out = vec![0u8; ip.buffer_len() + udp_len];
                 ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
@@ -444,6 +493,14 @@ impl Engine {
             }
         }
         self.collect_frames();
+    }
+}
+
+/// Whether `addr` is the mDNS group of its family.
+fn is_mdns_group(addr: IpAddress) -> bool {
+    match addr {
+        IpAddress::Ipv4(a) => a == mdns::GROUP_V4,
+        IpAddress::Ipv6(a) => a == mdns::GROUP_V6,
     }
 }
 

@@ -79,8 +79,12 @@ pub mod reason {
     pub const REDIRECT_NDP: u32 = 11;
     /// Router solicitation on a dedicated NIC, redirected.
     pub const REDIRECT_RS: u32 = 12;
+    /// mDNS from the VM (UDP 5353 to its group): a copy for the engine's
+    /// responder on a shared NIC (the kernel keeps the frame), the frame
+    /// itself on a dedicated one.
+    pub const MDNS: u32 = 13;
     /// Number of reasons (size of the counter array).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Human names, indexed by reason, for logs and the control API.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -97,5 +101,6 @@ pub mod reason {
         "redirect_ipv6",
         "redirect_ndp",
         "redirect_rs",
+        "mdns",
     ];
 }

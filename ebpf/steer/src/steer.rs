@@ -45,6 +45,10 @@ const IPV6_HLEN: usize = 40;
 const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_ROUTER_SOLICIT: u8 = 133;
 const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+/// The mDNS port and groups (224.0.0.251 as read off the wire, ff02::fb).
+const MDNS_PORT: u16 = 5353;
+const MDNS_V4: u32 = u32::from_ne_bytes([224, 0, 0, 251]);
+const MDNS_V6: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfb];
 /// The most header bytes classification reads: Ethernet, IPv6, and a
 /// neighbour solicitation up to its target. (IPv4 with options and UDP
 /// ports is less: 14 + 60 + 4.)
@@ -54,6 +58,9 @@ const CLASSIFY_LEN: u32 = (ETH_HLEN + IPV6_HLEN + 24) as u32;
 enum Class {
     /// Ours: to the engine.
     Steer(u32),
+    /// mDNS: the engine's responder answers it; on a shared NIC the
+    /// kernel's path keeps it too (other hosts on the link may listen).
+    Mdns,
     /// Not ours: the kernel keeps it.
     Pass(u32),
 }
@@ -104,6 +111,8 @@ pub fn steer(ctx: XdpContext) -> u32 {
         // The VM's socket is on queue 0: frames of other queues pass.
         Class::Steer(_) if ctx.rx_queue_index() != 0 => (xdp_action::XDP_PASS, reason::NO_SOCKET),
         Class::Steer(why) => to_xsk(&ctx, cfg.slot, why),
+        Class::Mdns if ctx.rx_queue_index() != 0 => (xdp_action::XDP_PASS, reason::NO_SOCKET),
+        Class::Mdns => to_xsk(&ctx, cfg.slot, reason::MDNS),
         Class::Pass(why) => (xdp_action::XDP_PASS, why),
     };
     count(cfg.slot, why);
@@ -140,6 +149,14 @@ pub fn steer_tc(ctx: TcContext) -> i32 {
             count(cfg.slot, why);
             // SAFETY: a helper call with plain integers.
             unsafe { bpf_redirect(cfg.tap_ifindex, 0) as i32 }
+        }
+        Class::Mdns => {
+            if cfg.tap_ifindex != 0 && ctx.clone_redirect(cfg.tap_ifindex, 0).is_ok() {
+                count(cfg.slot, reason::MDNS);
+            } else {
+                count(cfg.slot, reason::NO_SOCKET);
+            }
+            TC_ACT_OK as i32
         }
         Class::Pass(why) => {
             count(cfg.slot, why);
@@ -226,6 +243,9 @@ fn classify<F: Frame>(ctx: &F, cfg: &SteerConfig) -> Class {
             if cfg.flags & FLAG_DHCP != 0 && is_dhcp_request(ctx, (vihl & 0xf) as usize * 4) {
                 return Class::Steer(reason::REDIRECT_DHCP);
             }
+            if dst == MDNS_V4 && is_udp_to(ctx, 9, (vihl & 0xf) as usize * 4, MDNS_PORT) {
+                return Class::Mdns;
+            }
             Class::Pass(reason::PASS_IPV4_OTHER)
         }
         ETH_P_ARP => {
@@ -270,6 +290,12 @@ fn classify_ipv6<F: Frame>(ctx: &F, cfg: &SteerConfig) -> Class {
     if in_prefix(ETH_HLEN + 24) {
         return Class::Steer(reason::REDIRECT_IPV6);
     }
+    // SAFETY: ptr_at checks the sixteen bytes are inside the frame.
+    let is_mdns_group =
+        ptr_at::<[u8; 16], F>(ctx, ETH_HLEN + 24).is_some_and(|p| unsafe { *p } == MDNS_V6);
+    if is_mdns_group && is_udp_to(ctx, 6, IPV6_HLEN, MDNS_PORT) {
+        return Class::Mdns;
+    }
     if next == IPPROTO_ICMPV6
         && let Some(t) = ptr_at::<u8, F>(ctx, ETH_HLEN + IPV6_HLEN)
     {
@@ -286,19 +312,26 @@ fn classify_ipv6<F: Frame>(ctx: &F, cfg: &SteerConfig) -> Class {
     Class::Pass(reason::PASS_IPV6)
 }
 
-/// UDP to port 67 (a DHCP client's request), IPv4 header of `ihl` bytes.
+/// UDP to `port`, the protocol byte at `proto_off` of the IP header and
+/// the UDP header after `hlen` bytes of it (IPv6: no extension headers).
 #[inline(always)]
-fn is_dhcp_request<F: Frame>(ctx: &F, ihl: usize) -> bool {
+fn is_udp_to<F: Frame>(ctx: &F, proto_off: usize, hlen: usize, port: u16) -> bool {
     const IPPROTO_UDP: u8 = 17;
-    const DHCP_SERVER_PORT: u16 = 67;
-    let Some(proto) = ptr_at::<u8, F>(ctx, ETH_HLEN + 9) else {
+    let Some(proto) = ptr_at::<u8, F>(ctx, ETH_HLEN + proto_off) else {
         return false;
     };
     // SAFETY: ptr_at checked the byte is inside the frame.
-    if unsafe { *proto } != IPPROTO_UDP || ihl > 60 {
+    if unsafe { *proto } != IPPROTO_UDP || hlen > 60 {
         return false;
     }
-    read_be16(ctx, ETH_HLEN + ihl + 2) == Some(DHCP_SERVER_PORT)
+    read_be16(ctx, ETH_HLEN + hlen + 2) == Some(port)
+}
+
+/// UDP to port 67 (a DHCP client's request), IPv4 header of `ihl` bytes.
+#[inline(always)]
+fn is_dhcp_request<F: Frame>(ctx: &F, ihl: usize) -> bool {
+    const DHCP_SERVER_PORT: u16 = 67;
+    is_udp_to(ctx, 9, ihl, DHCP_SERVER_PORT)
 }
 
 /// Into VM `slot`'s AF_XDP socket, counted as `why`; passed (and counted
