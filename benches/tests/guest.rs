@@ -4,7 +4,7 @@
 //! Debian packages scripts/setup installs.
 
 use netredir_benches::testbed::{HOST_VM_IFACE, HOST_VM_IP6, LAN_IP, Testbed, wait_until};
-use netredir_benches::{Redir, job_bytes, print_job, sha256_hex};
+use netredir_benches::{Redir, job_bytes, netredirctl, print_job, sha256_hex};
 use std::time::Duration;
 
 fn vm_run(r: &Redir, prog: &str, args: &[&str]) -> (bool, String) {
@@ -571,4 +571,40 @@ fn browse_by_mdns(r: Redir) {
         "the guest's queries were copied"
     );
     assert!(r.counter("engine.mdns_answers").unwrap() >= 1);
+}
+
+#[test]
+fn a_printer_the_agent_discovers_is_exported_and_prints_by_name() {
+    // No --export: the agent finds ippeveprinter's own DNS-SD
+    // announcement (avahi on the LAN) and exports it, its IPP port marked
+    // so that the guest prints to it by name.
+    let r = Redir::new("discover").unwrap();
+    let spool = r.tb.dir().join("ipp-spool");
+    r.ippeveprinter("laser", 8631, &spool).unwrap();
+    r.start_agent_with("agent", &[], &["--discover", "printers"])
+        .unwrap();
+    let mut map = Vec::new();
+    wait_until(
+        "the printer to be discovered",
+        Duration::from_secs(30),
+        || {
+            map = r.map().unwrap_or_default();
+            map.iter()
+                .any(|e| e.name == "laser" && e.state == "online" && e.ports.contains(&8631))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {map:?}\n{}", r.tb.log_tail("agent")));
+    let e = map.iter().find(|e| e.name == "laser").unwrap();
+    assert_eq!(e.source, "discovered");
+    assert_eq!(e.target, format!("{LAN_IP}:8631/ipp"));
+    let (ok, out, _) = netredirctl(&r.control, &["map", "list"]);
+    assert!(ok && out.contains("discovered"), "{out}");
+    r.tb.set_resolv_conf(
+        &r.tb.vm,
+        "nameserver 100.77.0.53\nsearch netredir.internal\n",
+    )
+    .unwrap();
+    let uri = "ipp://laser.netredir.internal:8631/ipp/print";
+    let (ok, out) = vm_run(&r, "ipptool", &["-tv", uri, "get-printer-attributes.test"]);
+    assert!(ok, "get-printer-attributes by name: {out}");
 }

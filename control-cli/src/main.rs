@@ -154,7 +154,8 @@ enum PairsCmd {
 
 #[derive(Subcommand, Debug)]
 enum MapCmd {
-    /// One row per resource: name, virtual IP, real address, state.
+    /// One row per resource: name, virtual IP, real address, state, and
+    /// whether the agent's user exported it or the agent discovered it.
     List {
         /// The VM (needed when several are attached).
         #[arg(long, value_name = "NAME")]
@@ -544,7 +545,7 @@ fn table(entries: &[MapEntry]) -> String {
     if entries.is_empty() {
         return "no resources (is an agent connected and exporting?)\n".into();
     }
-    let rows: Vec<[String; 6]> = entries
+    let rows: Vec<[String; 7]> = entries
         .iter()
         .map(|e| {
             let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
@@ -555,6 +556,7 @@ fn table(entries: &[MapEntry]) -> String {
                 printable(&e.target),
                 ports.join(","),
                 e.state.clone(),
+                e.source.clone(),
             ]
         })
         .collect();
@@ -565,9 +567,10 @@ fn table(entries: &[MapEntry]) -> String {
         "TARGET",
         "PORTS",
         "STATE",
+        "SOURCE",
     ]
     .map(String::from);
-    let mut w = [0usize; 6];
+    let mut w = [0usize; 7];
     for r in std::iter::once(&head).chain(&rows) {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
@@ -604,6 +607,7 @@ mod tests {
             target: "10.0.0.5:9100\r".into(),
             ports: vec![9100],
             state: "online".into(),
+            source: "export".into(),
         }]);
         assert!(!t.contains('\u{1b}') && !t.contains('\r'), "{t:?}");
     }
@@ -617,11 +621,12 @@ mod tests {
             target: "10.0.0.5:9100".into(),
             ports: vec![9100],
             state: "online".into(),
+            source: "export".into(),
         }]);
         assert_eq!(
             t,
-            "NAME     VIRTUAL IP    VIRTUAL IPV6         TARGET         PORTS  STATE\n\
-             printer  100.77.12.34  fd6e:7264::644d:c22  10.0.0.5:9100  9100   online\n"
+            "NAME     VIRTUAL IP    VIRTUAL IPV6         TARGET         PORTS  STATE   SOURCE\n\
+             printer  100.77.12.34  fd6e:7264::644d:c22  10.0.0.5:9100  9100   online  export\n"
         );
         assert!(table(&[]).contains("no resources"));
     }

@@ -26,6 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 mod datagrams;
+mod discover;
 mod relay;
 mod resolve;
 use netredir_shared::endpoint::{AgentConfig, AgentEndpoint, AgentEvent, ConnLost, Fatal};
@@ -34,12 +35,13 @@ use netredir_shared::http_rewrite::HttpRewriter;
 use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::tls::{Fingerprint, HostCheck, Identity, PairCode, Tls, write_private};
 use netredir_shared::wire::{FlowId, MAX_DATA, Msg, OpenError, Proto};
-use netredir_uring::{Completion, OpId, Reactor, Stream};
+use netredir_uring::{Completion, OpId, Reactor, Stream, Waker};
 use relay::{Connects, Denied, Export, Exports, Relay};
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Exports resources on this machine's network to a VM through netredird.
@@ -54,8 +56,26 @@ struct Args {
     /// port whose requests name their destination (the agent rewrites
     /// `Host` and IPP's URIs to the real printer; 631 is /ipp and 80 is
     /// /http anyway). Without PORTS: 9100, 631, 515 and 161/udp.
-    #[arg(long, value_name = "NAME=HOST[:PORTS]", required = true)]
+    #[arg(
+        long,
+        value_name = "NAME=HOST[:PORTS]",
+        required_unless_present = "discover"
+    )]
     export: Vec<ExportSpec>,
+    /// Also export what this agent finds on its LAN (off unless given):
+    /// `printers` browses DNS-SD (mDNS) for printers and scanners; each
+    /// device found becomes a resource (`map list` on the host says
+    /// `discovered`), under --discover-allow and --discover-deny.
+    #[arg(long, value_name = "KIND", value_enum)]
+    discover: Vec<discover::Kind>,
+    /// Export only the discovered devices in this network (CIDR) or with
+    /// this name (repeatable; without it, every device found).
+    #[arg(long, value_name = "CIDR|NAME", requires = "discover")]
+    discover_allow: Vec<discover::Rule>,
+    /// Never export the discovered devices in this network or with this
+    /// name (repeatable; wins over --discover-allow).
+    #[arg(long, value_name = "CIDR|NAME", requires = "discover")]
+    discover_deny: Vec<discover::Rule>,
     /// One-time code from `netredirctl pair` on the host: pairs this agent
     /// with the host (needed once; later runs use the stored pin).
     #[arg(long, value_name = "CODE")]
@@ -152,6 +172,8 @@ enum Tag {
     UdpSend(u64),
     EchoSend(u64),
     EchoRecv(u64),
+    /// The discovery thread found something.
+    Wake,
 }
 
 /// The socket of one tunnel connection; all else about it is the endpoint's.
@@ -218,6 +240,11 @@ struct Agent {
     icmp_warned: bool,
     /// HTTP/IPP messages passed unchanged because they did not parse.
     unparsed_http: u64,
+    /// `--discover`: the browsing, what it found, the user's policy, and
+    /// the eventfd it wakes the loop with.
+    discovery: Option<(discover::Discovery, Arc<Waker>)>,
+    devices: discover::Devices,
+    policy: discover::Policy,
     fatal: Option<String>,
 }
 
@@ -272,6 +299,7 @@ fn run(args: Args) -> Result<()> {
         exports.push(Export {
             spec: spec.clone(),
             compression: overrides.get(&spec.name).copied(),
+            discovered: false,
         });
     }
     let names = resolve::Names::new(initial, Instant::now());
@@ -311,6 +339,19 @@ fn run(args: Args) -> Result<()> {
         now,
     );
     let connects = Connects::new(args.max_connecting);
+    let policy = discover::Policy {
+        allow: args.discover_allow.clone(),
+        deny: args.discover_deny.clone(),
+    };
+    let discovery = if args.discover.is_empty() {
+        None
+    } else {
+        let waker = Arc::new(Waker::new().context("cannot create an eventfd")?);
+        let d = discover::Discovery::start(waker.clone()).map_err(anyhow::Error::msg)?;
+        reactor.read(waker.fd(), Vec::with_capacity(8), Tag::Wake);
+        tracing::info!("discovering printers on this LAN (DNS-SD)");
+        Some((d, waker))
+    };
     let mut a = Agent {
         args,
         server,
@@ -333,6 +374,9 @@ fn run(args: Args) -> Result<()> {
         connects,
         icmp_warned: false,
         unparsed_http: 0,
+        discovery,
+        devices: discover::Devices::default(),
+        policy,
         fatal: None,
     };
     a.events(now);
@@ -540,6 +584,14 @@ impl Agent {
 
     fn complete(&mut self, c: Completion<Tag>, now: Instant) {
         match c.tag {
+            Tag::Wake => {
+                if let Some((_, w)) = &self.discovery {
+                    let mut buf = c.buf.unwrap_or_default();
+                    buf.clear();
+                    self.reactor.read(w.fd(), buf, Tag::Wake);
+                }
+                self.discovered(now);
+            }
             Tag::TunConnect(tgen) => {
                 let Some(((), true)) = self.on_tunnel(tgen, Stream::op_done) else {
                     return;
@@ -680,6 +732,65 @@ impl Agent {
                 size,
             } => self.echo(token, resource, size),
             other => tracing::warn!("unexpected message from netredird: {other:?}"),
+        }
+    }
+
+    /// What discovery found: new devices become exports (announced at
+    /// once if a session is up), and known ones that offer more are
+    /// announced again.
+    fn discovered(&mut self, now: Instant) {
+        let Some((d, _)) = &self.discovery else {
+            return;
+        };
+        for i in d.poll() {
+            // A device the user exported by its address is theirs.
+            let host = i.addr.to_string();
+            if self
+                .exports
+                .iter()
+                .any(|e| !e.discovered && e.spec.host == host)
+            {
+                continue;
+            }
+            let exports = &self.exports;
+            let taken = |n: &str| {
+                exports
+                    .by_name(n)
+                    .and_then(|id| exports.get(id))
+                    .is_some_and(|e| !e.discovered)
+            };
+            let Some(spec) = self.devices.add(&i, &self.policy, taken) else {
+                continue;
+            };
+            tracing::info!(name = %spec.name, target = %spec, instance = %i.instance, "discovered");
+            let id = match self.exports.by_name(&spec.name) {
+                Some(id) => {
+                    self.exports.set_spec(id, spec);
+                    id
+                }
+                None => {
+                    let host = spec.host.clone();
+                    let compression = self
+                        .args
+                        .resource_compression
+                        .iter()
+                        .find(|(n, _)| *n == spec.name)
+                        .map(|(_, c)| *c);
+                    let id = self.exports.push(Export {
+                        spec,
+                        compression,
+                        discovered: true,
+                    });
+                    let at = self.names.push(host, Some(i.addr), now);
+                    debug_assert_eq!(at, id, "names and exports share indices");
+                    id
+                }
+            };
+            if self.ep.session_mut().is_some()
+                && let Some(m) = self.exports.announcement(id)
+            {
+                self.ep.send(m, now);
+            }
         }
     }
 

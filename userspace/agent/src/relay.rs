@@ -16,6 +16,8 @@ pub struct Export {
     pub spec: ExportSpec,
     /// `--resource-compression` for it, if any.
     pub compression: Option<Compression>,
+    /// Found on the LAN (`--discover`), not named by the user.
+    pub discovered: bool,
 }
 
 /// The export policy: the host reaches these resources and ports, and
@@ -56,16 +58,44 @@ impl Exports {
 
     /// The `Export` messages that announce them to a new session.
     pub fn announcements(&self) -> Vec<Msg> {
-        self.0
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Msg::Export {
-                id: i as u32,
-                name: e.spec.name.clone(),
-                target: e.spec.to_string(),
-                ports: e.spec.ports.clone(),
-            })
+        (0..self.0.len())
+            .filter_map(|i| self.announcement(i))
             .collect()
+    }
+
+    /// The `Export` message of export `i`.
+    pub fn announcement(&self, i: usize) -> Option<Msg> {
+        let e = self.0.get(i)?;
+        Some(Msg::Export {
+            id: i as u32,
+            name: e.spec.name.clone(),
+            target: e.spec.to_string(),
+            ports: e.spec.ports.clone(),
+            discovered: e.discovered,
+        })
+    }
+
+    /// Adds `e` (a discovered resource); its id.
+    pub fn push(&mut self, e: Export) -> usize {
+        self.0.push(e);
+        self.0.len() - 1
+    }
+
+    /// Replaces export `i`'s spec (a discovered device offers more).
+    pub fn set_spec(&mut self, i: usize, spec: ExportSpec) {
+        if let Some(e) = self.0.get_mut(i) {
+            e.spec = spec;
+        }
+    }
+
+    /// Export `i`, if there is one.
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.0.iter()
+    }
+
+    /// The id of the export named `name`, if there is one.
+    pub fn by_name(&self, name: &str) -> Option<usize> {
+        self.0.iter().position(|e| e.spec.name == name)
     }
 
     /// Where an `Open` of `resource:port` over `proto` goes, if the policy
@@ -375,10 +405,12 @@ mod tests {
             Export {
                 spec: spec("printer=printer.lan:9100,631,161/udp"),
                 compression: None,
+                discovered: false,
             },
             Export {
                 spec: spec("scanner=10.0.0.9:8080"),
                 compression: Some(Compression::Off),
+                discovered: true,
             },
         ])
     }
@@ -437,7 +469,9 @@ mod tests {
                 name,
                 target,
                 ports,
+                discovered,
             } => {
+                assert!(*discovered);
                 assert_eq!((*id, name.as_str()), (1, "scanner"));
                 assert_eq!(target, "10.0.0.9:8080");
                 assert_eq!(ports, &vec![(8080, Proto::Tcp)]);

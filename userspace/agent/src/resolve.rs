@@ -86,6 +86,18 @@ impl Names {
         e.addr
     }
 
+    /// Adds a name (a discovered resource's address, known already); its
+    /// index, the export's.
+    pub fn push(&mut self, host: String, addr: Option<IpAddr>, now: Instant) -> usize {
+        self.entries.push(Entry {
+            host,
+            addr,
+            at: Some(now),
+            pending: false,
+        });
+        self.entries.len() - 1
+    }
+
     /// Takes the answers the thread has given.
     pub fn collect(&mut self, now: Instant) {
         while let Ok((i, addr)) = self.answers.try_recv() {

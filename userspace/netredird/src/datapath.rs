@@ -221,6 +221,8 @@ struct Conn {
 struct Resource {
     name: String,
     target: String,
+    /// Found by the agent's `--discover`, not named by its user.
+    discovered: bool,
     ports: Vec<u16>,
     udp_ports: Vec<u16>,
     vip: Ipv4Addr,
@@ -505,7 +507,14 @@ impl Vm {
         }
     }
 
-    fn export(&mut self, id: u32, name: String, target: String, ports: Vec<(u16, Proto)>) {
+    fn export(
+        &mut self,
+        id: u32,
+        name: String,
+        target: String,
+        ports: Vec<(u16, Proto)>,
+        discovered: bool,
+    ) {
         let pick = |proto: Proto| -> Vec<u16> {
             ports
                 .iter()
@@ -526,6 +535,7 @@ impl Vm {
                 self.resources.push(Resource {
                     name: name.clone(),
                     target: String::new(),
+                    discovered,
                     ports: Vec::new(),
                     udp_ports: Vec::new(),
                     vip,
@@ -536,6 +546,7 @@ impl Vm {
         };
         let r = &mut self.resources[idx];
         r.target = target;
+        r.discovered = discovered;
         r.ports = tcp.clone();
         r.udp_ports = udp.clone();
         r.online = true;
@@ -644,6 +655,7 @@ impl Vm {
                 target: r.target.clone(),
                 ports: r.ports.clone(),
                 state: if r.online { "online" } else { "offline" }.into(),
+                source: if r.discovered { "discovered" } else { "export" }.into(),
             })
             .collect()
     }
@@ -1474,8 +1486,9 @@ impl Loop {
                         name,
                         target,
                         ports,
+                        discovered,
                     } => {
-                        vm.export(id, name, target, ports);
+                        vm.export(id, name, target, ports, discovered);
                         Ok(())
                     }
                     Msg::OpenOk { flow } => vm.engine.open_ok(flow, now),

@@ -206,6 +206,15 @@ pub struct MapEntry {
     pub ports: Vec<u16>,
     /// `online` while the exporting agent is connected, else `offline`.
     pub state: String,
+    /// `export` (the user named it with `--export`) or `discovered` (the
+    /// agent found it on its LAN with `--discover`).
+    #[serde(default = "export_source")]
+    pub source: String,
+}
+
+/// What an entry from a daemon without `source` was.
+fn export_source() -> String {
+    "export".into()
 }
 
 /// Counters and state of the daemon's one session.
@@ -373,6 +382,7 @@ mod tests {
                 target: "10.0.0.5:9100".into(),
                 ports: vec![9100],
                 state: "online".into(),
+                source: "discovered".into(),
             }],
         };
         let s = serde_json::to_string(&r).unwrap();

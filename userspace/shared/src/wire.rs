@@ -18,7 +18,7 @@
 use std::fmt;
 
 /// Protocol version carried in [`Msg::Hello`]; bumped on incompatible change.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Upper bound of `len`, so that a hostile peer cannot make us buffer more.
 pub const MAX_FRAME_LEN: usize = 256 * 1024;
 /// Largest data payload one [`Msg::Data`] carries (fits in a frame).
@@ -81,6 +81,9 @@ pub enum Msg {
         target: String,
         /// Ports the export policy allows.
         ports: Vec<(u16, Proto)>,
+        /// Found on the client's LAN (`--discover`), not named by the
+        /// user: `map list` says so.
+        discovered: bool,
     },
     /// Host → agent: the guest wants a connection to `resource:port`.
     Open {
@@ -230,7 +233,12 @@ impl fmt::Debug for Msg {
                 name,
                 target,
                 ports,
-            } => write!(f, "Export({id}, {name:?}, {target:?}, {ports:?})"),
+                discovered,
+            } => write!(
+                f,
+                "Export({id}, {name:?}, {target:?}, {ports:?}{})",
+                if *discovered { ", discovered" } else { "" }
+            ),
             Msg::Open {
                 flow,
                 resource,
@@ -414,6 +422,7 @@ impl Msg {
                 name,
                 target,
                 ports,
+                discovered,
             } => {
                 out.extend_from_slice(&id.to_be_bytes());
                 put_str(out, name);
@@ -427,6 +436,7 @@ impl Msg {
                         Proto::Udp => 17,
                     });
                 }
+                out.push(u8::from(*discovered));
             }
             Msg::Open {
                 flow,
@@ -535,11 +545,17 @@ impl Msg {
                     };
                     ports.push((port, proto));
                 }
+                let discovered = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadField(k, "discovered")),
+                };
                 Msg::Export {
                     id,
                     name,
                     target,
                     ports,
+                    discovered,
                 }
             }
             kind::OPEN => Msg::Open {
@@ -814,6 +830,14 @@ mod tests {
                 name: "printer".into(),
                 target: "10.0.0.5:9100".into(),
                 ports: vec![(9100, Proto::Tcp), (161, Proto::Udp)],
+                discovered: false,
+            },
+            Msg::Export {
+                id: 8,
+                name: "laser".into(),
+                target: "10.0.0.6:631/ipp".into(),
+                ports: vec![(631, Proto::Tcp)],
+                discovered: true,
             },
             Msg::Open {
                 flow: 1,
@@ -958,16 +982,18 @@ mod tests {
                 any::<u32>(),
                 "\\PC{0,30}",
                 "\\PC{0,30}",
-                proptest::collection::vec((any::<u16>(), any::<bool>()), 0..8)
+                proptest::collection::vec((any::<u16>(), any::<bool>()), 0..8),
+                any::<bool>()
             )
-                .prop_map(|(id, name, target, ports)| Msg::Export {
+                .prop_map(|(id, name, target, ports, discovered)| Msg::Export {
                     id,
                     name,
                     target,
                     ports: ports
                         .into_iter()
                         .map(|(p, u)| (p, if u { Proto::Udp } else { Proto::Tcp }))
-                        .collect()
+                        .collect(),
+                    discovered,
                 }),
             (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(flow, resource, port)| {
                 Msg::Open {
