@@ -433,6 +433,68 @@ impl Redir {
         Ok(address)
     }
 
+    /// A CUPS scheduler of its own in `ns` (a guest's print system), its
+    /// state under the testbed's directory; the socket `lpadmin` and `lp`
+    /// reach it at (their `CUPS_SERVER`).
+    pub fn cupsd(&self, ns: &testbed::Netns) -> Result<String> {
+        let dir = self.tb.dir().join(format!("cups-{}", ns.name()));
+        for sub in ["etc/ppd", "spool/tmp", "cache", "state/certs", "log"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        // Backends run as lp: it reads the spool and writes its temp
+        // files, through directories it may enter.
+        for d in [self.tb.dir(), dir.as_path()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let lp = std::process::Command::new("chown")
+            .args(["-R", "lp:lp"])
+            .arg(dir.join("spool"))
+            .status()?;
+        if !lp.success() {
+            bail!("cannot give the CUPS spool to lp");
+        }
+        let d = dir.display();
+        let sock = format!("{d}/cups.sock");
+        std::fs::write(
+            dir.join("etc/cupsd.conf"),
+            format!(
+                "Listen {sock}\nLogLevel debug\nBrowsing No\nDefaultAuthType None\n\
+                 <Location />\n  Order allow,deny\n  Allow all\n</Location>\n\
+                 <Location /admin>\n  Order allow,deny\n  Allow all\n</Location>\n\
+                 <Policy default>\n  <Limit All>\n    Order deny,allow\n  </Limit>\n</Policy>\n"
+            ),
+        )?;
+        std::fs::write(
+            dir.join("cups-files.conf"),
+            format!(
+                "ServerRoot {d}/etc\nRequestRoot {d}/spool\nTempDir {d}/spool/tmp\n\
+                 CacheDir {d}/cache\nStateDir {d}/state\nServerBin /usr/lib/cups\n\
+                 DataDir /usr/share/cups\nAccessLog {d}/log/access_log\n\
+                 ErrorLog stderr\nPageLog {d}/log/page_log\nUser lp\nGroup lp\n\
+                 SystemGroup root\nFileDevice No\n"
+            ),
+        )?;
+        let conf = format!("{d}/etc/cupsd.conf");
+        let files = format!("{d}/cups-files.conf");
+        let name = format!("cupsd-{}", ns.name());
+        self.tb
+            .spawn(ns, &name, "cupsd", &["-f", "-c", &conf, "-s", &files])?;
+        let s = sock.clone();
+        wait_until("cupsd to answer", Duration::from_secs(15), || {
+            !self.tb.running(&name)
+                || ns
+                    .command("lpstat")
+                    .args(["-h", &s, "-r"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("is running"))
+        })?;
+        if !self.tb.running(&name) {
+            bail!("cupsd exited:\n{}", self.tb.log_tail(&name));
+        }
+        Ok(sock)
+    }
+
     /// CUPS's IPP Everywhere printer on the LAN at `port`, on every
     /// address, keeping each job's document in `spool`. As real printers
     /// and cupsd, it answers 400 to a `Host` that is neither its name nor

@@ -537,34 +537,13 @@ fn browse_by_mdns(r: Redir) {
     r.start_agent("agent", &[&format!("laser={LAN_IP}:631,9100")])
         .unwrap();
     let bus = r.avahi(&r.tb.vm).unwrap();
-    let env = format!("DBUS_SYSTEM_BUS_ADDRESS={bus}");
     let vip = r.vip("laser").unwrap().to_string();
-    // Each run of avahi-browse stops at "all for now": one may end before
-    // an answer came, so ask again until one has it.
-    let browse = |service: &str, port: u16| {
-        let mut out = String::new();
-        let found = format!(";{vip};{port};");
-        wait_until(
-            &format!("avahi in the guest to resolve {service}"),
-            Duration::from_secs(30),
-            || {
-                out = vm_run(&r, "env", &[&env, "avahi-browse", "-rtp", service]).1;
-                out.lines()
-                    .any(|l| l.starts_with("=;") && l.contains(&found))
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}: {out}"));
-        out.lines()
-            .find(|l| l.starts_with("=;") && l.contains(&found))
-            .unwrap()
-            .to_string()
-    };
-    let line = browse("_ipp._tcp", 631);
+    let line = avahi_browse(&r, &bus, "_ipp._tcp", &vip, 631);
     assert!(
         line.contains(";laser;") && line.contains(";laser.local;") && line.contains("rp=ipp/print"),
         "{line}"
     );
-    let raw = browse("_pdl-datastream._tcp", 9100);
+    let raw = avahi_browse(&r, &bus, "_pdl-datastream._tcp", &vip, 9100);
     assert!(raw.contains(";laser;"), "raw printing: {raw}");
     assert!(
         r.counter("steer.mdns").unwrap() >= 1,
@@ -607,4 +586,111 @@ fn a_printer_the_agent_discovers_is_exported_and_prints_by_name() {
     let uri = "ipp://laser.netredir.internal:8631/ipp/print";
     let (ok, out) = vm_run(&r, "ipptool", &["-tv", uri, "get-printer-attributes.test"]);
     assert!(ok, "get-printer-attributes by name: {out}");
+    // The guest's own mDNS browse finds it where its IPP is.
+    let bus = r.avahi(&r.tb.vm).unwrap();
+    let vip = r.vip("laser").unwrap().to_string();
+    let line = avahi_browse(&r, &bus, "_ipp._tcp", &vip, 8631);
+    assert!(line.contains(";laser.local;"), "{line}");
+}
+
+#[test]
+fn a_guests_own_cups_prints_by_name_to_a_discovered_printer() {
+    // The whole way, as a user would: the agent discovers the printer,
+    // the guest's CUPS adds it by name as an IPP Everywhere queue and
+    // prints; the printer keeps the document byte-identical.
+    let r = Redir::new("cups").unwrap();
+    let spool = r.tb.dir().join("ipp-spool");
+    r.ippeveprinter("laser", 8631, &spool).unwrap();
+    r.start_agent_with("agent", &[], &["--discover", "printers"])
+        .unwrap();
+    wait_until(
+        "the printer to be discovered",
+        Duration::from_secs(30),
+        || {
+            r.map().is_ok_and(|m| {
+                m.iter()
+                    .any(|e| e.name == "laser" && e.ports.contains(&8631))
+            })
+        },
+    )
+    .unwrap();
+    r.tb.set_resolv_conf(
+        &r.tb.vm,
+        "nameserver 100.77.0.53\nsearch netredir.internal\n",
+    )
+    .unwrap();
+    let sock = r.cupsd(&r.tb.vm).unwrap();
+    let uri = "ipp://laser.netredir.internal:8631/ipp/print";
+    let (ok, out) = vm_run(
+        &r,
+        "lpadmin",
+        &[
+            "-h",
+            &sock,
+            "-p",
+            "laser",
+            "-E",
+            "-v",
+            uri,
+            "-m",
+            "everywhere",
+        ],
+    );
+    assert!(ok, "lpadmin -m everywhere: {out}");
+    let mut doc = b"%PDF-1.4\n".to_vec();
+    doc.extend(job_bytes(200 << 10, 21));
+    let path = r.tb.dir().join("letter.pdf");
+    std::fs::write(&path, &doc).unwrap();
+    let (ok, out) = vm_run(
+        &r,
+        "lp",
+        &[
+            "-h",
+            &sock,
+            "-d",
+            "laser",
+            "-o",
+            "raw",
+            &path.to_string_lossy(),
+        ],
+    );
+    assert!(ok, "lp: {out}");
+    let mut kept = Vec::new();
+    wait_until("the job at the printer", Duration::from_secs(30), || {
+        kept = std::fs::read_dir(&spool)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        kept.iter()
+            .any(|p| std::fs::read(p).is_ok_and(|b| b == doc))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {kept:?}\ncupsd: {}\nprinter: {}",
+            r.tb.log_tail(&format!("cupsd-{}", r.tb.vm.name())),
+            r.tb.log_tail("laser")
+        )
+    });
+}
+
+/// The resolved line of `service` at `vip:port` that avahi-browse in the
+/// guest (its avahi on bus `bus`) lists. Each run stops at "all for
+/// now", which may come before an answer: it asks again until one has it.
+fn avahi_browse(r: &Redir, bus: &str, service: &str, vip: &str, port: u16) -> String {
+    let env = format!("DBUS_SYSTEM_BUS_ADDRESS={bus}");
+    let found = format!(";{vip};{port};");
+    let mut out = String::new();
+    wait_until(
+        &format!("avahi in the guest to resolve {service}"),
+        Duration::from_secs(30),
+        || {
+            out = vm_run(r, "env", &[&env, "avahi-browse", "-rtp", service]).1;
+            out.lines()
+                .any(|l| l.starts_with("=;") && l.contains(&found))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {out}"));
+    out.lines()
+        .find(|l| l.starts_with("=;") && l.contains(&found))
+        .unwrap()
+        .to_string()
 }

@@ -83,6 +83,26 @@ pub struct DnsResource {
     pub v6: Option<Ipv6Addr>,
     /// TCP ports; a printer is one that exports 631 (IPP), 9100 (raw/JetDirect) or 515 (LPD).
     pub tcp_ports: Vec<u16>,
+    /// TCP ports that carry IPP besides 631 (an export's `/ipp` marks):
+    /// the first is the one `_ipp._tcp` points at when 631 is not there.
+    pub ipp_ports: Vec<u16>,
+}
+
+impl DnsResource {
+    /// The port of `service` on this resource, if it offers it.
+    fn port_of(&self, service: &PrintService) -> Option<u16> {
+        if self.tcp_ports.contains(&service.port) {
+            return Some(service.port);
+        }
+        if service.ipp {
+            return self
+                .ipp_ports
+                .iter()
+                .copied()
+                .find(|p| self.tcp_ports.contains(p));
+        }
+        None
+    }
 }
 
 /// Why a query got no answer at all (counted by the engine).
@@ -190,9 +210,9 @@ impl VDns {
                 add(ptr(fqdn(Name::from(v6)), host.clone()));
             }
             for (service, present) in PRINT_SERVICES.iter().zip(&mut services_present) {
-                if !resource.tcp_ports.contains(&service.port) {
+                let Some(port) = resource.port_of(service) else {
                     continue;
-                }
+                };
                 let (Ok(service_type), Ok(instance)) = (
                     subname(zone, &[service.label, "_tcp"]),
                     subname(zone, &[&label, service.label, "_tcp"]),
@@ -209,7 +229,7 @@ impl VDns {
                 add(Record::from_rdata(
                     instance.clone(),
                     TTL,
-                    RData::SRV(SRV::new(0, 0, service.port, host.clone())),
+                    RData::SRV(SRV::new(0, 0, port, host.clone())),
                 ));
                 let mut txt = vec!["txtvers=1".to_owned(), "qtotal=1".to_owned()];
                 if service.ipp {
@@ -471,6 +491,7 @@ mod tests {
             v4: Ipv4Addr::new(100, 77, 4, 181),
             v6: Some("fd00:77::4:b5".parse().unwrap()),
             tcp_ports: vec![631, 9100],
+            ipp_ports: vec![],
         }
     }
 
@@ -480,6 +501,7 @@ mod tests {
             v4: Ipv4Addr::new(100, 77, 9, 2),
             v6: None,
             tcp_ports: vec![445],
+            ipp_ports: vec![],
         }
     }
 
@@ -640,6 +662,31 @@ mod tests {
         // The name is checked, not just its shape.
         let r = ask(&dns, "182.4.77.100.in-addr.arpa.", RecordType::PTR);
         assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn ipp_on_a_port_of_its_own_is_advertised_there() {
+        let mut dns = VDns::new(ZONE).unwrap();
+        dns.set_resources(vec![DnsResource {
+            name: "laser".into(),
+            tcp_ports: vec![8631, 9100],
+            ipp_ports: vec![8631],
+            ..printer()
+        }]);
+        let r = ask(&dns, &format!("laser._ipp._tcp.{ZONE}."), RecordType::SRV);
+        let RData::SRV(srv) = &r.answers[0].data else {
+            panic!("not an SRV: {:?}", r.answers);
+        };
+        assert_eq!(srv.port, 8631);
+        // A mark on a port it does not export is no service.
+        dns.set_resources(vec![DnsResource {
+            name: "laser".into(),
+            tcp_ports: vec![9100],
+            ipp_ports: vec![8631],
+            ..printer()
+        }]);
+        let r = ask(&dns, &format!("_ipp._tcp.{ZONE}."), RecordType::PTR);
+        assert!(r.answers.is_empty(), "{:?}", r.answers);
     }
 
     #[test]
@@ -915,6 +962,7 @@ mod tests {
                     v4: Ipv4Addr::new(100, 77, 1, i),
                     v6: None,
                     tcp_ports: vec![631],
+                    ipp_ports: vec![],
                 })
                 .collect(),
         );

@@ -368,6 +368,8 @@ struct Resource {
     name: String,
     ports: Vec<u16>,
     udp_ports: Vec<u16>,
+    /// Ports besides 631 that carry IPP (DNS-SD's `_ipp._tcp` points there).
+    ipp_ports: Vec<u16>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -816,9 +818,21 @@ impl Engine {
                 name: name.to_ascii_lowercase(),
                 ports: tcp,
                 udp_ports: udp,
+                ipp_ports: Vec::new(),
             },
         );
         self.update_dns();
+    }
+
+    /// Marks TCP `ports` of `vip`'s resource as IPP (its export said so),
+    /// so the guest finds its printer service there.
+    pub fn set_ipp_ports(&mut self, vip: Ipv4Addr, ports: Vec<u16>) {
+        if let Some(r) = self.resources.get_mut(&vip)
+            && r.ipp_ports != ports
+        {
+            r.ipp_ports = ports;
+            self.update_dns();
+        }
     }
 
     /// Forgets every resource (the agent that exported them is gone).
@@ -837,6 +851,7 @@ impl Engine {
                 v4: *vip,
                 v6: Some(vip6(self.cfg.prefix6, *vip)),
                 tcp_ports: r.ports.clone(),
+                ipp_ports: r.ipp_ports.clone(),
             })
             .collect::<Vec<_>>();
         self.dns.set_resources(list.clone());

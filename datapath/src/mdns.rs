@@ -305,6 +305,7 @@ mod tests {
             v4: Ipv4Addr::new(100, 77, 33, 40),
             v6: Some("fd6e:7264::644d:2128".parse().unwrap()),
             tcp_ports: vec![631, 9100],
+            ipp_ports: vec![],
         }
     }
 
@@ -515,6 +516,7 @@ mod tests {
                     v4: Ipv4Addr::new(100, 77, 1, i),
                     v6: None,
                     tcp_ports: vec![631, 9100, 515],
+                    ipp_ports: vec![],
                 })
                 .collect(),
         );

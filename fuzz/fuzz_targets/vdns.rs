@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         v4: Ipv4Addr::new(100, 77, 1, 1),
         v6: None,
         tcp_ports: vec![631, 9100],
+        ipp_ports: vec![],
     };
     let mut d = VDns::new("netredir.internal").expect("zone");
     d.set_resources(vec![printer.clone()]);

@@ -55,6 +55,7 @@ use netredir_shared::endpoint::{
     AgentRequest, ConnLost, HandshakeError, HostConfig, HostEndpoint, HostEvent, HostHandshake,
     SessionEnd,
 };
+use netredir_shared::export::{App, ExportSpec};
 use netredir_shared::pairing::PairStore;
 use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
@@ -552,6 +553,17 @@ impl Vm {
         r.online = true;
         tracing::info!(vm = %self.name, name = %r.name, vip = %r.vip, vip6 = %self.engine.vip6(r.vip), target = %r.target, ports = ?r.ports, "resource exported");
         self.engine.set_named_resource(r.vip, id, &r.name, tcp, udp);
+        // The agent's target is its export's spec as written (it parses
+        // back): ports marked /ipp are where the guest finds its printer.
+        if let Ok(spec) = format!("{}={}", r.name, r.target).parse::<ExportSpec>() {
+            let ipp = spec
+                .ports
+                .iter()
+                .filter(|(p, proto)| *proto == Proto::Tcp && spec.app(*p) == Some(App::Ipp))
+                .map(|(p, _)| *p)
+                .collect();
+            self.engine.set_ipp_ports(r.vip, ipp);
+        }
         self.by_id.insert(id, idx);
     }
 
