@@ -4,7 +4,7 @@
 //! its vIPs and its agent comes back without pairing again. Needs root,
 //! iproute2 and socat (CI has them).
 
-use netredir_benches::testbed::{LAN_IP, bin, wait_until};
+use netredir_benches::testbed::{CLIENT_LAN_IP, LAN_IP, bin, wait_until};
 use netredir_benches::{Redir, job_bytes, print_job, sha256_hex};
 use netredir_shared::control::VmInfo;
 use std::io::Write;
@@ -464,4 +464,38 @@ fn one_vms_flood_does_not_stop_another_vms_print_job() {
             .is_some_and(|b| b == b"after the flood")
     })
     .unwrap();
+}
+
+#[test]
+fn a_resource_keeps_its_vip_when_renamed_and_a_namesake_gets_another() {
+    // A vIP goes with the device on its network (the agent's key), not
+    // with the name the user gave it, and the host keeps it.
+    let r = Redir::with_args("vipkey", &["--vm", "desk-k"]).unwrap();
+    r.start_agent("agent", &[&format!("printer={LAN_IP}:9100")])
+        .unwrap();
+    let vip = r.vip("printer").unwrap();
+    let stop = |name: &str| {
+        r.tb.signal(name, libc::SIGTERM).unwrap();
+        r.tb.wait_exit(name, Duration::from_secs(30)).unwrap();
+    };
+    stop("agent");
+    // Renamed by the user: the same printer keeps its address.
+    r.start_agent("agent-2", &[&format!("laser={LAN_IP}:9100")])
+        .unwrap();
+    assert_eq!(r.vip("laser").unwrap(), vip, "renamed, same vIP");
+    stop("agent-2");
+    // Another device takes that name: another address; the printer,
+    // back under its first name, gets its own again.
+    r.start_agent(
+        "agent-3",
+        &[
+            &format!("laser={CLIENT_LAN_IP}:9100"),
+            &format!("printer={LAN_IP}:9100"),
+        ],
+    )
+    .unwrap();
+    assert_ne!(r.vip("laser").unwrap(), vip, "a namesake");
+    assert_eq!(r.vip("printer").unwrap(), vip);
+    let kept = std::fs::read_to_string(r.host_state().join("vips/desk-k.json")).unwrap();
+    assert!(kept.contains(&format!("\"{vip}\"")), "{kept}");
 }

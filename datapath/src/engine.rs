@@ -835,6 +835,13 @@ impl Engine {
         }
     }
 
+    /// Forgets the resource at `vip` (it moved to another address).
+    pub fn remove_resource(&mut self, vip: Ipv4Addr) {
+        if self.resources.remove(&vip).is_some() {
+            self.update_dns();
+        }
+    }
+
     /// Forgets every resource (the agent that exported them is gone).
     pub fn clear_resources(&mut self) {
         self.resources.clear();

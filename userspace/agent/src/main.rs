@@ -27,6 +27,7 @@ use clap::Parser;
 
 mod datagrams;
 mod discover;
+mod key;
 mod relay;
 mod resolve;
 use netredir_shared::endpoint::{AgentConfig, AgentEndpoint, AgentEvent, ConnLost, Fatal};
@@ -300,6 +301,7 @@ fn run(args: Args) -> Result<()> {
             spec: spec.clone(),
             compression: overrides.get(&spec.name).copied(),
             discovered: false,
+            key: key::key(addr, &format!("host:{}", spec.host.to_lowercase())),
         });
     }
     let names = resolve::Names::new(initial, Instant::now());
@@ -780,6 +782,7 @@ impl Agent {
                         spec,
                         compression,
                         discovered: true,
+                        key: key::key(Some(i.addr), &format!("dnssd:{}", i.instance)),
                     });
                     let at = self.names.push(host, Some(i.addr), now);
                     debug_assert_eq!(at, id, "names and exports share indices");

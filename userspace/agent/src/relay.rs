@@ -18,6 +18,8 @@ pub struct Export {
     pub compression: Option<Compression>,
     /// Found on the LAN (`--discover`), not named by the user.
     pub discovered: bool,
+    /// What identifies it across runs (see the `key` module).
+    pub key: String,
 }
 
 /// The export policy: the host reaches these resources and ports, and
@@ -72,6 +74,7 @@ impl Exports {
             target: e.spec.to_string(),
             ports: e.spec.ports.clone(),
             discovered: e.discovered,
+            key: e.key.clone(),
         })
     }
 
@@ -406,11 +409,13 @@ mod tests {
                 spec: spec("printer=printer.lan:9100,631,161/udp"),
                 compression: None,
                 discovered: false,
+                key: "net:10.0.0.0/24/host:printer.lan".into(),
             },
             Export {
                 spec: spec("scanner=10.0.0.9:8080"),
                 compression: Some(Compression::Off),
                 discovered: true,
+                key: "net:10.0.0.0/24/dnssd:scanner".into(),
             },
         ])
     }
@@ -470,8 +475,10 @@ mod tests {
                 target,
                 ports,
                 discovered,
+                key,
             } => {
                 assert!(*discovered);
+                assert_eq!(key, "net:10.0.0.0/24/dnssd:scanner");
                 assert_eq!((*id, name.as_str()), (1, "scanner"));
                 assert_eq!(target, "10.0.0.9:8080");
                 assert_eq!(ports, &vec![(8080, Proto::Tcp)]);

@@ -60,7 +60,7 @@ use netredir_shared::pairing::PairStore;
 use netredir_shared::session::{Compression, SessionConfig};
 use netredir_shared::subnet::{Ipv4Subnet, Ipv6Prefix};
 use netredir_shared::tls::{Fingerprint, Identity, Tls, TlsError};
-use netredir_shared::vip;
+use netredir_shared::vip::VipTable;
 use netredir_shared::wire::{Msg, OpenError, Proto};
 use netredir_uring::{Completion, OpId, Reactor, Stream, Waker};
 use std::collections::{BTreeMap, HashMap};
@@ -164,6 +164,8 @@ pub struct Config {
     pub max_buffer: usize,
     /// How long a worker spins for its next event before it sleeps.
     pub busy_poll: Duration,
+    /// The host's state directory (each VM's vIPs are kept there).
+    pub state_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +223,8 @@ struct Conn {
 
 struct Resource {
     name: String,
+    /// What identifies it (the agent's key): its vIP is kept by it.
+    key: String,
     target: String,
     /// Found by the agent's `--discover`, not named by its user.
     discovered: bool,
@@ -249,6 +253,8 @@ struct Vm {
     /// Its side of the tunnel: the session and the connection carrying it.
     ep: HostEndpoint,
     resources: Vec<Resource>,
+    /// Each resource's vIP by its key, kept across restarts.
+    vips: VipTable,
     by_id: HashMap<u32, usize>,
     pending_frames: Vec<Vec<u8>>,
     /// This VM's own counters (the daemon's are shared by the workers).
@@ -515,6 +521,7 @@ impl Vm {
         target: String,
         ports: Vec<(u16, Proto)>,
         discovered: bool,
+        key: String,
     ) {
         let pick = |proto: Proto| -> Vec<u16> {
             ports
@@ -524,17 +531,47 @@ impl Vm {
                 .collect()
         };
         let (tcp, udp) = (pick(Proto::Tcp), pick(Proto::Udp));
-        let idx = match self.resources.iter().position(|r| r.name == name) {
-            Some(i) => i,
+        // An agent of an earlier version sends no key: the name is it.
+        let key = if key.is_empty() { name.clone() } else { key };
+        // The same resource under another name (renamed) is found by its
+        // key; another resource under the same name takes over its row.
+        let idx = self
+            .resources
+            .iter()
+            .position(|r| r.key == key)
+            .or_else(|| self.resources.iter().position(|r| r.name == name));
+        let subnet = self.subnet;
+        let taken = |ip: Ipv4Addr| {
+            self.resources
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.vip == ip && Some(i) != idx)
+        };
+        let Some((vip, changed)) = self.vips.assign(&subnet, &key, &name, taken) else {
+            tracing::warn!(vm = %self.name, %name, "no free vIP left in {subnet}; export ignored");
+            return;
+        };
+        if changed && let Err(e) = self.vips.save() {
+            tracing::warn!(vm = %self.name, %name, %vip, "cannot keep the vIP in the state directory ({e}): it may change at the next start");
+        }
+        let idx = match idx {
+            Some(i) => {
+                let r = &mut self.resources[i];
+                if r.vip != vip {
+                    self.engine.remove_resource(r.vip);
+                    r.vip = vip;
+                }
+                if r.name != name {
+                    tracing::info!(vm = %self.name, old = %r.name, new = %name, %vip, "resource renamed; its vIP stays");
+                    r.name = name.clone();
+                }
+                r.key = key;
+                i
+            }
             None => {
-                let subnet = self.subnet;
-                let taken = |ip: Ipv4Addr| self.resources.iter().any(|r| r.vip == ip);
-                let Some(vip) = vip::allocate(&subnet, &name, taken) else {
-                    tracing::warn!(vm = %self.name, %name, "no free vIP left in {subnet}; export ignored");
-                    return;
-                };
                 self.resources.push(Resource {
                     name: name.clone(),
+                    key,
                     target: String::new(),
                     discovered,
                     ports: Vec::new(),
@@ -964,6 +1001,10 @@ impl Loop {
         ecfg.seed = random_u64();
         ecfg.dhcp = s.dedicated;
         ecfg.zone = cfg.zone.clone();
+        let vips = VipTable::load(&cfg.state_dir, &s.name).unwrap_or_else(|e| {
+            tracing::warn!(vm = %s.name, "cannot read the VM's vIPs ({e}); they are allocated anew");
+            VipTable::default()
+        });
         let op = self.reactor.poll_in(s.port.fd(), Tag::Port(id));
         let vm = Vm {
             name: s.name,
@@ -989,6 +1030,7 @@ impl Loop {
                 now,
             ),
             resources: Vec::new(),
+            vips,
             by_id: HashMap::new(),
             pending_frames: Vec::new(),
             counters: VmCounters::default(),
@@ -1499,8 +1541,9 @@ impl Loop {
                         target,
                         ports,
                         discovered,
+                        key,
                     } => {
-                        vm.export(id, name, target, ports, discovered);
+                        vm.export(id, name, target, ports, discovered, key);
                         Ok(())
                     }
                     Msg::OpenOk { flow } => vm.engine.open_ok(flow, now),

@@ -293,6 +293,7 @@ fn run(args: Args) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         heartbeat: Duration::from_secs(args.heartbeat),
         replay_limit: 8 * 1024 * 1024,
+        state_dir: args.state_dir.clone(),
         zone: args.zone.clone(),
         max_flows: args.max_flows,
         new_flows_per_sec: args.new_flows_per_sec,

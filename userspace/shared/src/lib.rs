@@ -12,7 +12,8 @@
 //! - [`export`]: parsing `--export NAME=HOST:PORT` as the agent takes it.
 //! - [`http_rewrite`]: per-flow HTTP/IPP rewriting at the agent, so a printer
 //!   that checks `Host` accepts the guest's virtual name.
-//! - [`vip`]: the one function that turns a resource name into its vIP.
+//! - [`vip`]: the one place that turns a resource's key into its vIP, and
+//!   each VM's vIPs as the host keeps them.
 //! - [`control`]: the control API's requests and answers (line-delimited
 //!   JSON on a unix socket) and a small blocking client for it.
 //! - [`subnet`]: IPv4 prefixes as the daemons take them on the command line.

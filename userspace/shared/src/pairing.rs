@@ -65,7 +65,7 @@ const MAX_PLAIN_NAME: usize = 200;
 /// (letters, digits, `.`, `_`, `-`, not starting with `.`), else `%XX`
 /// escapes, so that any libvirt domain name maps to one file; a name too
 /// long for a file name becomes `~<sha256>.json` (its entries say which VM).
-fn file_for(vm: &str) -> String {
+pub(crate) fn file_for(vm: &str) -> String {
     let mut out = String::new();
     for (i, b) in vm.bytes().enumerate() {
         let safe = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0);

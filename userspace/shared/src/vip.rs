@@ -1,14 +1,23 @@
 //! Virtual IPs: the one place that decides which address a resource gets.
 //!
-//! For now a vIP is a hash of the resource name into the subnet's host
-//! range, probing forward on collision, so the same name on the same subnet
-//! gets the same address on every run and every host. The low /24-sized
-//! block (`.0.0`-`.0.255` of a /16) is kept for the engine itself (gateway,
-//! DNS, DHCP pool) and never handed out; in smaller subnets the vDNS and
-//! DHCP pool offsets are skipped one by one.
+//! A vIP is a hash of the resource's key into the subnet's host range,
+//! probing forward on collision. The key is what identifies the resource
+//! itself, not what it is called: the agent derives it from the client
+//! network it is on and the device (see the agent's `key` module), so the
+//! same printer on the same network gets the same address on every run
+//! and every host, and another printer with the same name elsewhere gets
+//! another. Each VM's allocations are kept on the host ([`VipTable`]), so
+//! an address, once given, stays with its resource whatever else comes
+//! and goes. The low /24-sized block (`.0.0`-`.0.255` of a /16) is kept
+//! for the engine itself (gateway, DNS, DHCP pool) and never handed out;
+//! in smaller subnets the vDNS and DHCP pool offsets are skipped one by
+//! one.
 
 use crate::subnet::Ipv4Subnet;
+use serde::{Deserialize, Serialize};
+use std::io;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 /// Addresses at the start of the subnet kept for infrastructure.
 pub fn reserved(subnet: &Ipv4Subnet) -> u32 {
@@ -44,6 +53,95 @@ pub fn allocate(
         .find(|ip| !taken(*ip))
 }
 
+/// One resource's address as the host keeps it for a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipEntry {
+    /// What identifies the resource (the agent's key for it).
+    pub key: String,
+    /// The name it was last exported under (for the operator reading the file).
+    pub name: String,
+    /// Its address.
+    pub vip: Ipv4Addr,
+}
+
+/// One VM's vIPs, kept in the host's state directory
+/// (`vips/<vm>.json`) so that they survive restarts of both daemons.
+#[derive(Debug, Default)]
+pub struct VipTable {
+    path: Option<PathBuf>,
+    entries: Vec<VipEntry>,
+}
+
+impl VipTable {
+    /// VM `vm`'s table under `state_dir` (empty when there is none yet).
+    pub fn load(state_dir: &Path, vm: &str) -> io::Result<Self> {
+        let path = state_dir.join("vips").join(crate::pairing::file_for(vm));
+        let entries = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path: Some(path),
+            entries,
+        })
+    }
+
+    /// The address of the resource `key` (exported as `name`) in
+    /// `subnet`: the one it had, if that is still in the subnet and not
+    /// `taken` by another; else a new one, kept. Whether the table
+    /// changed comes with it (save it then). None: the subnet is full.
+    pub fn assign(
+        &mut self,
+        subnet: &Ipv4Subnet,
+        key: &str,
+        name: &str,
+        taken: impl Fn(Ipv4Addr) -> bool,
+    ) -> Option<(Ipv4Addr, bool)> {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.key == key)
+            && subnet.contains(e.vip)
+            && !taken(e.vip)
+        {
+            let renamed = e.name != name;
+            e.name = name.to_string();
+            return Some((e.vip, renamed));
+        }
+        // A new address: not one another resource of this VM holds,
+        // even while it is offline.
+        let held = |ip: Ipv4Addr| self.entries.iter().any(|e| e.vip == ip && e.key != key);
+        let vip = allocate(subnet, key, |ip| taken(ip) || held(ip))?;
+        self.entries.retain(|e| e.key != key);
+        self.entries.push(VipEntry {
+            key: key.to_string(),
+            name: name.to_string(),
+            vip,
+        });
+        Some((vip, true))
+    }
+
+    /// Writes the table to its file (atomically, through a temp file).
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::to_vec_pretty(&self.entries).map_err(io::Error::other)?;
+        crate::tls::write_private(path, &json)
+    }
+
+    /// The entries, oldest first.
+    pub fn entries(&self) -> &[VipEntry] {
+        &self.entries
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -63,6 +161,49 @@ mod tests {
         assert_ne!(a, allocate(&s, "scanner", |_| false).unwrap());
         assert!(s.contains(a));
         assert!(u32::from(a) - u32::from(s.network()) >= reserved(&s));
+    }
+
+    #[test]
+    fn a_resource_keeps_its_address_across_restarts_and_renames() {
+        let dir = std::env::temp_dir().join(format!("netredir-vips-{}", std::process::id()));
+        let s: Ipv4Subnet = "100.77.0.0/16".parse().unwrap();
+        let mut t = VipTable::load(&dir, "desk-1").unwrap();
+        let (a, changed) = t
+            .assign(&s, "net-1/host:10.0.0.5", "printer", |_| false)
+            .unwrap();
+        assert!(changed);
+        // Another printer whose key hashes where the first one is: the
+        // first keeps its address, the other probes on.
+        let (b, _) = t
+            .assign(&s, "net-2/host:10.0.0.5", "printer", |ip| ip == a)
+            .unwrap();
+        assert_ne!(a, b, "the same name on another network");
+        t.save().unwrap();
+        let mut again = VipTable::load(&dir, "desk-1").unwrap();
+        assert_eq!(again.entries(), t.entries());
+        // Renamed, and the address of an offline resource is not given
+        // to a newcomer.
+        assert_eq!(
+            again.assign(&s, "net-1/host:10.0.0.5", "laser", |_| false),
+            Some((a, true))
+        );
+        let c = allocate(&s, "newcomer", |_| false).unwrap();
+        let (d, _) = again.assign(&s, "newcomer", "x", |_| false).unwrap();
+        assert_eq!(c, d);
+        for e in again.entries() {
+            if e.key != "newcomer" {
+                assert_ne!(e.vip, d);
+            }
+        }
+        // Another VM has a table of its own.
+        assert!(VipTable::load(&dir, "desk-2").unwrap().entries().is_empty());
+        // Moved out of the subnet (the VM's subnet changed): a new address.
+        let small: Ipv4Subnet = "10.9.8.0/24".parse().unwrap();
+        let (e, changed) = again
+            .assign(&small, "net-1/host:10.0.0.5", "laser", |_| false)
+            .unwrap();
+        assert!(changed && small.contains(e));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

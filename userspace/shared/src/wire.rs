@@ -84,6 +84,9 @@ pub enum Msg {
         /// Found on the client's LAN (`--discover`), not named by the
         /// user: `map list` says so.
         discovered: bool,
+        /// What identifies the resource (its client network and the
+        /// device), whatever it is called: the host keeps its vIP by it.
+        key: String,
     },
     /// Host → agent: the guest wants a connection to `resource:port`.
     Open {
@@ -234,9 +237,10 @@ impl fmt::Debug for Msg {
                 target,
                 ports,
                 discovered,
+                key,
             } => write!(
                 f,
-                "Export({id}, {name:?}, {target:?}, {ports:?}{})",
+                "Export({id}, {name:?}, {target:?}, {ports:?}, key {key:?}{})",
                 if *discovered { ", discovered" } else { "" }
             ),
             Msg::Open {
@@ -423,6 +427,7 @@ impl Msg {
                 target,
                 ports,
                 discovered,
+                key,
             } => {
                 out.extend_from_slice(&id.to_be_bytes());
                 put_str(out, name);
@@ -437,6 +442,7 @@ impl Msg {
                     });
                 }
                 out.push(u8::from(*discovered));
+                put_str(out, key);
             }
             Msg::Open {
                 flow,
@@ -550,12 +556,14 @@ impl Msg {
                     1 => true,
                     _ => return Err(WireError::BadField(k, "discovered")),
                 };
+                let key = r.str()?;
                 Msg::Export {
                     id,
                     name,
                     target,
                     ports,
                     discovered,
+                    key,
                 }
             }
             kind::OPEN => Msg::Open {
@@ -831,6 +839,7 @@ mod tests {
                 target: "10.0.0.5:9100".into(),
                 ports: vec![(9100, Proto::Tcp), (161, Proto::Udp)],
                 discovered: false,
+                key: "gw:02:00:00:00:00:01/host:10.0.0.5".into(),
             },
             Msg::Export {
                 id: 8,
@@ -838,6 +847,7 @@ mod tests {
                 target: "10.0.0.6:631/ipp".into(),
                 ports: vec![(631, Proto::Tcp)],
                 discovered: true,
+                key: String::new(),
             },
             Msg::Open {
                 flow: 1,
@@ -983,9 +993,10 @@ mod tests {
                 "\\PC{0,30}",
                 "\\PC{0,30}",
                 proptest::collection::vec((any::<u16>(), any::<bool>()), 0..8),
-                any::<bool>()
+                any::<bool>(),
+                "\\PC{0,30}",
             )
-                .prop_map(|(id, name, target, ports, discovered)| Msg::Export {
+                .prop_map(|(id, name, target, ports, discovered, key)| Msg::Export {
                     id,
                     name,
                     target,
@@ -994,6 +1005,7 @@ mod tests {
                         .map(|(p, u)| (p, if u { Proto::Udp } else { Proto::Tcp }))
                         .collect(),
                     discovered,
+                    key,
                 }),
             (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(flow, resource, port)| {
                 Msg::Open {
