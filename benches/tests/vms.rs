@@ -498,4 +498,60 @@ fn a_resource_keeps_its_vip_when_renamed_and_a_namesake_gets_another() {
     assert_eq!(r.vip("printer").unwrap(), vip);
     let kept = std::fs::read_to_string(r.host_state().join("vips/desk-k.json")).unwrap();
     assert!(kept.contains(&format!("\"{vip}\"")), "{kept}");
+
+    // An operator pins the printer where a configuration names it and
+    // renames it for the guest; both hold across a daemon restart.
+    let (ok, out, err) = ctl(&r, &["map", "pin", "printer", "100.77.9.9"]);
+    assert!(ok && out.contains("export, pinned"), "{out}{err}");
+    let (ok, _, err) = ctl(&r, &["map", "pin", "laser", "100.77.9.9"]);
+    assert!(!ok && err.contains("another resource's"), "{err}");
+    let (ok, _, err) = ctl(&r, &["map", "rename", "printer", "office"]);
+    assert!(ok, "{err}");
+    let pinned: std::net::Ipv4Addr = "100.77.9.9".parse().unwrap();
+    assert_eq!(r.vip("office").unwrap(), pinned);
+    let (_, dig) = {
+        let out =
+            r.tb.vm
+                .run(
+                    "dig",
+                    &["@100.77.0.53", "+short", "office.netredir.internal"],
+                )
+                .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(
+        dig.trim(),
+        "100.77.9.9",
+        "the guest finds it by its new name"
+    );
+    let (ok, _, err) = ctl(&r, &["map", "remove", "office"]);
+    assert!(!ok && err.contains("exported by the agent now"), "{err}");
+    r.tb.signal("netredird", libc::SIGTERM).unwrap();
+    r.tb.wait_exit("netredird", Duration::from_secs(30))
+        .unwrap();
+    r.restart_daemon("netredird-2", &["--vm", "desk-k"])
+        .unwrap();
+    wait_until("the agent to come back", Duration::from_secs(30), || {
+        r.map()
+            .is_ok_and(|m| m.iter().any(|e| e.name == "office" && e.state == "online"))
+    })
+    .unwrap();
+    assert_eq!(r.vip("office").unwrap(), pinned);
+    // The agent gone, a resource it no longer exports is forgotten.
+    stop("agent-3");
+    wait_until("its resources offline", Duration::from_secs(30), || {
+        r.map()
+            .is_ok_and(|m| m.iter().all(|e| e.state == "offline"))
+    })
+    .unwrap();
+    let (ok, out, err) = ctl(&r, &["map", "remove", "laser"]);
+    assert!(
+        ok && !out.contains("laser") && out.contains("office"),
+        "{out}{err}"
+    );
+    let kept = std::fs::read_to_string(r.host_state().join("vips/desk-k.json")).unwrap();
+    assert!(!kept.contains(&format!("host:{CLIENT_LAN_IP}")), "{kept}");
 }

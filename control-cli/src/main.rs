@@ -6,7 +6,7 @@ mod hook;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use netredir_shared::control::{
-    AttachSpec, DEFAULT_CONTROL_PATH, MapEntry, Request, Response, request,
+    AttachSpec, DEFAULT_CONTROL_PATH, MapEdit, MapEntry, Request, Response, request,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -164,6 +164,37 @@ enum MapCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a resource at a vIP (default: the one it has), whatever else
+    /// comes and goes: for configurations that name the address.
+    Pin {
+        /// The resource, as `map list` names it.
+        name: String,
+        /// The address, in the VM's subnet.
+        vip: Option<String>,
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+    },
+    /// Give a resource another name in the guest (DNS and mDNS), whatever
+    /// the agent calls it; kept across restarts.
+    Rename {
+        /// Its name now.
+        name: String,
+        /// Its new name (a DNS label).
+        new: String,
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+    },
+    /// Forget a resource the agent no longer exports: its row and its
+    /// kept vIP.
+    Remove {
+        /// The resource.
+        name: String,
+        /// The VM (needed when several are attached).
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+    },
 }
 
 fn main() {
@@ -265,6 +296,34 @@ fn run(args: Args) -> Result<()> {
             } else {
                 print!("{}", table(&entries));
             }
+        }
+        Cmd::Map { cmd } => {
+            let (vm, edit) = match cmd {
+                MapCmd::List { .. } => unreachable!("handled above"),
+                MapCmd::Pin { name, vip, vm } => (
+                    vm,
+                    MapEdit::Pin {
+                        name: name.clone(),
+                        vip: vip.clone(),
+                    },
+                ),
+                MapCmd::Rename { name, new, vm } => (
+                    vm,
+                    MapEdit::Rename {
+                        name: name.clone(),
+                        new: new.clone(),
+                    },
+                ),
+                MapCmd::Remove { name, vm } => (vm, MapEdit::Remove { name: name.clone() }),
+            };
+            let req = Request::MapEdit {
+                vm: vm.clone(),
+                edit,
+            };
+            let Response::Map { entries } = ask(&args, req)? else {
+                bail!("netredird answered map with something else");
+            };
+            print!("{}", table(&entries));
         }
         Cmd::Status { vm, json } => {
             let Response::Status(st) = ask(&args, Request::Status { vm: vm.clone() })? else {
@@ -556,7 +615,11 @@ fn table(entries: &[MapEntry]) -> String {
                 printable(&e.target),
                 ports.join(","),
                 e.state.clone(),
-                e.source.clone(),
+                if e.pinned {
+                    format!("{}, pinned", e.source)
+                } else {
+                    e.source.clone()
+                },
             ]
         })
         .collect();
@@ -608,6 +671,8 @@ mod tests {
             ports: vec![9100],
             state: "online".into(),
             source: "export".into(),
+            key: String::new(),
+            pinned: false,
         }]);
         assert!(!t.contains('\u{1b}') && !t.contains('\r'), "{t:?}");
     }
@@ -622,6 +687,8 @@ mod tests {
             ports: vec![9100],
             state: "online".into(),
             source: "export".into(),
+            key: String::new(),
+            pinned: false,
         }]);
         assert_eq!(
             t,

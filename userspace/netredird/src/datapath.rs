@@ -49,7 +49,7 @@ use netredir_datapath::engine::{Engine, EngineConfig, Event, Refusal};
 use netredir_datapath::port::Port;
 use netredir_datapath::steer::VmSteer;
 use netredir_shared::control::{
-    FlowReport, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
+    FlowReport, MapEdit, MapEntry, Response, SessionReport, Stats, Status, VmInfo,
 };
 use netredir_shared::endpoint::{
     AgentRequest, ConnLost, HandshakeError, HostConfig, HostEndpoint, HostEvent, HostHandshake,
@@ -76,6 +76,8 @@ use std::time::{Duration, Instant};
 pub enum Request {
     /// Answer with `Response::Map`.
     MapList(Option<String>, Sender<Response>),
+    /// Answer with `Response::Map` after the edit (or an error).
+    MapEdit(Option<String>, MapEdit, Sender<Response>),
     /// Answer with `Response::Status`.
     Status(Option<String>, Sender<Response>),
     /// Answer with `Response::Stats`.
@@ -222,7 +224,12 @@ struct Conn {
 }
 
 struct Resource {
+    /// The name the guest finds it by (the agent's, or an operator's).
     name: String,
+    /// The name the agent exports it under.
+    agent_name: String,
+    /// The agent's id for it in the current session.
+    id: u32,
     /// What identifies it (the agent's key): its vIP is kept by it.
     key: String,
     target: String,
@@ -533,6 +540,13 @@ impl Vm {
         let (tcp, udp) = (pick(Proto::Tcp), pick(Proto::Udp));
         // An agent of an earlier version sends no key: the name is it.
         let key = if key.is_empty() { name.clone() } else { key };
+        let agent_name = name;
+        // The guest finds it by the name an operator gave it, if one did.
+        let name = self
+            .vips
+            .get(&key)
+            .and_then(|e| e.alias.clone())
+            .unwrap_or_else(|| agent_name.clone());
         // The same resource under another name (renamed) is found by its
         // key; another resource under the same name takes over its row.
         let idx = self
@@ -547,7 +561,7 @@ impl Vm {
                 .enumerate()
                 .any(|(i, r)| r.vip == ip && Some(i) != idx)
         };
-        let Some((vip, changed)) = self.vips.assign(&subnet, &key, &name, taken) else {
+        let Some((vip, changed)) = self.vips.assign(&subnet, &key, &agent_name, taken) else {
             tracing::warn!(vm = %self.name, %name, "no free vIP left in {subnet}; export ignored");
             return;
         };
@@ -566,11 +580,15 @@ impl Vm {
                     r.name = name.clone();
                 }
                 r.key = key;
+                r.agent_name = agent_name;
+                r.id = id;
                 i
             }
             None => {
                 self.resources.push(Resource {
                     name: name.clone(),
+                    agent_name,
+                    id,
                     key,
                     target: String::new(),
                     discovered,
@@ -602,6 +620,107 @@ impl Vm {
             self.engine.set_ipp_ports(r.vip, ipp);
         }
         self.by_id.insert(id, idx);
+    }
+
+    /// An operator's change to a row of `map list` (see [`MapEdit`]).
+    fn edit(&mut self, edit: MapEdit) -> Result<(), String> {
+        let name = match &edit {
+            MapEdit::Pin { name, .. } | MapEdit::Rename { name, .. } | MapEdit::Remove { name } => {
+                name.clone()
+            }
+        };
+        let idx = self
+            .resources
+            .iter()
+            .position(|r| r.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "no resource {name:?} on VM {} (see `netredirctl map list`)",
+                    self.name
+                )
+            })?;
+        let key = self.resources[idx].key.clone();
+        let others = |ip: Ipv4Addr, rs: &[Resource]| {
+            rs.iter().enumerate().any(|(i, r)| i != idx && r.vip == ip)
+        };
+        match edit {
+            MapEdit::Pin { vip, .. } => {
+                let want = match vip {
+                    Some(v) => Some(
+                        v.parse::<Ipv4Addr>()
+                            .map_err(|_| format!("{v:?} is not an IPv4 address"))?,
+                    ),
+                    None => Some(self.resources[idx].vip),
+                };
+                let agent_name = self.resources[idx].agent_name.clone();
+                let subnet = self.subnet;
+                let rs = &self.resources;
+                self.vips
+                    .pin(&subnet, &key, &agent_name, want, |ip| others(ip, rs))?;
+            }
+            MapEdit::Rename { new, .. } => {
+                let new = new.trim().to_ascii_lowercase();
+                let label = (1..=63).contains(&new.len())
+                    && !new.starts_with('-')
+                    && !new.ends_with('-')
+                    && new.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if !label {
+                    return Err(format!(
+                        "{new:?}: a name is 1-63 letters, digits or '-', not starting or ending with '-'"
+                    ));
+                }
+                if self
+                    .resources
+                    .iter()
+                    .enumerate()
+                    .any(|(i, r)| i != idx && r.name == new)
+                {
+                    return Err(format!("another resource is called {new}"));
+                }
+                self.vips.rename(&key, &new)?;
+            }
+            MapEdit::Remove { .. } => {
+                if self.resources[idx].online {
+                    return Err(format!(
+                        "{name} is exported by the agent now: stop exporting it there first (remove its --export, or leave it out with --discover-deny)"
+                    ));
+                }
+                self.vips.remove(&key);
+                self.resources.remove(idx);
+                self.by_id.retain(|_, i| *i != idx);
+                for i in self.by_id.values_mut() {
+                    if *i > idx {
+                        *i -= 1;
+                    }
+                }
+                self.vips
+                    .save()
+                    .map_err(|e| format!("cannot save the VM's vIPs: {e}"))?;
+                return Ok(());
+            }
+        }
+        self.vips
+            .save()
+            .map_err(|e| format!("cannot save the VM's vIPs: {e}"))?;
+        // Apply it: an online row is exported again (the engine's address
+        // and names follow); an offline one takes it when it comes back.
+        let r = &self.resources[idx];
+        if r.online {
+            let mut ports: Vec<(u16, Proto)> = r.ports.iter().map(|p| (*p, Proto::Tcp)).collect();
+            ports.extend(r.udp_ports.iter().map(|p| (*p, Proto::Udp)));
+            let (id, agent_name, target, discovered) =
+                (r.id, r.agent_name.clone(), r.target.clone(), r.discovered);
+            self.export(id, agent_name, target, ports, discovered, key);
+        } else if let Some(e) = self.vips.get(&key) {
+            let (vip, alias) = (e.vip, e.alias.clone());
+            let r = &mut self.resources[idx];
+            r.vip = vip;
+            if let Some(a) = alias {
+                r.name = a;
+            }
+        }
+        self.dirty = true;
+        Ok(())
     }
 
     /// Engine events → session messages, while the replay buffer has room.
@@ -705,6 +824,8 @@ impl Vm {
                 ports: r.ports.clone(),
                 state: if r.online { "online" } else { "offline" }.into(),
                 source: if r.discovered { "discovered" } else { "export" }.into(),
+                key: r.key.clone(),
+                pinned: self.vips.get(&r.key).is_some_and(|e| e.pinned),
             })
             .collect()
     }
@@ -907,6 +1028,21 @@ impl Loop {
                     Ok(id) => Response::Map {
                         entries: self.vms[&id].map_entries(),
                     },
+                    Err(e) => error(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::MapEdit(vm, edit, reply) => {
+                let r = match self.resolve(vm.as_deref()) {
+                    Ok(id) => {
+                        let v = self.vms.get_mut(&id).expect("resolved");
+                        match v.edit(edit) {
+                            Ok(()) => Response::Map {
+                                entries: v.map_entries(),
+                            },
+                            Err(e) => error(e),
+                        }
+                    }
                     Err(e) => error(e),
                 };
                 let _ = reply.send(r);

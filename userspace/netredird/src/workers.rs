@@ -237,6 +237,10 @@ impl Workers {
         };
         match req {
             Ctl::MapList { vm } => on_vm(vm, Request::MapList),
+            Ctl::MapEdit { vm, edit } => match self.registry.resolve(vm.as_deref()) {
+                Ok((name, e)) => self.ask(e.worker, |tx| Request::MapEdit(Some(name), edit, tx)),
+                Err(why) => error(why),
+            },
             Ctl::Status { vm } => on_vm(vm, Request::Status),
             Ctl::Stats { vm } => on_vm(vm, Request::Stats),
             Ctl::VmDetach { name } => match self.registry.get(&name) {

@@ -21,6 +21,16 @@ pub enum Request {
         #[serde(default)]
         vm: Option<String>,
     },
+    /// Changes a resource's row: its vIP pinned, its name for the guest,
+    /// or the row of one no longer exported forgotten; answered with the
+    /// table as it is then.
+    MapEdit {
+        /// The VM (optional when one is attached).
+        #[serde(default)]
+        vm: Option<String>,
+        /// What to change.
+        edit: MapEdit,
+    },
     /// A VM's session state and counters.
     Status {
         /// The VM (optional when one is attached).
@@ -60,6 +70,34 @@ pub enum Request {
         vm: Option<String>,
         /// The agent's key fingerprint, hex, or a unique prefix of it.
         key: String,
+    },
+}
+
+/// A change to one resource of `map list`, named by its name there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MapEdit {
+    /// Keep the resource at `vip` (default: where it is now), whatever
+    /// else comes: an operator's configuration may name the address.
+    Pin {
+        /// The resource.
+        name: String,
+        /// The address, inside the VM's subnet.
+        #[serde(default)]
+        vip: Option<String>,
+    },
+    /// The guest finds the resource as `new` (its DNS and mDNS name),
+    /// whatever the agent calls it.
+    Rename {
+        /// The resource.
+        name: String,
+        /// Its new name: a DNS label.
+        new: String,
+    },
+    /// Forget a resource no longer exported: its row and its kept vIP.
+    Remove {
+        /// The resource.
+        name: String,
     },
 }
 
@@ -210,6 +248,13 @@ pub struct MapEntry {
     /// agent found it on its LAN with `--discover`).
     #[serde(default = "export_source")]
     pub source: String,
+    /// What identifies it (its client network and the device): its vIP
+    /// is kept by it.
+    #[serde(default)]
+    pub key: String,
+    /// Its vIP was pinned by an operator (`map pin`).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// What an entry from a daemon without `source` was.
@@ -383,6 +428,8 @@ mod tests {
                 ports: vec![9100],
                 state: "online".into(),
                 source: "discovered".into(),
+                key: "net:10.0.0.0/24/dnssd:p".into(),
+                pinned: true,
             }],
         };
         let s = serde_json::to_string(&r).unwrap();

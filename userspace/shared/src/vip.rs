@@ -62,6 +62,13 @@ pub struct VipEntry {
     pub name: String,
     /// Its address.
     pub vip: Ipv4Addr,
+    /// An operator chose the address (`map pin`).
+    #[serde(default)]
+    pub pinned: bool,
+    /// The name the guest finds it by, if an operator renamed it
+    /// (`map rename`); else the agent's.
+    #[serde(default)]
+    pub alias: Option<String>,
 }
 
 /// One VM's vIPs, kept in the host's state directory
@@ -115,13 +122,88 @@ impl VipTable {
         // even while it is offline.
         let held = |ip: Ipv4Addr| self.entries.iter().any(|e| e.vip == ip && e.key != key);
         let vip = allocate(subnet, key, |ip| taken(ip) || held(ip))?;
+        let alias = self
+            .entries
+            .iter()
+            .find(|e| e.key == key)
+            .and_then(|e| e.alias.clone());
         self.entries.retain(|e| e.key != key);
         self.entries.push(VipEntry {
             key: key.to_string(),
             name: name.to_string(),
             vip,
+            pinned: false,
+            alias,
         });
         Some((vip, true))
+    }
+
+    /// The kept entry of `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&VipEntry> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+
+    /// Pins the resource `key` (named `name`) at `vip`, or where it is
+    /// (None); `taken` says which addresses other resources have.
+    pub fn pin(
+        &mut self,
+        subnet: &Ipv4Subnet,
+        key: &str,
+        name: &str,
+        vip: Option<Ipv4Addr>,
+        taken: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Ipv4Addr, String> {
+        let vip = match vip {
+            Some(ip) => {
+                if !subnet.contains(ip) {
+                    return Err(format!("{ip} is not in the VM's subnet {subnet}"));
+                }
+                let off = u32::from(ip) - u32::from(subnet.network());
+                if !usable(subnet, off) {
+                    return Err(format!(
+                        "{ip} is kept for the engine (gateway, vDNS, DHCP pool) or is the broadcast address"
+                    ));
+                }
+                if taken(ip) || self.entries.iter().any(|e| e.vip == ip && e.key != key) {
+                    return Err(format!("{ip} is another resource's"));
+                }
+                ip
+            }
+            None => self
+                .get(key)
+                .map(|e| e.vip)
+                .ok_or_else(|| format!("{name} has no vIP yet"))?,
+        };
+        match self.entries.iter_mut().find(|e| e.key == key) {
+            Some(e) => {
+                e.vip = vip;
+                e.pinned = true;
+            }
+            None => self.entries.push(VipEntry {
+                key: key.to_string(),
+                name: name.to_string(),
+                vip,
+                pinned: true,
+                alias: None,
+            }),
+        }
+        Ok(vip)
+    }
+
+    /// The guest finds the resource `key` as `alias` from now on.
+    pub fn rename(&mut self, key: &str, alias: &str) -> Result<(), String> {
+        let e = self
+            .entries
+            .iter_mut()
+            .find(|e| e.key == key)
+            .ok_or("no such resource")?;
+        e.alias = Some(alias.to_string());
+        Ok(())
+    }
+
+    /// Forgets the resource `key` (its address may go to another).
+    pub fn remove(&mut self, key: &str) {
+        self.entries.retain(|e| e.key != key);
     }
 
     /// Writes the table to its file (atomically, through a temp file).
@@ -197,6 +279,39 @@ mod tests {
         }
         // Another VM has a table of its own.
         assert!(VipTable::load(&dir, "desk-2").unwrap().entries().is_empty());
+        // Pinned elsewhere and renamed: kept so, across a reload.
+        let want = Ipv4Addr::new(100, 77, 9, 9);
+        assert_eq!(
+            again.pin(&s, "net-1/host:10.0.0.5", "laser", Some(want), |_| false),
+            Ok(want)
+        );
+        assert!(
+            again
+                .pin(&s, "net-2/host:10.0.0.5", "printer", Some(want), |_| false)
+                .is_err(),
+            "another's"
+        );
+        assert!(
+            again
+                .pin(&s, "k", "x", Some(Ipv4Addr::new(100, 77, 0, 53)), |_| false)
+                .is_err()
+        );
+        assert!(
+            again
+                .pin(&s, "k", "x", Some(Ipv4Addr::new(10, 0, 0, 1)), |_| false)
+                .is_err()
+        );
+        again.rename("net-1/host:10.0.0.5", "office").unwrap();
+        again.save().unwrap();
+        let mut third = VipTable::load(&dir, "desk-1").unwrap();
+        assert_eq!(
+            third.assign(&s, "net-1/host:10.0.0.5", "laser", |_| false),
+            Some((want, false))
+        );
+        let e = third.get("net-1/host:10.0.0.5").unwrap();
+        assert!(e.pinned && e.alias.as_deref() == Some("office"));
+        third.remove("net-1/host:10.0.0.5");
+        assert!(third.get("net-1/host:10.0.0.5").is_none());
         // Moved out of the subnet (the VM's subnet changed): a new address.
         let small: Ipv4Subnet = "10.9.8.0/24".parse().unwrap();
         let (e, changed) = again
