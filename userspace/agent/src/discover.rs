@@ -6,9 +6,16 @@
 //! the agent browses the printer and scanner service types, and each
 //! resolved instance is merged into one device per address, with the
 //! ports its services offer (IPP marked so the agent rewrites its `Host`,
-//! eSCL as HTTP). The loop takes what was found with [`Discovery::poll`];
-//! the browsing thread wakes it. What is decided here (names, ports,
-//! policy) is plain functions, tested without a network.
+//! eSCL as HTTP). SNMP, as CUPS's snmp backend does it, for printers
+//! that do not announce themselves: a GET of `hrDeviceType.1`,
+//! `sysName.0` and `prtGeneralSerialNumber.1` (community `public`) to the
+//! broadcast address of each LAN this machine is on, at start and every
+//! [`SNMP_EVERY`]; a device answering "printer" is exported with raw
+//! printing (9100), SNMP (161/udp), and IPP (631) and LPD (515) if they
+//! accept a connection. Answers are parsed by the `snmp2` crate. The loop
+//! takes what was found with [`Discovery::poll`]; the threads wake it.
+//! What is decided here (names, ports, policy) is plain functions, tested
+//! without a network.
 
 use netredir_shared::export::{App, ExportSpec, default_app};
 use netredir_shared::wire::Proto;
@@ -18,6 +25,18 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+/// How often the LANs are asked again by SNMP.
+pub const SNMP_EVERY: Duration = Duration::from_secs(300);
+/// How long answers to one SNMP broadcast are collected.
+const SNMP_WAIT: Duration = Duration::from_secs(2);
+/// `hrDeviceType.1`, `sysName.0`, `prtGeneralSerialNumber.1`.
+const OID_DEVICE_TYPE: &[u32] = &[1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 2, 1];
+const OID_SYS_NAME: &[u32] = &[1, 3, 6, 1, 2, 1, 1, 5, 0];
+const OID_SERIAL: &[u32] = &[1, 3, 6, 1, 2, 1, 43, 5, 1, 1, 17, 1];
+/// `hrDevicePrinter`: what a printer's first device is.
+const HR_DEVICE_PRINTER: &str = "1.3.6.1.2.1.25.3.1.5";
 
 /// What `--discover` looks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -145,8 +164,13 @@ pub struct Instance {
     pub addr: IpAddr,
     /// Its port.
     pub port: u16,
+    /// TCP, or UDP (SNMP's 161).
+    pub proto: Proto,
     /// What the port carries, where the agent rewrites it.
     pub app: Option<App>,
+    /// What identifies the device beyond its address, for its key
+    /// (`dnssd:NAME`, `snmp:SERIAL`).
+    pub device: String,
 }
 
 /// A resource name (a DNS label) for an instance name: lower case, runs
@@ -194,7 +218,7 @@ impl Devices {
             IpAddr::V6(a) => format!("printer-{:x}", a.segments()[7]),
         };
         if let Some(spec) = self.by_addr.get_mut(&i.addr) {
-            let new_port = !spec.ports.contains(&(i.port, Proto::Tcp));
+            let new_port = !spec.ports.contains(&(i.port, i.proto));
             // IPPS often shares IPP's port: whichever comes first, the
             // port is IPP's (TLS on it passes the rewrite unchanged).
             let new_app = i.app.is_some_and(|a| spec.app(i.port) != Some(a));
@@ -202,7 +226,7 @@ impl Devices {
                 return None;
             }
             if new_port {
-                spec.ports.push((i.port, Proto::Tcp));
+                spec.ports.push((i.port, i.proto));
             }
             mark(spec, i.port, i.app);
             return Some(spec.clone());
@@ -222,7 +246,7 @@ impl Devices {
         let mut spec = ExportSpec {
             name,
             host: i.addr.to_string(),
-            ports: vec![(i.port, Proto::Tcp)],
+            ports: vec![(i.port, i.proto)],
             marked: Vec::new(),
         };
         mark(&mut spec, i.port, i.app);
@@ -255,6 +279,13 @@ impl Discovery {
         let daemon = mdns_sd::ServiceDaemon::new()
             .map_err(|e| format!("cannot start mDNS discovery: {e}"))?;
         let (tx, found) = channel();
+        {
+            let (tx, waker) = (tx.clone(), waker.clone());
+            std::thread::Builder::new()
+                .name("discover-snmp".into())
+                .spawn(move || snmp_rounds(tx, waker))
+                .map_err(|e| format!("cannot start the SNMP discovery thread: {e}"))?;
+        }
         for s in &SERVICES {
             let rx = daemon
                 .browse(s.ty)
@@ -307,9 +338,11 @@ fn forward(
             .trim_end_matches('.')
             .to_string();
         let i = Instance {
+            device: format!("dnssd:{instance}"),
             instance,
             addr,
             port: r.get_port(),
+            proto: Proto::Tcp,
             app,
         };
         if tx.send(i).is_err() {
@@ -317,6 +350,187 @@ fn forward(
         }
         waker.wake();
     }
+}
+
+/// Asks every LAN by SNMP, at start and every [`SNMP_EVERY`], while the
+/// loop listens.
+fn snmp_rounds(tx: Sender<Instance>, waker: Arc<Waker>) {
+    let mut req_id: i32 = 1;
+    loop {
+        let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        for bcast in broadcasts(&route) {
+            req_id = req_id.wrapping_add(1);
+            for i in snmp_round(bcast, req_id) {
+                if tx.send(i).is_err() {
+                    return;
+                }
+                waker.wake();
+            }
+        }
+        std::thread::sleep(SNMP_EVERY);
+    }
+}
+
+/// The broadcast address of each on-link IPv4 route of `/proc/net/route`
+/// (no loopback, no host routes).
+fn broadcasts(route_text: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut out = Vec::new();
+    for l in route_text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let addr = |s: Option<&&str>| {
+            s.and_then(|s| u32::from_str_radix(s, 16).ok())
+                .map(|v| u32::from(std::net::Ipv4Addr::from(v.to_ne_bytes())))
+        };
+        let (Some(dest), Some(gw), Some(mask)) = (addr(f.get(1)), addr(f.get(2)), addr(f.get(7)))
+        else {
+            continue;
+        };
+        if f.first() == Some(&"lo") || gw != 0 || mask == 0 || mask == u32::MAX {
+            continue;
+        }
+        let b = std::net::Ipv4Addr::from(dest | !mask);
+        if !b.is_loopback() && !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// One SNMP GET to `bcast`, and the printers that answer within
+/// [`SNMP_WAIT`].
+fn snmp_round(bcast: std::net::Ipv4Addr, req_id: i32) -> Vec<Instance> {
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return Vec::new();
+    };
+    if sock.set_broadcast(true).is_err() {
+        return Vec::new();
+    }
+    let req = get_request(req_id, &[OID_DEVICE_TYPE, OID_SYS_NAME, OID_SERIAL]);
+    if let Err(e) = sock.send_to(&req, (bcast, 161)) {
+        tracing::debug!(%bcast, "SNMP discovery: cannot send: {e}");
+        return Vec::new();
+    }
+    let deadline = Instant::now() + SNMP_WAIT;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            break;
+        };
+        match printer_answer(&buf[..n], req_id) {
+            Some(p) => found.push((from.ip(), p)),
+            None => tracing::debug!(%from, "SNMP discovery: an answer that is not a printer's"),
+        }
+    }
+    tracing::debug!(%bcast, printers = found.len(), "SNMP discovery round");
+    let mut out = Vec::new();
+    for (addr, (name, serial)) in found {
+        let fallback = format!("printer-{addr}");
+        let name = name.unwrap_or(fallback);
+        let device = match &serial {
+            Some(s) => format!("snmp:{s}"),
+            None => format!("snmp-name:{name}"),
+        };
+        let mut add = |port: u16, proto: Proto, app: Option<App>| {
+            out.push(Instance {
+                instance: name.clone(),
+                addr,
+                port,
+                proto,
+                app,
+                device: device.clone(),
+            })
+        };
+        add(9100, Proto::Tcp, None);
+        add(161, Proto::Udp, None);
+        // IPP and LPD where they take a connection.
+        for (port, app) in [(631, Some(App::Ipp)), (515, None)] {
+            let to = std::net::SocketAddr::new(addr, port);
+            if std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).is_ok() {
+                add(port, Proto::Tcp, app);
+            }
+        }
+    }
+    out
+}
+
+/// An SNMPv2c GET of `oids`, community `public` (BER; lengths stay short).
+fn get_request(req_id: i32, oids: &[&[u32]]) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        if body.len() < 128 {
+            v.push(body.len() as u8);
+        } else {
+            v.push(0x82);
+            v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(body);
+        v
+    }
+    fn int(i: i32) -> Vec<u8> {
+        tlv(0x02, &i.to_be_bytes())
+    }
+    fn oid(arcs: &[u32]) -> Vec<u8> {
+        let mut b = vec![(arcs[0] * 40 + arcs[1]) as u8];
+        for &a in &arcs[2..] {
+            let mut chunk = vec![(a & 0x7f) as u8];
+            let mut v = a >> 7;
+            while v > 0 {
+                chunk.push((v & 0x7f) as u8 | 0x80);
+                v >>= 7;
+            }
+            chunk.reverse();
+            b.extend(chunk);
+        }
+        tlv(0x06, &b)
+    }
+    let mut binds = Vec::new();
+    for o in oids {
+        let mut vb = oid(o);
+        vb.extend(tlv(0x05, &[]));
+        binds.extend(tlv(0x30, &vb));
+    }
+    let mut pdu = int(req_id);
+    pdu.extend(int(0));
+    pdu.extend(int(0));
+    pdu.extend(tlv(0x30, &binds));
+    let mut msg = int(1); // SNMPv2c
+    msg.extend(tlv(0x04, b"public"));
+    msg.extend(tlv(0xa0, &pdu));
+    tlv(0x30, &msg)
+}
+
+/// A printer's answer to our GET `req_id`: its sysName and serial, if
+/// it says its first device is a printer.
+fn printer_answer(bytes: &[u8], req_id: i32) -> Option<(Option<String>, Option<String>)> {
+    let pdu = snmp2::Pdu::from_bytes(bytes).ok()?;
+    if pdu.message_type != snmp2::MessageType::Response || pdu.req_id != req_id {
+        return None;
+    }
+    let text = |v: &snmp2::Value| match v {
+        snmp2::Value::OctetString(s) => {
+            let t = String::from_utf8_lossy(s).trim().to_string();
+            (!t.is_empty()).then_some(t)
+        }
+        _ => None,
+    };
+    let (mut printer, mut name, mut serial) = (false, None, None);
+    for (oid, value) in pdu.varbinds {
+        let id = oid.to_id_string();
+        match id.as_str() {
+            "1.3.6.1.2.1.25.3.2.1.2.1" => {
+                printer = matches!(&value, snmp2::Value::ObjectIdentifier(o) if o.to_id_string() == HR_DEVICE_PRINTER);
+            }
+            "1.3.6.1.2.1.1.5.0" => name = text(&value),
+            "1.3.6.1.2.1.43.5.1.1.17.1" => serial = text(&value),
+            _ => {}
+        }
+    }
+    printer.then_some((name, serial))
 }
 
 #[cfg(test)]
@@ -328,8 +542,98 @@ mod tests {
             instance: name.into(),
             addr: addr.parse().unwrap(),
             port,
+            proto: Proto::Tcp,
             app,
+            device: format!("dnssd:{name}"),
         }
+    }
+
+    #[test]
+    fn an_snmp_get_is_what_snmpd_takes_and_a_printers_answer_is_read() {
+        let req = get_request(7, &[OID_DEVICE_TYPE, OID_SYS_NAME, OID_SERIAL]);
+        // Our request parses as one (the crate reads requests too).
+        let pdu = snmp2::Pdu::from_bytes(&req).unwrap();
+        assert_eq!(pdu.message_type, snmp2::MessageType::GetRequest);
+        assert_eq!(pdu.req_id, 7);
+        let ids: Vec<String> = pdu.varbinds.map(|(o, _)| o.to_id_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "1.3.6.1.2.1.25.3.2.1.2.1",
+                "1.3.6.1.2.1.1.5.0",
+                "1.3.6.1.2.1.43.5.1.1.17.1"
+            ]
+        );
+        // Not an answer, or another request's: nothing.
+        assert_eq!(printer_answer(&req, 7), None);
+        assert_eq!(printer_answer(b"\x30\x03\x02\x01", 7), None);
+        assert_eq!(printer_answer(&[], 7), None);
+    }
+
+    /// A printer's GetResponse to request `req_id` (BER, short lengths):
+    /// `hrDeviceType.1` = `device`, `sysName.0` and the serial as strings.
+    fn response(req_id: i32, device: &[u32], name: &str, serial: &str) -> Vec<u8> {
+        fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag, body.len() as u8];
+            v.extend_from_slice(body);
+            v
+        }
+        let oid = |arcs: &[u32]| {
+            let mut b = vec![(arcs[0] * 40 + arcs[1]) as u8];
+            b.extend(arcs[2..].iter().map(|a| *a as u8));
+            tlv(0x06, &b)
+        };
+        let bind = |o: &[u32], v: Vec<u8>| {
+            let mut b = oid(o);
+            b.extend(v);
+            tlv(0x30, &b)
+        };
+        let mut binds = bind(OID_DEVICE_TYPE, oid(device));
+        binds.extend(bind(OID_SYS_NAME, tlv(0x04, name.as_bytes())));
+        binds.extend(bind(OID_SERIAL, tlv(0x04, serial.as_bytes())));
+        let mut pdu = tlv(0x02, &req_id.to_be_bytes());
+        pdu.extend(tlv(0x02, &[0]));
+        pdu.extend(tlv(0x02, &[0]));
+        pdu.extend(tlv(0x30, &binds));
+        let mut msg = tlv(0x02, &[1]);
+        msg.extend(tlv(0x04, b"public"));
+        msg.extend(tlv(0xa2, &pdu));
+        tlv(0x30, &msg)
+    }
+
+    #[test]
+    fn a_printers_answer_gives_its_name_and_serial_and_others_are_left_out() {
+        let printer = [1, 3, 6, 1, 2, 1, 25, 3, 1, 5];
+        let r = response(9, &printer, "office-printer", "SN12345");
+        assert_eq!(
+            printer_answer(&r, 9),
+            Some((Some("office-printer".into()), Some("SN12345".into())))
+        );
+        assert_eq!(printer_answer(&r, 10), None, "another request's");
+        let router = [1, 3, 6, 1, 2, 1, 25, 3, 1, 4];
+        assert_eq!(printer_answer(&response(9, &router, "gw", ""), 9), None);
+        let r = response(9, &printer, " ", "");
+        assert_eq!(printer_answer(&r, 9), Some((None, None)), "blank names");
+        // Every cut of an answer is no answer, and never a panic.
+        let r = response(9, &printer, "office-printer", "SN12345");
+        for cut in 0..r.len() {
+            let _ = printer_answer(&r[..cut], 9);
+        }
+    }
+
+    #[test]
+    fn broadcasts_are_those_of_the_lans() {
+        let route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n\
+            lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                broadcasts(route),
+                vec![std::net::Ipv4Addr::new(192, 168, 1, 255)]
+            );
+        }
+        assert!(broadcasts("").is_empty());
     }
 
     #[test]

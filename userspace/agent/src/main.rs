@@ -782,7 +782,7 @@ impl Agent {
                         spec,
                         compression,
                         discovered: true,
-                        key: key::key(Some(i.addr), &format!("dnssd:{}", i.instance)),
+                        key: key::key(Some(i.addr), &i.device),
                     });
                     let at = self.names.push(host, Some(i.addr), now);
                     debug_assert_eq!(at, id, "names and exports share indices");
