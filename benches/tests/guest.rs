@@ -568,8 +568,12 @@ fn a_printer_the_agent_discovers_is_exported_and_prints_by_name() {
         Duration::from_secs(30),
         || {
             map = r.map().unwrap_or_default();
-            map.iter()
-                .any(|e| e.name == "laser" && e.state == "online" && e.ports.contains(&8631))
+            map.iter().any(|e| {
+                e.name == "laser"
+                    && e.state == "online"
+                    && e.ports.contains(&8631)
+                    && e.target.ends_with("/ipp")
+            })
         },
     )
     .unwrap_or_else(|e| panic!("{e}: {map:?}\n{}", r.tb.log_tail("agent")));
@@ -608,8 +612,9 @@ fn a_guests_own_cups_prints_by_name_to_a_discovered_printer() {
         Duration::from_secs(30),
         || {
             r.map().is_ok_and(|m| {
-                m.iter()
-                    .any(|e| e.name == "laser" && e.ports.contains(&8631))
+                m.iter().any(|e| {
+                    e.name == "laser" && e.ports.contains(&8631) && e.target.ends_with("/ipp")
+                })
             })
         },
     )
@@ -665,9 +670,10 @@ fn a_guests_own_cups_prints_by_name_to_a_discovered_printer() {
     })
     .unwrap_or_else(|e| {
         panic!(
-            "{e}: {kept:?}\ncupsd: {}\nprinter: {}",
+            "{e}: {kept:?}\ncupsd: {}\nprinter: {}\nagent: {}",
             r.tb.log_tail(&format!("cupsd-{}", r.tb.vm.name())),
-            r.tb.log_tail("laser")
+            r.tb.log_tail("laser"),
+            r.tb.log_tail("agent")
         )
     });
 }

@@ -811,6 +811,13 @@ impl Engine {
         tcp: Vec<u16>,
         udp: Vec<u16>,
     ) {
+        // The IPP ports stay until set_ipp_ports says otherwise: the guest's
+        // caches must not see the printer go and come back on a re-export.
+        let ipp_ports = self
+            .resources
+            .get(&vip)
+            .map(|r| r.ipp_ports.clone())
+            .unwrap_or_default();
         self.resources.insert(
             vip,
             Resource {
@@ -818,7 +825,7 @@ impl Engine {
                 name: name.to_ascii_lowercase(),
                 ports: tcp,
                 udp_ports: udp,
-                ipp_ports: Vec::new(),
+                ipp_ports,
             },
         );
         self.update_dns();

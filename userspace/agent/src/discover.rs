@@ -196,6 +196,10 @@ pub fn label(instance: &str, fallback: &str) -> String {
     }
 }
 
+/// Most devices discovery exports: a LAN that announces more (or a
+/// hostile host announcing thousands) costs no more than this.
+pub const MAX_DEVICES: usize = 256;
+
 /// The devices found so far, one per address, and the spec each becomes.
 #[derive(Default)]
 pub struct Devices {
@@ -230,6 +234,10 @@ impl Devices {
             }
             mark(spec, i.port, i.app);
             return Some(spec.clone());
+        }
+        if self.by_addr.len() >= MAX_DEVICES {
+            tracing::warn!(instance = %i.instance, addr = %i.addr, "discovered, but {MAX_DEVICES} devices are exported already; narrow --discover-allow");
+            return None;
         }
         let base = label(&i.instance, &fallback);
         if !policy.admits(&[&i.instance, &base], i.addr) {
@@ -322,8 +330,15 @@ fn forward(
         let mdns_sd::ServiceEvent::ServiceResolved(r) = ev else {
             continue;
         };
-        // IPv4 first: what a printer's own web page and the guest use.
-        let mut addrs: Vec<IpAddr> = r.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
+        // IPv4 first: what a printer's own web page and the guest use. A
+        // link-local IPv6 address is no use without its interface: left
+        // out (an answer with only that is taken when a fuller one comes).
+        let mut addrs: Vec<IpAddr> = r
+            .get_addresses()
+            .iter()
+            .map(|a| a.to_ip_addr())
+            .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .collect();
         addrs.sort_by_key(|a| (a.is_ipv6(), *a));
         let Some(addr) = addrs.first().copied() else {
             continue;

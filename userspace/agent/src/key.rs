@@ -12,12 +12,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-/// One IPv4 route: destination, mask, gateway (0: on link).
+/// One IPv4 route: destination, mask, gateway (0: on link), metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Route {
     dest: u32,
     mask: u32,
     gateway: u32,
+    metric: u32,
 }
 
 /// The routes in `/proc/net/route`'s text: each address is the network-
@@ -36,6 +37,7 @@ fn routes(text: &str) -> Vec<Route> {
                 dest: addr(f.get(1)?)?,
                 gateway: addr(f.get(2)?)?,
                 mask: addr(f.get(7)?)?,
+                metric: f.get(6)?.parse().ok()?,
             })
         })
         .collect()
@@ -78,9 +80,11 @@ fn network(route_text: &str, arp_text: &str, addr: IpAddr) -> String {
         Some(r) => format!("via {}", Ipv4Addr::from(r.gateway)),
         None => "unrouted".to_string(),
     };
+    // The default route the kernel uses: the lowest metric.
     let gateway = rs
         .iter()
-        .find(|r| r.mask == 0 && r.gateway != 0)
+        .filter(|r| r.mask == 0 && r.gateway != 0)
+        .min_by_key(|r| r.metric)
         .and_then(|r| mac_of(arp_text, Ipv4Addr::from(r.gateway)));
     match gateway {
         Some(mac) => format!("net:{prefix}@{mac}"),

@@ -304,6 +304,17 @@ fn run(args: Args) -> Result<()> {
             key: key::key(addr, &format!("host:{}", spec.host.to_lowercase())),
         });
     }
+    // Two exports of one device (a printer and the scanner of the same
+    // machine) are two resources: the later ones' keys name the export.
+    for i in 0..exports.len() {
+        if exports[..i]
+            .iter()
+            .any(|e: &Export| e.key == exports[i].key)
+        {
+            let name = exports[i].spec.name.clone();
+            exports[i].key.push_str(&format!("#{name}"));
+        }
+    }
     let names = resolve::Names::new(initial, Instant::now());
     let identity = Identity::load_or_create(&args.state_dir, "agent", &args.name)
         .context("cannot load or create this agent's identity (--state-dir)")?;
@@ -588,8 +599,10 @@ impl Agent {
         match c.tag {
             Tag::Wake => {
                 if let Some((_, w)) = &self.discovery {
-                    let mut buf = c.buf.unwrap_or_default();
+                    // An eventfd read takes 8 bytes: never re-arm with less.
+                    let mut buf = c.buf.filter(|b| b.capacity() >= 8).unwrap_or_default();
                     buf.clear();
+                    buf.reserve(8);
                     self.reactor.read(w.fd(), buf, Tag::Wake);
                 }
                 self.discovered(now);

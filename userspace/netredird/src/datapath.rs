@@ -548,12 +548,28 @@ impl Vm {
             .and_then(|e| e.alias.clone())
             .unwrap_or_else(|| agent_name.clone());
         // The same resource under another name (renamed) is found by its
-        // key; another resource under the same name takes over its row.
-        let idx = self
-            .resources
-            .iter()
-            .position(|r| r.key == key)
-            .or_else(|| self.resources.iter().position(|r| r.name == name));
+        // key; another resource under the same name takes over its row
+        // only if nothing uses that row in this session, else it gets a
+        // name of its own.
+        let mut name = name;
+        let idx = match self.resources.iter().position(|r| r.key == key) {
+            Some(i) => Some(i),
+            None => match self.resources.iter().position(|r| r.name == name) {
+                Some(i) if !self.live(i) => Some(i),
+                Some(_) => {
+                    let base = name.clone();
+                    let mut n = 2;
+                    while self.resources.iter().any(|r| r.name == name) {
+                        let stem: String = base.chars().take(60).collect();
+                        name = format!("{stem}-{n}");
+                        n += 1;
+                    }
+                    tracing::warn!(vm = %self.name, %base, %name, "another resource is called so in this session: this one is named apart");
+                    None
+                }
+                None => None,
+            },
+        };
         let subnet = self.subnet;
         let taken = |ip: Ipv4Addr| {
             self.resources
@@ -622,6 +638,12 @@ impl Vm {
         self.by_id.insert(id, idx);
     }
 
+    /// Whether row `idx` is in the engine now (its session exported it,
+    /// even if the tunnel is down for a moment).
+    fn live(&self, idx: usize) -> bool {
+        self.by_id.values().any(|&i| i == idx)
+    }
+
     /// An operator's change to a row of `map list` (see [`MapEdit`]).
     fn edit(&mut self, edit: MapEdit) -> Result<(), String> {
         let name = match &edit {
@@ -669,18 +691,22 @@ impl Vm {
                         "{new:?}: a name is 1-63 letters, digits or '-', not starting or ending with '-'"
                     ));
                 }
-                if self
+                let kept =
+                    self.vips.entries().iter().any(|e| {
+                        e.key != key && e.alias.as_deref().unwrap_or(e.name.as_str()) == new
+                    });
+                let row = self
                     .resources
                     .iter()
                     .enumerate()
-                    .any(|(i, r)| i != idx && r.name == new)
-                {
+                    .any(|(i, r)| i != idx && r.name == new);
+                if kept || row {
                     return Err(format!("another resource is called {new}"));
                 }
                 self.vips.rename(&key, &new)?;
             }
             MapEdit::Remove { .. } => {
-                if self.resources[idx].online {
+                if self.live(idx) {
                     return Err(format!(
                         "{name} is exported by the agent now: stop exporting it there first (remove its --export, or leave it out with --discover-deny)"
                     ));
@@ -702,15 +728,24 @@ impl Vm {
         self.vips
             .save()
             .map_err(|e| format!("cannot save the VM's vIPs: {e}"))?;
-        // Apply it: an online row is exported again (the engine's address
-        // and names follow); an offline one takes it when it comes back.
-        let r = &self.resources[idx];
-        if r.online {
+        // Apply it: a row in the engine is exported again (the engine's
+        // address and names follow; online or not, as it was); another
+        // takes it when it comes back.
+        if self.live(idx) {
+            let r = &self.resources[idx];
             let mut ports: Vec<(u16, Proto)> = r.ports.iter().map(|p| (*p, Proto::Tcp)).collect();
             ports.extend(r.udp_ports.iter().map(|p| (*p, Proto::Udp)));
-            let (id, agent_name, target, discovered) =
-                (r.id, r.agent_name.clone(), r.target.clone(), r.discovered);
+            let (id, agent_name, target, discovered, online) = (
+                r.id,
+                r.agent_name.clone(),
+                r.target.clone(),
+                r.discovered,
+                r.online,
+            );
             self.export(id, agent_name, target, ports, discovered, key);
+            if let Some(r) = self.resources.get_mut(idx) {
+                r.online = online;
+            }
         } else if let Some(e) = self.vips.get(&key) {
             let (vip, alias) = (e.vip, e.alias.clone());
             let r = &mut self.resources[idx];
@@ -1137,10 +1172,10 @@ impl Loop {
         ecfg.seed = random_u64();
         ecfg.dhcp = s.dedicated;
         ecfg.zone = cfg.zone.clone();
-        let vips = VipTable::load(&cfg.state_dir, &s.name).unwrap_or_else(|e| {
-            tracing::warn!(vm = %s.name, "cannot read the VM's vIPs ({e}); they are allocated anew");
-            VipTable::default()
-        });
+        let (vips, why) = VipTable::load_or_reset(&cfg.state_dir, &s.name);
+        if let Some(why) = why {
+            tracing::warn!(vm = %s.name, "cannot read the VM's vIPs: {why}");
+        }
         let op = self.reactor.poll_in(s.port.fd(), Tag::Port(id));
         let vm = Vm {
             name: s.name,

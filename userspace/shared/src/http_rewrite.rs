@@ -46,6 +46,8 @@ const MAX_PIPELINE: usize = 1024;
 const IPP_URI: u8 = 0x45;
 /// IPP end-of-attributes delimiter tag.
 const IPP_END: u8 = 0x03;
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What one flow's rewriting did, for the agent's counters and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,6 +80,7 @@ impl HttpRewriter {
                 guest: None,
                 methods: VecDeque::new(),
                 switched: false,
+                seen_request: false,
                 req_lost: false,
                 stats: RewriteStats::default(),
             },
@@ -88,6 +91,14 @@ impl HttpRewriter {
 
     /// Guest -> resource bytes; appends to `out` what can go on now, holding back (bounded) what is still undecided.
     pub fn request(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        // TLS (IPPS, HTTPS on the same port) is not HTTP to parse, and
+        // not an error: the whole flow passes unchanged, uncounted.
+        if !self.cx.seen_request && input.first() == Some(&TLS_HANDSHAKE) {
+            self.cx.switched = true;
+        }
+        if !input.is_empty() {
+            self.cx.seen_request = true;
+        }
         let other = self.resp.ipp_held();
         self.req.feed(&mut self.cx, other, input, out);
     }
@@ -130,8 +141,11 @@ struct Shared {
     guest: Option<Authority>,
     /// The methods of requests still awaiting their response, oldest first.
     methods: VecDeque<Method>,
-    /// 101 or a CONNECT's 2xx: no more HTTP either way.
+    /// 101 or a CONNECT's 2xx (or TLS from the start): no more HTTP
+    /// either way.
     switched: bool,
+    /// A request byte came already.
+    seen_request: bool,
     /// Requests are no longer followed, so responses cannot be framed.
     req_lost: bool,
     stats: RewriteStats,
@@ -2114,6 +2128,21 @@ mod tests {
         rw.request(&body, &mut out);
         assert!(out.ends_with(&body));
         assert_eq!(rw.held(), 0);
+    }
+
+    #[test]
+    fn tls_from_the_start_passes_both_ways_uncounted() {
+        let mut rw = HttpRewriter::new("192.168.1.20:631", true);
+        let hello = b"\x16\x03\x01\x00\x05hello GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut out = Vec::new();
+        rw.request(hello, &mut out);
+        rw.response(b"\x16\x03\x03 server", &mut out);
+        rw.request_end(&mut out);
+        rw.response_end(&mut out);
+        let mut want = hello.to_vec();
+        want.extend_from_slice(b"\x16\x03\x03 server");
+        assert_eq!(out, want);
+        assert_eq!(rw.stats(), RewriteStats::default());
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct VipEntry {
     pub alias: Option<String>,
 }
 
+/// Most entries a VM's table keeps: beyond, the oldest one that is not
+/// pinned and not in use makes room (a LAN announcing thousands of
+/// printers must not grow it for ever).
+pub const MAX_ENTRIES: usize = 4096;
+
 /// One VM's vIPs, kept in the host's state directory
 /// (`vips/<vm>.json`) so that they survive restarts of both daemons.
 #[derive(Debug, Default)]
@@ -97,6 +102,36 @@ impl VipTable {
             path: Some(path),
             entries,
         })
+    }
+
+    /// VM `vm`'s table; when its file cannot be read, an empty one that
+    /// will replace it (the damaged file is kept beside it, `.bad`), and
+    /// why, for the log.
+    pub fn load_or_reset(state_dir: &Path, vm: &str) -> (Self, Option<String>) {
+        match Self::load(state_dir, vm) {
+            Ok(t) => (t, None),
+            Err(e) => {
+                let path = state_dir.join("vips").join(crate::pairing::file_for(vm));
+                let mut bad = path.clone().into_os_string();
+                bad.push(".bad");
+                let kept = std::fs::rename(&path, &bad).is_ok();
+                let why = format!(
+                    "{e}; its vIPs are allocated anew{}",
+                    if kept {
+                        format!(" (the old file is {})", Path::new(&bad).display())
+                    } else {
+                        String::new()
+                    }
+                );
+                (
+                    Self {
+                        path: Some(path),
+                        entries: Vec::new(),
+                    },
+                    Some(why),
+                )
+            }
+        }
     }
 
     /// The address of the resource `key` (exported as `name`) in
@@ -128,6 +163,11 @@ impl VipTable {
             .find(|e| e.key == key)
             .and_then(|e| e.alias.clone());
         self.entries.retain(|e| e.key != key);
+        if self.entries.len() >= MAX_ENTRIES
+            && let Some(i) = self.entries.iter().position(|e| !e.pinned && !taken(e.vip))
+        {
+            self.entries.remove(i);
+        }
         self.entries.push(VipEntry {
             key: key.to_string(),
             name: name.to_string(),
@@ -277,6 +317,13 @@ mod tests {
                 assert_ne!(e.vip, d);
             }
         }
+        // A damaged file: an empty table that replaces it, the file kept.
+        std::fs::write(dir.join("vips/desk-3.json"), b"{not json").unwrap();
+        let (mut t3, why) = VipTable::load_or_reset(&dir, "desk-3");
+        assert!(why.is_some_and(|w| w.contains("desk-3.json.bad")));
+        t3.assign(&s, "k", "x", |_| false).unwrap();
+        t3.save().unwrap();
+        assert_eq!(VipTable::load(&dir, "desk-3").unwrap().entries().len(), 1);
         // Another VM has a table of its own.
         assert!(VipTable::load(&dir, "desk-2").unwrap().entries().is_empty());
         // Pinned elsewhere and renamed: kept so, across a reload.
@@ -319,6 +366,21 @@ mod tests {
             .unwrap();
         assert!(changed && small.contains(e));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_makes_room_from_its_oldest_unused_entry() {
+        let s: Ipv4Subnet = "100.77.0.0/16".parse().unwrap();
+        let mut t = VipTable::default();
+        t.assign(&s, "first", "a", |_| false).unwrap();
+        t.pin(&s, "first", "a", None, |_| false).unwrap();
+        t.assign(&s, "second", "b", |_| false).unwrap();
+        for i in 0..MAX_ENTRIES {
+            t.assign(&s, &format!("k{i}"), "x", |_| false).unwrap();
+            assert!(t.entries().len() <= MAX_ENTRIES);
+        }
+        assert!(t.get("first").is_some(), "pinned");
+        assert!(t.get("second").is_none(), "the oldest unused went");
     }
 
     #[test]
