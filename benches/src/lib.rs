@@ -531,6 +531,32 @@ impl Redir {
             .with_context(|| format!("ippeveprinter's log:\n{}", self.tb.log_tail(name)))
     }
 
+    /// Prints `job` from the VM to `addr`, whose printer is
+    /// [`Redir::printer_once`] `printer` writing to `file`: the guest gets
+    /// a clean end and nothing back, the printer exits, and `file` holds
+    /// the job byte for byte.
+    pub fn print_whole(
+        &self,
+        addr: std::net::SocketAddr,
+        job: &[u8],
+        printer: &str,
+        file: &std::path::Path,
+    ) -> Result<()> {
+        let leftover = self.tb.vm.enter(|| print_job(addr, job))??;
+        if !leftover.is_empty() {
+            bail!("the printer sent {} bytes back", leftover.len());
+        }
+        let st = self.tb.wait_exit(printer, Duration::from_secs(60))?;
+        if !st.success() {
+            bail!("{printer} exited with {st}");
+        }
+        let got = std::fs::read(file)?;
+        if got.len() != job.len() || sha256_hex(&got) != sha256_hex(job) {
+            bail!("{} bytes arrived of {}, or others", got.len(), job.len());
+        }
+        Ok(())
+    }
+
     /// A printer that takes one job on `port` and writes it to `file`
     /// (socat), exiting when the job's connection closes.
     pub fn printer_once(&self, name: &str, port: u16, file: &std::path::Path) -> Result<()> {

@@ -6,7 +6,7 @@
 use netredir_benches::testbed::{
     HOST_VM_IFACE, HOST_VM_IP, HOST_WAN_IP, LAN_IP, TUNNEL_PORT, bin, wait_until,
 };
-use netredir_benches::{Redir, connect, job_bytes, print_job, sha256_hex};
+use netredir_benches::{Redir, connect, job_bytes, sha256_hex};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -23,16 +23,8 @@ fn a_64_mib_job_arrives_byte_identical() {
     let vip = r.vip("printer").unwrap();
     let job = job_bytes(64 << 20, 64);
     // The printer closes after the job: the guest sees a clean EOF.
-    let leftover =
-        r.tb.vm
-            .enter(|| print_job((vip, 9100).into(), &job))
-            .unwrap()
-            .unwrap();
-    assert!(leftover.is_empty(), "a printer sink sends nothing back");
-    assert!(r.tb.wait_exit("printer", TIMEOUT).unwrap().success());
-    let got = std::fs::read(&received).unwrap();
-    assert_eq!(got.len(), job.len(), "length");
-    assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
+    r.print_whole((vip, 9100).into(), &job, "printer", &received)
+        .unwrap();
     assert!(r.counter("engine.bytes_from_guest").unwrap() >= job.len() as u64);
     // The guest's stack sent large segments (TSO), and they reached the
     // engine whole, not cut to the MTU.

@@ -4,7 +4,7 @@
 //! Debian packages scripts/setup installs.
 
 use netredir_benches::testbed::{HOST_VM_IFACE, HOST_VM_IP6, LAN_IP, Testbed, wait_until};
-use netredir_benches::{Redir, job_bytes, netredirctl, print_job, sha256_hex};
+use netredir_benches::{Redir, job_bytes, netredirctl};
 use std::time::Duration;
 
 fn vm_run(r: &Redir, prog: &str, args: &[&str]) -> (bool, String) {
@@ -244,19 +244,8 @@ fn a_dedicated_nic_with_jumbo_frames_carries_them_whole() {
     assert!(ok && out.contains("ip=100.77.0.100 "), "udhcpc: {out}");
     let vip = r.vip("printer").unwrap();
     let job = job_bytes(16 << 20, 9);
-    let leftover =
-        r.tb.vm
-            .enter(|| print_job((vip, 9100).into(), &job))
-            .unwrap()
-            .unwrap();
-    assert!(leftover.is_empty());
-    assert!(
-        r.tb.wait_exit("printer", Duration::from_secs(60))
-            .unwrap()
-            .success()
-    );
-    let got = std::fs::read(&received).unwrap();
-    assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
+    r.print_whole((vip, 9100).into(), &job, "printer", &received)
+        .unwrap();
     let (frames, gso) = (
         r.counter("tap.frames_in").unwrap(),
         r.counter("tap.gso_in").unwrap(),
@@ -318,20 +307,8 @@ fn ipv6_works_as_ipv4_does() {
 
     // 64 MiB over IPv6, byte-identical.
     let job = job_bytes(64 << 20, 66);
-    let leftover =
-        r.tb.vm
-            .enter(|| print_job((vip6, 9100).into(), &job))
-            .unwrap()
-            .unwrap();
-    assert!(leftover.is_empty());
-    assert!(
-        r.tb.wait_exit("printer", Duration::from_secs(60))
-            .unwrap()
-            .success()
-    );
-    let got = std::fs::read(&received).unwrap();
-    assert_eq!(got.len(), job.len(), "length");
-    assert_eq!(sha256_hex(&got), sha256_hex(&job), "content");
+    r.print_whole((vip6, 9100).into(), &job, "printer", &received)
+        .unwrap();
     assert!(r.counter("steer.redirect_ndp").unwrap() >= 1);
     assert!(r.counter("steer.redirect_ipv6").unwrap() >= 1);
     assert!(r.counter("steer.pass_ipv6").unwrap() >= 1);

@@ -706,10 +706,16 @@ impl Vm {
                 self.vips.rename(&key, &new)?;
             }
             MapEdit::Remove { .. } => {
-                if self.live(idx) {
+                if self.resources[idx].online {
                     return Err(format!(
                         "{name} is exported by the agent now: stop exporting it there first (remove its --export, or leave it out with --discover-deny)"
                     ));
+                }
+                // Offline while its session may still resume: out of the
+                // engine too, so the guest stops finding it at once (the
+                // agent does not announce it again on a resume).
+                if self.live(idx) {
+                    self.engine.remove_resource(self.resources[idx].vip);
                 }
                 self.vips.remove(&key);
                 self.resources.remove(idx);
