@@ -534,26 +534,8 @@ fn a_printer_the_agent_discovers_is_exported_and_prints_by_name() {
     // No --export: the agent finds ippeveprinter's own DNS-SD
     // announcement (avahi on the LAN) and exports it, its IPP port marked
     // so that the guest prints to it by name.
-    let r = Redir::new("discover").unwrap();
-    let spool = r.tb.dir().join("ipp-spool");
-    r.ippeveprinter("laser", 8631, &spool).unwrap();
-    r.start_agent_with("agent", &[], &["--discover", "printers"])
-        .unwrap();
-    let mut map = Vec::new();
-    wait_until(
-        "the printer to be discovered",
-        Duration::from_secs(30),
-        || {
-            map = r.map().unwrap_or_default();
-            map.iter().any(|e| {
-                e.name == "laser"
-                    && e.state == "online"
-                    && e.ports.contains(&8631)
-                    && e.target.ends_with("/ipp")
-            })
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}: {map:?}\n{}", r.tb.log_tail("agent")));
+    let (r, _) = discovered_laser("discover");
+    let map = r.map().unwrap();
     let e = map.iter().find(|e| e.name == "laser").unwrap();
     assert_eq!(e.source, "discovered");
     assert_eq!(e.target, format!("{LAN_IP}:8631/ipp"));
@@ -579,23 +561,7 @@ fn a_guests_own_cups_prints_by_name_to_a_discovered_printer() {
     // The whole way, as a user would: the agent discovers the printer,
     // the guest's CUPS adds it by name as an IPP Everywhere queue and
     // prints; the printer keeps the document byte-identical.
-    let r = Redir::new("cups").unwrap();
-    let spool = r.tb.dir().join("ipp-spool");
-    r.ippeveprinter("laser", 8631, &spool).unwrap();
-    r.start_agent_with("agent", &[], &["--discover", "printers"])
-        .unwrap();
-    wait_until(
-        "the printer to be discovered",
-        Duration::from_secs(30),
-        || {
-            r.map().is_ok_and(|m| {
-                m.iter().any(|e| {
-                    e.name == "laser" && e.ports.contains(&8631) && e.target.ends_with("/ipp")
-                })
-            })
-        },
-    )
-    .unwrap();
+    let (r, spool) = discovered_laser("cups");
     r.tb.set_resolv_conf(
         &r.tb.vm,
         "nameserver 100.77.0.53\nsearch netredir.internal\n",
@@ -676,4 +642,32 @@ fn avahi_browse(r: &Redir, bus: &str, service: &str, vip: &str, port: u16) -> St
         .find(|l| l.starts_with("=;") && l.contains(&found))
         .unwrap()
         .to_string()
+}
+
+/// A testbed with `ippeveprinter` "laser" (IPP on 8631, announced by avahi
+/// on the LAN) and an agent with `--discover printers` and no `--export`,
+/// once the host lists the printer online with its IPP port marked
+/// (DNS-SD's `_ipps` can come before `_ipp`); and the printer's spool.
+fn discovered_laser(tag: &str) -> (Redir, std::path::PathBuf) {
+    let r = Redir::new(tag).unwrap();
+    let spool = r.tb.dir().join("ipp-spool");
+    r.ippeveprinter("laser", 8631, &spool).unwrap();
+    r.start_agent_with("agent", &[], &["--discover", "printers"])
+        .unwrap();
+    let mut map = Vec::new();
+    wait_until(
+        "the printer to be discovered",
+        Duration::from_secs(30),
+        || {
+            map = r.map().unwrap_or_default();
+            map.iter().any(|e| {
+                e.name == "laser"
+                    && e.state == "online"
+                    && e.ports.contains(&8631)
+                    && e.target.ends_with("/ipp")
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {map:?}\n{}", r.tb.log_tail("agent")));
+    (r, spool)
 }

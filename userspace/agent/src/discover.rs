@@ -390,20 +390,11 @@ fn snmp_rounds(tx: Sender<Instance>, waker: Arc<Waker>) {
 /// (no loopback, no host routes).
 fn broadcasts(route_text: &str) -> Vec<std::net::Ipv4Addr> {
     let mut out = Vec::new();
-    for l in route_text.lines().skip(1) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let addr = |s: Option<&&str>| {
-            s.and_then(|s| u32::from_str_radix(s, 16).ok())
-                .map(|v| u32::from(std::net::Ipv4Addr::from(v.to_ne_bytes())))
-        };
-        let (Some(dest), Some(gw), Some(mask)) = (addr(f.get(1)), addr(f.get(2)), addr(f.get(7)))
-        else {
-            continue;
-        };
-        if f.first() == Some(&"lo") || gw != 0 || mask == 0 || mask == u32::MAX {
+    for r in crate::key::routes(route_text) {
+        if r.gateway != 0 || r.mask == 0 || r.mask == u32::MAX {
             continue;
         }
-        let b = std::net::Ipv4Addr::from(dest | !mask);
+        let b = std::net::Ipv4Addr::from(r.dest | !r.mask);
         if !b.is_loopback() && !out.contains(&b) {
             out.push(b);
         }

@@ -14,16 +14,20 @@ use std::net::{IpAddr, Ipv4Addr};
 
 /// One IPv4 route: destination, mask, gateway (0: on link), metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Route {
-    dest: u32,
-    mask: u32,
-    gateway: u32,
-    metric: u32,
+pub struct Route {
+    /// Destination network.
+    pub dest: u32,
+    /// Its mask.
+    pub mask: u32,
+    /// The router it goes through; 0 on the link itself.
+    pub gateway: u32,
+    /// The kernel takes the lowest.
+    pub metric: u32,
 }
 
 /// The routes in `/proc/net/route`'s text: each address is the network-
 /// order value printed as a native integer in hex.
-fn routes(text: &str) -> Vec<Route> {
+pub fn routes(text: &str) -> Vec<Route> {
     let addr = |s: &str| {
         u32::from_str_radix(s, 16)
             .ok()
@@ -57,11 +61,13 @@ fn mac_of(text: &str, ip: Ipv4Addr) -> Option<String> {
 
 /// The network `addr` is on, from the two tables' text.
 fn network(route_text: &str, arp_text: &str, addr: IpAddr) -> String {
-    let IpAddr::V4(a) = addr else {
+    let a = match addr {
+        IpAddr::V4(a) => a,
         // IPv6 has no /proc/net/route: the /64 names the network.
-        let IpAddr::V6(v6) = addr else { unreachable!() };
-        let s = v6.segments();
-        return format!("net6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]);
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            return format!("net6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]);
+        }
     };
     let rs = routes(route_text);
     let a = u32::from(a);
